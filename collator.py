@@ -1,0 +1,219 @@
+"""Batch collation: BSHD padding, THD flattening, token packing to an exact budget, genomic label masking.
+
+Labels follow the Hugging Face convention: `labels` equals `input_ids` (not shifted) and the model
+shifts them, so position t predicts token t + 1. -100 marks positions that are never a target.
+
+BSHD: `input_ids`, `attention_mask`, `labels` of shape [B, L], padded on the right to the longest
+sample (optionally to a multiple of `pad_to_multiple_of`, e.g. 16 for FP8).
+
+THD: every sample of the micro-batch is flattened into one row, `input_ids`/`labels`/`position_ids`
+of shape [1, T], with the boundaries in `cu_seq_lens_q/k` (int32, zero-prefixed, last entry T) and
+the longest sequence in `max_length_q/k`. The first label of every sequence is -100, so after the
+model's shift the last token of one sequence never predicts the first token of the next.
+"""
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+IGNORE_INDEX = -100
+_ACGT = np.frombuffer(b"ACGT", dtype=np.uint8)
+_ACGT_ANY_CASE = np.frombuffer(b"ACGTacgt", dtype=np.uint8)
+
+
+def mask_genomic_labels(labels: np.ndarray, uppercase_labels: bool, mask_degenerate_bases: bool, eos_id: int):
+    """Genomic label policy, applied in place to a 1-D id array (ids are `ord()` of the character).
+
+    `uppercase_labels`: a soft-masked (lowercase) base is predicted as its uppercase base, so the
+    model learns the sequence and not the repeat annotation. `mask_degenerate_bases`: a label that
+    is not A, C, G or T (N, IUPAC codes, other bytes, <BOS>, <PAD>, <UNK>) is not a target; <EOS>
+    stays a target so that the model learns where a sequence ends.
+    """
+    if uppercase_labels:
+        lower = (labels >= ord("a")) & (labels <= ord("z"))
+        labels[lower] -= ord("a") - ord("A")
+    if mask_degenerate_bases:
+        keep = np.isin(labels, _ACGT if uppercase_labels else _ACGT_ANY_CASE) | (labels == eos_id)
+        labels[~keep & (labels != IGNORE_INDEX)] = IGNORE_INDEX
+    return labels
+
+
+class _LabelPolicy:
+    """Shared options of both collators: genomic label masking."""
+
+    def __init__(self, uppercase_labels: bool, mask_degenerate_bases: bool, eos_token_id: int):
+        self.uppercase_labels = uppercase_labels
+        self.mask_degenerate_bases = mask_degenerate_bases
+        self.eos_token_id = eos_token_id
+
+    def labels_for(self, input_ids: np.ndarray) -> np.ndarray:
+        labels = input_ids.astype(np.int64, copy=True)
+        if self.uppercase_labels or self.mask_degenerate_bases:
+            mask_genomic_labels(labels, self.uppercase_labels, self.mask_degenerate_bases, self.eos_token_id)
+        return labels
+
+
+class BshdCollator(_LabelPolicy):
+    """Pads a list of `{"input_ids": 1-D array}` samples into [B, L] tensors."""
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        uppercase_labels: bool = False,
+        mask_degenerate_bases: bool = False,
+        eos_token_id: int = 0,
+    ):
+        super().__init__(uppercase_labels, mask_degenerate_bases, eos_token_id)
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [np.asarray(s["input_ids"]) for s in samples]
+        length = max(len(s) for s in seqs)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = np.full((len(seqs), length), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(seqs), length), IGNORE_INDEX, dtype=np.int64)
+        attention_mask = np.zeros((len(seqs), length), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = seq
+            labels[row, : len(seq)] = self.labels_for(seq)
+            attention_mask[row, : len(seq)] = 1
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(labels),
+        }
+
+
+class ThdCollator(_LabelPolicy):
+    """Flattens a list of `{"input_ids": 1-D array}` samples into one packed [1, T] row.
+
+    `pad_to_multiple_of`: append one padding sequence so that T is a multiple (16 for FP8).
+    `pad_sequences_to_be_divisible_by`: pad every sequence to a multiple (2 x cp for context
+    parallelism); the tokens then sit at `cu_seq_lens_*_padded` offsets while `cu_seq_lens_*` keep
+    the real lengths, and `pad_between_seqs` tells TE attention to skip the gaps.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        pad_sequences_to_be_divisible_by: int | None = None,
+        uppercase_labels: bool = False,
+        mask_degenerate_bases: bool = False,
+        eos_token_id: int = 0,
+    ):
+        super().__init__(uppercase_labels, mask_degenerate_bases, eos_token_id)
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_sequences_to_be_divisible_by = pad_sequences_to_be_divisible_by
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | int | bool]:
+        seqs = [np.asarray(s["input_ids"]) for s in samples]
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        padded = lengths
+        if self.pad_sequences_to_be_divisible_by:
+            k = self.pad_sequences_to_be_divisible_by
+            padded = -(-lengths // k) * k
+        if self.pad_to_multiple_of and padded.sum() % self.pad_to_multiple_of:
+            # One extra all-padding sequence: real sequences keep their boundaries and masks.
+            extra = self.pad_to_multiple_of - padded.sum() % self.pad_to_multiple_of
+            seqs.append(np.zeros(0, dtype=np.int64))
+            lengths = np.append(lengths, 0)
+            padded = np.append(padded, extra)
+        cu_padded = np.concatenate([[0], np.cumsum(padded)])
+        total = int(cu_padded[-1])
+
+        input_ids = np.full(total, self.pad_token_id, dtype=np.int64)
+        labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
+        for seq, start in zip(seqs, cu_padded[:-1]):
+            input_ids[start : start + len(seq)] = seq
+            seq_labels = self.labels_for(seq)
+            if len(seq_labels):
+                seq_labels[0] = IGNORE_INDEX  # the previous sequence's last token must not predict it
+            labels[start : start + len(seq)] = seq_labels
+        position_ids = np.arange(total) - np.repeat(cu_padded[:-1], padded)
+
+        batch = {
+            "input_ids": torch.from_numpy(input_ids)[None],
+            "labels": torch.from_numpy(labels)[None],
+            "position_ids": torch.from_numpy(position_ids)[None],
+        }
+        if self.pad_sequences_to_be_divisible_by:
+            real = np.where(lengths > 0, lengths, padded)  # the extra padding sequence counts as real
+            cu = torch.from_numpy(np.concatenate([[0], np.cumsum(real)])).to(torch.int32)
+            cu_pad = torch.from_numpy(cu_padded).to(torch.int32)
+            batch.update(cu_seq_lens_q_padded=cu_pad, cu_seq_lens_k_padded=cu_pad.clone(), pad_between_seqs=True)
+        else:
+            cu = torch.from_numpy(cu_padded).to(torch.int32)
+        max_length = int(padded.max())
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=max_length, max_length_k=max_length)
+        return batch
+
+
+class TokenPackingDataset(IterableDataset):
+    """Groups a stream of samples into micro-batches of exactly `max_tokens_per_batch` tokens.
+
+    With `split_samples` (the default) the sample that overflows a batch is split: its head fills
+    the batch and its tail starts the next one, so every token is used exactly once and every full
+    batch has the same size (a multiple of 16 if the budget is, as FP8 needs). Without it, a sample
+    that does not fit starts the next batch (batches are then at most the budget; a sample longer
+    than the budget is an error). The last batch of a finite stream may be short.
+
+    Exactly resumable under `torchdata.stateful_dataloader.StatefulDataLoader`: the state is the
+    inner dataset's state plus the carried-over tail.
+    """
+
+    def __init__(self, dataset, max_tokens_per_batch: int, split_samples: bool = True):
+        if max_tokens_per_batch < 1:
+            raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens_per_batch}.")
+        self.dataset = dataset
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.split_samples = split_samples
+        self._carry: np.ndarray | None = None  # tokens taken from the inner stream, not yet yielded
+
+    def __iter__(self):
+        budget = self.max_tokens_per_batch
+        batch, n_tokens = [], 0
+        source = iter(self.dataset)
+        while True:
+            if self._carry is None:
+                try:
+                    self._carry = np.asarray(next(source)["input_ids"])
+                except StopIteration:
+                    break
+            sample = self._carry
+            room = budget - n_tokens
+            if len(sample) <= room:
+                batch.append({"input_ids": sample})
+                n_tokens += len(sample)
+                self._carry = None
+            elif self.split_samples:
+                batch.append({"input_ids": sample[:room]})
+                n_tokens = budget
+                self._carry = sample[room:]
+            elif len(sample) > budget:
+                raise ValueError(
+                    f"A sample of {len(sample)} tokens does not fit max_tokens_per_batch={budget}; "
+                    "raise the budget, lower dataset.max_seq_length, or enable sample splitting."
+                )
+            else:
+                n_tokens = budget  # close this batch; the sample opens the next one
+            if n_tokens == budget:
+                out, batch, n_tokens = batch, [], 0
+                yield out
+        if batch:
+            yield batch
+
+    def state_dict(self) -> dict:
+        # A partly built batch is never part of the state: the snapshot is taken between batches.
+        return {"dataset": self.dataset.state_dict(), "carry": None if self._carry is None else self._carry.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+        self._carry = state["carry"]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)

@@ -1,0 +1,294 @@
+"""Tokenizer, windowing, collators, packing and loader-state tests (CPU)."""
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import PARQUET, TOKENIZER
+
+from collator import IGNORE_INDEX, BshdCollator, ThdCollator, TokenPackingDataset, mask_genomic_labels
+from dataset import (
+    WindowTokenizer,
+    byte_token_ids,
+    create_bshd_dataloader,
+    create_thd_dataloader,
+    is_byte_tokenizer,
+    window_starts,
+)
+from distributed_config import DistributedConfig
+
+# ---- tokenizer ----
+
+
+def test_tokenizer_ids_and_round_trip(tokenizer):
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
+    assert len(tokenizer) == 256 and is_byte_tokenizer(tokenizer)
+    text = "ACGTNacgtRYKM\n-"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == [2, *map(ord, text), 0]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tokenizer("AC\u4e00\x01G")["input_ids"] == [2, 65, 67, 3, 3, 71, 0]
+
+
+def test_byte_fast_path_equals_tokenizer(tokenizer):
+    rng = np.random.default_rng(0)
+    alphabet = list("ACGTacgtNRYKMSW\n ") + ["\x00", "\x02", "é", "\u4e00"]
+    for _ in range(20):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(1, 300))))
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert byte_token_ids(text, tokenizer.unk_token_id).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("n_bp", "window", "stride", "expected"),
+    [(3000, 1000, 800, 12), (998, 1000, 0, 1), (999, 1000, 0, 2), (10, 1000, 500, 1)],
+)
+def test_window_counts(tokenizer, n_bp, window, stride, expected):
+    out = WindowTokenizer(tokenizer, window, stride, "sequence")({"sequence": ["A" * n_bp]})
+    assert len(out["input_ids"]) == expected
+    assert all(len(w) <= window and w[0] == 2 and w[-1] == 0 for w in out["input_ids"])
+
+
+def test_windows_match_hf_overflow_semantics(tokenizer):
+    rng = np.random.default_rng(1)
+    texts = ["".join(rng.choice(list("ACGTN"), size=n)) for n in (5, 97, 98, 99, 250, 1000, 1234)]
+    fast = WindowTokenizer(tokenizer, 100, 30, "sequence")({"sequence": texts})["input_ids"]
+    hf = tokenizer(texts, max_length=100, stride=30, truncation=True, return_overflowing_tokens=True)["input_ids"]
+    assert [w.tolist() for w in fast] == hf
+    assert list(window_starts(250, 98, 30)) == [0, 68, 136, 204]
+
+
+def test_bad_stride_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="dataset.stride=998"):
+        WindowTokenizer(tokenizer, 1000, 998, "sequence")
+
+
+# ---- collators ----
+
+
+def _random_samples(rng, n, max_len=50):
+    return [{"input_ids": rng.integers(4, 256, size=int(rng.integers(1, max_len)))} for _ in range(n)]
+
+
+def test_bshd_labels_and_mask_align():
+    samples = [{"input_ids": np.array([2, 65, 67, 0])}, {"input_ids": np.array([2, 71, 0])}]
+    batch = BshdCollator(pad_token_id=1, pad_to_multiple_of=8)(samples)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["input_ids"][1].tolist() == [2, 71, 0, 1, 1, 1, 1, 1]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert batch["labels"][1].tolist() == [2, 71, 0] + [IGNORE_INDEX] * 5
+    assert torch.equal(batch["labels"] != IGNORE_INDEX, batch["attention_mask"].bool())
+
+
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 16])
+def test_thd_invariants_on_random_inputs(pad_to_multiple_of):
+    rng = np.random.default_rng(2)
+    collate = ThdCollator(pad_token_id=1, pad_to_multiple_of=pad_to_multiple_of)
+    for _ in range(200):
+        samples = _random_samples(rng, int(rng.integers(1, 8)))
+        batch = collate(samples)
+        lengths = [len(s["input_ids"]) for s in samples]
+        cu, total = batch["cu_seq_lens_q"], batch["input_ids"].shape[1]
+        assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == total
+        assert torch.equal(cu, batch["cu_seq_lens_k"])
+        assert torch.diff(cu).tolist()[: len(lengths)] == lengths
+        assert batch["max_length_q"] == batch["max_length_k"] == int(torch.diff(cu).max())
+        if pad_to_multiple_of:
+            assert total % 16 == 0 and total - sum(lengths) < 16
+        else:
+            assert total == sum(lengths)
+        flat = np.concatenate([s["input_ids"] for s in samples])
+        assert batch["input_ids"][0, : len(flat)].tolist() == flat.tolist()
+        labels = batch["labels"][0]
+        # The first label of every sequence is masked: no prediction crosses a boundary.
+        assert (labels[cu[:-1].long()] == IGNORE_INDEX).all()
+        assert (labels[len(flat) :] == IGNORE_INDEX).all()
+        inner = torch.ones(total, dtype=torch.bool)
+        inner[cu[:-1].long()] = False
+        inner[len(flat) :] = False
+        assert torch.equal(labels[inner], batch["input_ids"][0][inner])
+        starts = torch.repeat_interleave(cu[:-1], torch.diff(cu)).long()
+        assert torch.equal(batch["position_ids"][0], torch.arange(total) - starts)
+
+
+def test_thd_padded_sequences_for_context_parallel():
+    samples = [{"input_ids": np.arange(4, 9)}, {"input_ids": np.arange(4, 7)}]  # lengths 5 and 3
+    batch = ThdCollator(pad_token_id=1, pad_sequences_to_be_divisible_by=4)(samples)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 8]
+    assert batch["cu_seq_lens_q_padded"].tolist() == [0, 8, 12]
+    assert batch["pad_between_seqs"] is True
+    assert batch["input_ids"][0].tolist() == [4, 5, 6, 7, 8, 1, 1, 1, 4, 5, 6, 1]
+    assert (batch["labels"][0, [0, 5, 6, 7, 8, 11]] == IGNORE_INDEX).all()
+
+
+def test_genomic_label_masking():
+    ids = np.array([ord(c) for c in "ACgtNRa"] + [0, 2], dtype=np.int64)
+    out = mask_genomic_labels(ids.copy(), uppercase_labels=True, mask_degenerate_bases=True, eos_id=0)
+    assert out.tolist() == [65, 67, 71, 84, -100, -100, 65, 0, -100]
+    out = mask_genomic_labels(ids.copy(), uppercase_labels=False, mask_degenerate_bases=True, eos_id=0)
+    assert out.tolist() == [65, 67, 103, 116, -100, -100, 97, 0, -100]
+    batch = BshdCollator(1, uppercase_labels=True, mask_degenerate_bases=True)([{"input_ids": ids}])
+    assert batch["input_ids"][0].tolist() == ids.tolist()  # the input keeps the characters
+
+
+# ---- packing ----
+
+
+class _ListStream(torch.utils.data.IterableDataset):
+    def __init__(self, samples):
+        self.samples, self.pos = samples, 0
+
+    def __iter__(self):
+        while self.pos < len(self.samples):
+            self.pos += 1
+            yield self.samples[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+@pytest.mark.parametrize("split_samples", [True, False])
+def test_packing_keeps_every_token_once(split_samples):
+    rng = np.random.default_rng(3)
+    samples = _random_samples(rng, 300, max_len=64)
+    packs = list(TokenPackingDataset(_ListStream(samples), 64, split_samples=split_samples))
+    flat_in = np.concatenate([s["input_ids"] for s in samples])
+    flat_out = np.concatenate([s["input_ids"] for p in packs for s in p])
+    assert np.array_equal(flat_in, flat_out)
+    sizes = [sum(len(s["input_ids"]) for s in p) for p in packs]
+    if split_samples:
+        assert all(n == 64 for n in sizes[:-1]) and 0 < sizes[-1] <= 64
+    else:
+        assert all(n <= 64 for n in sizes)
+        assert sum(len(p) for p in packs) == len(samples)  # no sample was cut
+
+
+def test_packing_state_resumes_exactly():
+    rng = np.random.default_rng(4)
+    samples = _random_samples(rng, 100)
+    reference = list(TokenPackingDataset(_ListStream(samples), 40))
+    packer = TokenPackingDataset(_ListStream(samples), 40)
+    it = iter(packer)
+    head = [next(it) for _ in range(7)]
+    state = packer.state_dict()
+    resumed = TokenPackingDataset(_ListStream(samples), 40)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    got = [[s["input_ids"].tolist() for s in p] for p in head + rest]
+    assert got == [[s["input_ids"].tolist() for s in p] for p in reference]
+
+
+def test_packing_rejects_oversized_sample_without_splitting():
+    with pytest.raises(ValueError, match="does not fit max_tokens_per_batch=4"):
+        list(TokenPackingDataset(_ListStream([{"input_ids": np.arange(5)}]), 4, split_samples=False))
+
+
+# ---- loaders ----
+
+LOADER_KW = dict(tokenizer_name_or_path=TOKENIZER, micro_batch_size=2, max_seq_length=256, stride=16, buffer_size=50)
+
+
+def _batches_equal(a, b):
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("make_loader", [create_bshd_dataloader, create_thd_dataloader])
+def test_loader_state_round_trip(make_loader, streaming, num_workers):
+    """Restoring a loader's state yields exactly the batches the uninterrupted loader yields next,
+    across an epoch boundary (the bundled data holds ~9,600 windows of 256; we take 60 batches)."""
+    kwargs = dict(LOADER_KW, num_workers=num_workers, load_dataset_kwargs={"path": PARQUET, "streaming": streaming})
+    if make_loader is create_thd_dataloader:
+        kwargs["pad_to_multiple_of"] = 16
+    loader, _ = make_loader(DistributedConfig(), **kwargs)
+    it = iter(loader)
+    for _ in range(11):
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(25)]
+    del it
+
+    restored, _ = make_loader(DistributedConfig(), **kwargs)
+    restored.load_state_dict(state)
+    it = iter(restored)
+    got = [next(it) for _ in range(25)]
+    assert all(_batches_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_stream_crosses_epochs_and_reshuffles(tmp_path):
+    path = tmp_path / "tiny.parquet"
+    pq.write_table(pa.table({"sequence": ["ACGT" * (i + 1) for i in range(12)]}), path)
+    kwargs = dict(LOADER_KW, micro_batch_size=1, num_workers=0, load_dataset_kwargs={"path": str(path)})
+    loader, _ = create_bshd_dataloader(DistributedConfig(), **kwargs)
+    seen = [len(b["input_ids"][0]) for b, _ in zip(loader, range(36))]
+    epochs = [seen[i : i + 12] for i in range(0, 36, 12)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # every record once per epoch
+    assert epochs[0] != epochs[1]  # and a new order each epoch
+
+
+def test_ranks_read_disjoint_shares():
+    shares = []
+    for rank in range(2):
+        cfg = DistributedConfig(rank=rank, local_rank=rank, world_size=2)
+        kwargs = dict(
+            LOADER_KW,
+            micro_batch_size=1,
+            num_workers=0,
+            num_epochs=1,
+            max_seq_length=100_000,
+            load_dataset_kwargs={"path": PARQUET, "streaming": True},
+        )
+        loader, _ = create_bshd_dataloader(cfg, **kwargs)
+        shares.append({tuple(b["input_ids"][0, :40].tolist()) for b in loader})
+    n_records = pq.read_metadata(PARQUET).num_rows
+    assert not shares[0] & shares[1] and len(shares[0]) + len(shares[1]) == n_records
+
+
+# ---- bad input ----
+
+
+def test_missing_file_names_the_path():
+    with pytest.raises(FileNotFoundError, match="no_such.parquet"):
+        create_bshd_dataloader(DistributedConfig(), **LOADER_KW, load_dataset_kwargs={"path": "./no_such.parquet"})
+
+
+def test_missing_column_names_the_column(tmp_path):
+    path = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"text": ["ACGT"]}), path)
+    with pytest.raises(ValueError, match="no column 'sequence'.*dataset.text_column"):
+        create_bshd_dataloader(DistributedConfig(), **LOADER_KW, load_dataset_kwargs={"path": str(path)})
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_empty_dataset_is_an_error(tmp_path, streaming):
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"sequence": pa.array([], pa.string())}), path)
+    with pytest.raises(ValueError, match="has no records"):
+        create_bshd_dataloader(
+            DistributedConfig(), **LOADER_KW, load_dataset_kwargs={"path": str(path), "streaming": streaming}
+        )
+
+
+def test_blank_records_are_skipped_and_counted(tmp_path, caplog):
+    path = tmp_path / "blank.parquet"
+    pq.write_table(pa.table({"sequence": ["ACGT", "", "   \n", "GGCC"]}), path)
+    kwargs = dict(LOADER_KW, micro_batch_size=1, num_workers=0, num_epochs=1)
+    loader, _ = create_bshd_dataloader(DistributedConfig(), **kwargs, load_dataset_kwargs={"path": str(path)})
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    assert len(batches) == 2
+    assert "Skipped 2 empty or whitespace-only records" in caplog.text
