@@ -1,0 +1,320 @@
+"""Llama 3 built from TransformerEngine layers, numerically the same model as HF `LlamaForCausalLM`.
+
+    from modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
+    model = NVLlamaForCausalLM(NVLlamaConfig.from_pretrained("model_configs/meta-llama/Llama-3.2-1B"))
+
+Architecture only: no distributed code (wrapping happens in the training scripts). Each decoder layer
+is one `te.TransformerLayer` (fused RMSNorm + interleaved QKV, GQA, RoPE, SwiGLU MLP, no bias, no
+dropout). Inputs are BSHD ([B, S] with an optional padding mask) or THD (a packed [1, T] row with
+`cu_seq_lens_q/k` and `max_length_q/k`, as `collator.ThdCollator` makes them). A THD model given
+padded BSHD input (HF `generate` with left padding) unpads internally and pads the output back.
+
+Generation uses TE's `InferenceParams` as the KV cache (`HFInferenceParams` adds what HF `generate`
+asks of a cache):
+
+    past_key_values = HFInferenceParams(max_batch_size=1, max_sequence_length=256, num_heads_kv=8,
+                                        head_dim_k=64, dtype=torch.bfloat16, qkv_format="thd", max_ctx_len=256)
+    for layer_number in range(1, config.num_hidden_layers + 1):
+        past_key_values.allocate_memory(layer_number)
+    model.generate(**inputs, max_new_tokens=16, use_cache=True, past_key_values=past_key_values)
+
+This file is copied into exported checkpoints, so it imports nothing from the recipe.
+"""
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+try:  # optional so that configs and exports can be handled on machines without TE
+    import transformer_engine.pytorch as te
+    from transformer_engine.pytorch.attention import InferenceParams
+except ImportError:
+    te = None
+    InferenceParams = object
+
+AUTO_MAP = {
+    "AutoConfig": "modeling_llama_te.NVLlamaConfig",
+    "AutoModel": "modeling_llama_te.NVLlamaModel",
+    "AutoModelForCausalLM": "modeling_llama_te.NVLlamaForCausalLM",
+}
+
+
+class NVLlamaConfig(LlamaConfig):
+    """`LlamaConfig` plus how TE attention receives its input.
+
+    attn_input_format: "thd" (packed sequences, also accepts padded BSHD) or "bshd".
+    self_attn_mask_type: TE mask type for BSHD input with padding ("padding_causal"); unpadded
+        BSHD batches use plain "causal" and THD always uses "padding_causal".
+    """
+
+    model_type = "nvllama"
+
+    def __init__(self, attn_input_format: str = "thd", self_attn_mask_type: str = "padding_causal", **kwargs):
+        super().__init__(**kwargs)
+        if attn_input_format not in ("bshd", "thd"):
+            raise ValueError(f"attn_input_format must be 'bshd' or 'thd', got {attn_input_format!r}.")
+        self.attn_input_format = attn_input_format
+        self.self_attn_mask_type = self_attn_mask_type
+
+
+class HFInferenceParams(InferenceParams):
+    """TE's KV cache with the methods HF `generate` calls on a cache object."""
+
+    is_compileable = False
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.sequences.values(), default=0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Beam search: reorder the cached sequences along the batch dimension."""
+        for layer_number, (k, v) in self.cache_manager.cache.items():
+            self.cache_manager.cache[layer_number] = (k.index_select(0, beam_idx), v.index_select(0, beam_idx))
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE frequencies for TE, from HF's `inv_freq` (so Llama 3 rope scaling is exactly HF's).
+
+    Computed in fp32 once per (length, device) and kept: a forward asks only for a slice.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        with torch.device("cpu"):  # also under a meta-device context: these are computed, not loaded
+            hf_rope = LlamaRotaryEmbedding(config)
+        # HF's attention_scaling is 1.0 for the default and llama3 rope types; TE has no knob for it.
+        if getattr(hf_rope, "attention_scaling", 1.0) != 1.0:
+            raise ValueError(f"rope attention_scaling={hf_rope.attention_scaling} is not supported by TE attention.")
+        self.register_buffer("inv_freq", hf_rope.inv_freq.float().clone(), persistent=False)
+        self._cache: torch.Tensor | None = None
+
+    def forward(self, length: int, device: torch.device) -> torch.Tensor:
+        cache = self._cache
+        if cache is None or cache.shape[0] < length or cache.device != device:
+            inv_freq = self.inv_freq.to(device=device, dtype=torch.float32)
+            if inv_freq.device.type == "meta" or device.type == "meta":
+                raise RuntimeError("RoPE asked for on the meta device; materialise the model first.")
+            positions = torch.arange(max(length, 1), device=device, dtype=torch.float32)
+            freqs = torch.outer(positions, inv_freq)
+            self._cache = cache = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [S, 1, 1, head_dim]
+        return cache[:length]
+
+
+class NVLlamaPreTrainedModel(PreTrainedModel):
+    config_class = NVLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["TransformerLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # TE keeps FP8 scaling state in `_extra_state`; it is training state, not part of HF checkpoints.
+    _keys_to_ignore_on_load_missing = [r"_extra_state"]
+    _keys_to_ignore_on_load_unexpected = [r"_extra_state"]
+
+    def _init_weights(self, module):
+        """HF Llama's initialisation: normal(0, initializer_range) matrices, unit norms, no biases."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, std)
+        if te is None:
+            return
+        if isinstance(module, te.RMSNorm):
+            module.weight.data.fill_(1.0)
+        elif isinstance(module, te.TransformerLayer):
+            attn, mlp = module.self_attention.layernorm_qkv, module.layernorm_mlp
+            for weight in (attn.weight, module.self_attention.proj.weight, mlp.fc1_weight, mlp.fc2_weight):
+                weight.data.normal_(0.0, std)
+            attn.layer_norm_weight.data.fill_(1.0)
+            mlp.layer_norm_weight.data.fill_(1.0)
+
+    def init_empty_weights(self, device: torch.device | str = "cuda"):
+        """Materialise a model built on the meta device and initialise it as direct construction would."""
+        self.to_empty(device=device)
+        for module in self.modules():
+            self._init_weights(module)
+        self.tie_weights()
+
+    def save_pretrained(self, save_directory, **kwargs):
+        state_dict = kwargs.pop("state_dict", None) or self.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith("_extra_state")}
+        super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+
+
+def _require_te():
+    if te is None:
+        raise ImportError(
+            "NVLlamaModel needs TransformerEngine (pip install 'transformer_engine[pytorch]', or the NGC PyTorch "
+            "container). Without it, use the HF model: use_te=false."
+        )
+
+
+class NVLlamaModel(NVLlamaPreTrainedModel):
+    def __init__(self, config: NVLlamaConfig):
+        _require_te()
+        super().__init__(config)
+        dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.bfloat16
+        device = "meta" if torch.get_default_device().type == "meta" else "cuda"
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        std = config.initializer_range
+
+        def init_method(weight):
+            nn.init.normal_(weight, 0.0, std)
+
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, config.pad_token_id, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(
+            te.TransformerLayer(
+                hidden_size=config.hidden_size,
+                ffn_hidden_size=config.intermediate_size,
+                num_attention_heads=config.num_attention_heads,
+                num_gqa_groups=config.num_key_value_heads,
+                kv_channels=head_dim,
+                layernorm_epsilon=config.rms_norm_eps,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                bias=False,
+                normalization="RMSNorm",
+                activation="swiglu",
+                fuse_qkv_params=True,
+                qkv_weight_interleaved=True,
+                attn_input_format=config.attn_input_format,
+                self_attn_mask_type=config.self_attn_mask_type,
+                layer_number=i + 1,
+                init_method=init_method,
+                output_layer_init_method=init_method,
+                params_dtype=dtype,
+                device=device,
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: InferenceParams | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        cu_seq_lens_q_padded: torch.Tensor | None = None,
+        cu_seq_lens_k_padded: torch.Tensor | None = None,
+        pad_between_seqs: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, H]
+        batch, seq_len, hidden_size = hidden.shape
+        inference = (
+            past_key_values if isinstance(past_key_values, InferenceParams) and use_cache is not False else None
+        )
+        unpad_index = None
+        layer_kwargs = {}
+
+        if self.config.attn_input_format == "thd":
+            if cu_seq_lens_q is None:
+                # Padded BSHD input (e.g. `generate` with left padding): drop the pads, run THD, pad back.
+                mask = torch.ones(batch, seq_len, device=hidden.device, dtype=torch.bool)
+                if attention_mask is not None:
+                    mask = attention_mask[:, -seq_len:].bool()  # decoding: the mask covers the cache too
+                lengths = mask.sum(dim=1, dtype=torch.int32)
+                unpad_index = mask.flatten().nonzero().squeeze(1)
+                hidden = hidden.reshape(batch * seq_len, hidden_size)[unpad_index]
+                cu_seq_lens_q = cu_seq_lens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+                max_length_q = max_length_k = seq_len
+                if inference is not None:
+                    inference.pre_step(OrderedDict(enumerate(lengths.tolist())))
+                    cu_seq_lens_q, cu_seq_lens_k = inference.cu_seqlens_q, inference.cu_seqlens_kv
+                    max_length_k = inference.max_sequence_length
+            else:
+                hidden = hidden.squeeze(0)  # [1, T, H] -> [T, H]
+            layer_kwargs.update(
+                cu_seqlens_q=cu_seq_lens_q,
+                cu_seqlens_kv=cu_seq_lens_k,
+                max_seqlen_q=max_length_q,
+                max_seqlen_kv=max_length_k,
+                self_attn_mask_type="padding_causal",
+            )
+            if cu_seq_lens_q_padded is not None:
+                layer_kwargs.update(
+                    cu_seqlens_q_padded=cu_seq_lens_q_padded,
+                    cu_seqlens_kv_padded=cu_seq_lens_k_padded,
+                    pad_between_seqs=pad_between_seqs,
+                )
+            rope_length = max(max_length_q, max_length_k)
+        else:
+            if inference is not None:
+                raise ValueError("KV-cache generation needs attn_input_format='thd'; load the model with it.")
+            if attention_mask is not None and not bool(attention_mask.all()):
+                # TE padding masks are True where attention is *not* allowed.
+                layer_kwargs.update(
+                    attention_mask=~attention_mask.bool()[:, None, None, :], self_attn_mask_type="padding_causal"
+                )
+            else:
+                layer_kwargs.update(self_attn_mask_type="causal")
+            rope_length = seq_len
+
+        rope = self.rotary_emb(rope_length, hidden.device)
+        for layer in self.layers:
+            hidden = layer(hidden, rotary_pos_emb=rope, inference_params=inference, **layer_kwargs)
+        hidden = self.norm(hidden)
+
+        if unpad_index is not None:
+            padded = hidden.new_zeros(batch * seq_len, hidden_size)
+            hidden = padded.index_copy(0, unpad_index, hidden).view(batch, seq_len, hidden_size)
+        elif self.config.attn_input_format == "thd":
+            hidden = hidden.unsqueeze(0)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
+class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NVLlamaConfig):
+        super().__init__(config)
+        self.model = NVLlamaModel(config)
+        dtype = self.model.embed_tokens.weight.dtype
+        device = self.model.embed_tokens.weight.device
+        # A plain torch Linear, so the LM head stays in BF16 under FP8 autocast (FP8 logits hurt the loss).
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: InferenceParams | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # nn.Linear: TE's FP8 autocast never quantizes it
+        loss = None
+        if labels is not None:
+            num_items = kwargs.get("num_items_in_batch")
+            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
