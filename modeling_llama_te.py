@@ -90,7 +90,9 @@ class RotaryEmbedding(nn.Module):
         # HF's attention_scaling is 1.0 for the default and llama3 rope types; TE has no knob for it.
         if getattr(hf_rope, "attention_scaling", 1.0) != 1.0:
             raise ValueError(f"rope attention_scaling={hf_rope.attention_scaling} is not supported by TE attention.")
-        self.register_buffer("inv_freq", hf_rope.inv_freq.float().clone(), persistent=False)
+        # A plain attribute, not a buffer: `to_empty()` and `from_pretrained` (which build on the meta
+        # device) would leave a buffer uninitialised; this constant is moved to the GPU on first use.
+        self.inv_freq = hf_rope.inv_freq.float().clone()
         self._cache: torch.Tensor | None = None
 
     def forward(self, length: int, device: torch.device) -> torch.Tensor:

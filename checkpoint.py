@@ -1,0 +1,215 @@
+"""Checkpoints under `checkpoint.ckpt_dir`: one `step_N/` folder per save, and the final export.
+
+A checkpoint holds the model, optimizer, scheduler, step, RNG states, TE's FP8 scaling state
+(`_extra_state`) and every rank's dataloader state (`rank_R.pt`, one per rank). DDP writes the
+model and optimizer with `torch.save` on rank 0; FSDP2 writes them sharded with
+`torch.distributed.checkpoint` (optionally asynchronously, one save in flight).
+
+A `COMPLETE` marker is written last, after every rank has finished; resume only considers folders
+that have it, so a crash mid-save leaves the previous checkpoint as the one to resume from. Older
+complete checkpoints are pruned to `max_checkpoints` only after a newer one is complete.
+"""
+
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+_pending_async_save = None  # (future, folder) of the FSDP2 save in flight
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def complete_checkpoints(ckpt_dir) -> list[Path]:
+    """Complete `step_N` folders, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    found = [p for p in ckpt_dir.glob("step_*") if p.name.removeprefix("step_").isdigit()]
+    for p in found:
+        if not (p / MARKER).exists():
+            logger.warning("Ignoring incomplete checkpoint %s (no %s marker: the save did not finish).", p, MARKER)
+    return sorted((p for p in found if (p / MARKER).exists()), key=_step_of)
+
+
+def find_latest_checkpoint(ckpt_dir) -> Path | None:
+    complete = complete_checkpoints(ckpt_dir) if ckpt_dir and Path(ckpt_dir).exists() else []
+    return complete[-1] if complete else None
+
+
+def prune_checkpoints(ckpt_dir, max_checkpoints: int | None) -> None:
+    if not max_checkpoints:
+        return
+    for old in complete_checkpoints(ckpt_dir)[:-max_checkpoints]:
+        (old / MARKER).unlink()  # first make it incomplete, so a crash here never leaves a half-deleted "complete" one
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rank_state(step: int, scheduler, dataloader, extra_model_state: dict) -> dict:
+    state = {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+        "model_extra_state": extra_model_state,  # TE FP8 scaling state: per rank, outside DCP's dedup
+    }
+    if hasattr(dataloader, "state_dict"):
+        state["dataloader"] = dataloader.state_dict()
+    return state
+
+
+def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
+    rank_file = path / f"rank_{rank}.pt"
+    if not rank_file.exists():
+        n = len(list(path.glob("rank_*.pt")))
+        raise FileNotFoundError(
+            f"{rank_file} is missing: {path} was saved by {n} ranks. Resume with the same number of ranks, or start "
+            "a new run (checkpoint.resume_from_checkpoint=false) from the exported model."
+        )
+    state = torch.load(rank_file, weights_only=False)  # our own file: holds numpy RNG state
+    scheduler.load_state_dict(state["scheduler"])
+    if "dataloader" in state and hasattr(dataloader, "load_state_dict"):
+        dataloader.load_state_dict(state["dataloader"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def _split_extra_state(model_state: dict) -> tuple[dict, dict]:
+    extra = {k: v for k, v in model_state.items() if k.endswith("_extra_state")}
+    return {k: v for k, v in model_state.items() if k not in extra}, extra
+
+
+def _finish(path: Path, rank: int, ckpt_dir, max_checkpoints) -> None:
+    _barrier()  # every rank has written its part
+    if rank == 0:
+        (path / MARKER).write_text("ok\n")
+        prune_checkpoints(ckpt_dir, max_checkpoints)
+        logger.info("Saved checkpoint %s", path)
+    _barrier()
+
+
+def _prepare_folder(ckpt_dir, step: int, rank: int) -> Path:
+    path = Path(ckpt_dir) / f"step_{step}"
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # an incomplete leftover of a crashed save (complete ones are never re-saved)
+    _barrier()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --- DDP ---
+
+
+def save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None):
+    path = _prepare_folder(ckpt_dir, step, rank)
+    module = model.module if hasattr(model, "module") else model
+    weights, extra = _split_extra_state(module.state_dict())
+    if rank == 0:
+        torch.save({"model": weights, "optimizer": optimizer.state_dict()}, path / "model_optimizer.pt")
+    torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")
+    _finish(path, rank, ckpt_dir, max_checkpoints)
+
+
+def load_checkpoint_ddp(path: Path, model, optimizer, scheduler, dataloader, rank: int) -> int:
+    module = model.module if hasattr(model, "module") else model
+    state = torch.load(path / "model_optimizer.pt", map_location="cpu", weights_only=False)
+    rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
+    module.load_state_dict({**state["model"], **rank_state["model_extra_state"]})
+    optimizer.load_state_dict(state["optimizer"])
+    return rank_state["step"]
+
+
+# --- FSDP2 ---
+
+
+def save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None,
+                          async_save: bool = False):  # fmt: skip
+    wait_for_async_save(ckpt_dir, max_checkpoints, rank)
+    path = _prepare_folder(ckpt_dir, step, rank)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    weights, extra = _split_extra_state(model_state)
+    torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")
+    state = {"model": weights, "optimizer": optim_state}
+    if async_save:
+        global _pending_async_save
+        _pending_async_save = (dcp.async_save(state, checkpoint_id=str(path / "dcp")), path)
+        return
+    dcp.save(state, checkpoint_id=str(path / "dcp"))
+    _finish(path, rank, ckpt_dir, max_checkpoints)
+
+
+def wait_for_async_save(ckpt_dir, max_checkpoints, rank: int) -> None:
+    """Finish the save in flight (its marker is written only now); call before the next save and at exit."""
+    global _pending_async_save
+    if _pending_async_save is None:
+        return
+    future, path = _pending_async_save
+    _pending_async_save = None
+    future.result()
+    _finish(path, rank, ckpt_dir, max_checkpoints)
+
+
+def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, rank: int) -> int:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    weights, _ = _split_extra_state(model_state)
+    state = {"model": weights, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),
+    )  # fmt: skip
+    rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
+    if rank_state["model_extra_state"]:
+        model.load_state_dict(rank_state["model_extra_state"], strict=False)
+    return rank_state["step"]
+
+
+# --- Final export ---
+
+
+def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2: bool) -> Path | None:
+    """Write `<ckpt_dir>/final_model`, a Hugging Face directory (`AutoModelForCausalLM` loads it)."""
+    from export import export_te_model
+
+    path = Path(ckpt_dir) / "final_model"
+    module = model.module if hasattr(model, "module") else model
+    if fsdp2:  # a collective: every rank takes part, rank 0 receives the full tensors
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = module.state_dict()
+    if rank == 0:
+        if use_te:
+            export_te_model(path, state, module.config, tokenizer)
+        else:
+            module.save_pretrained(path, state_dict=state)
+            tokenizer.save_pretrained(path)
+        logger.info("Exported the final model to %s", path)
+    _barrier()
+    return path

@@ -1,0 +1,116 @@
+"""One log line per interval, `metrics.jsonl`, a tqdm bar on rank 0, and wandb when enabled.
+
+Per-step values stay on the device and are read (a CPU-GPU sync) only on log steps. The logged loss
+is the token-weighted mean over the interval's steps and all ranks.
+
+MFU = achieved model FLOP/s per GPU / peak dense BF16 FLOP/s of the GPU, with model FLOPs per token
+= 6 N + 12 L H D S (torchtitan's convention: N parameters without the embedding, L layers, H heads,
+D head dim, S the window length; the attention term counts full causal-free S x S attention, and
+FP8 runs are measured against the BF16 peak, so FP8 MFU is "BF16-equivalent").
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Peak dense BF16 tensor FLOP/s by device-name fragment (vendor data sheets).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "GB200": 2500e12, "A100": 312e12}
+
+
+def model_flops_per_token(config, seq_len: int) -> float:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden, layers, ffn = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    q_kv = hidden * head_dim * (config.num_attention_heads + 2 * config.num_key_value_heads)
+    per_layer = q_kv + config.num_attention_heads * head_dim * hidden + 3 * hidden * ffn
+    n_params = layers * per_layer + hidden * config.vocab_size  # the LM head counts; the embedding lookup does not
+    return 6 * n_params + 12 * layers * config.num_attention_heads * head_dim * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class PerfLogger:
+    def __init__(self, dist_config, cfg, run_dir: Path, flops_per_token: float, device: torch.device, start_step=0):
+        self.is_main = dist_config.is_main_process()
+        self.world_size = dist_config.world_size
+        self.frequency = cfg.logger.frequency
+        self.device = device
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(device)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._reset()
+        self.bar = tqdm(total=cfg.num_train_steps, initial=start_step, disable=not self.is_main, dynamic_ncols=True)
+        self.wandb = None
+        if self.is_main and cfg.wandb_init_args.get("mode", "disabled") != "disabled":
+            import wandb  # only imported when asked for
+
+            self.wandb = wandb.init(**cfg.wandb_init_args, dir=str(run_dir))
+
+    def _reset(self):
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.tokens = torch.zeros((), device=self.device, dtype=torch.float64)  # real (label) tokens, all ranks
+        self.padded_tokens = 0  # input tokens incl. padding, this rank
+        self.steps = 0
+        self.window_start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def log_step(self, step: int, loss_sum, num_tokens, padded_tokens: int, grad_norm, lr: float, force=False):
+        """`loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count.
+        Called on every rank (the grad norm of FSDP2 is gathered collectively on log steps)."""
+        self.loss_sum += loss_sum.detach()
+        self.tokens += num_tokens
+        self.padded_tokens += padded_tokens
+        self.steps += 1
+        self.bar.update(1)
+        if step % self.frequency and step != 1 and not force:
+            return None
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        elapsed = time.perf_counter() - self.window_start
+        real_tokens = self.tokens.item()
+        metrics = {
+            "step": step,
+            "loss": self.loss_sum.item() / max(real_tokens, 1.0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": lr,
+            "step_time_s": elapsed / self.steps,
+            "tokens_per_s_per_gpu": self.padded_tokens / elapsed,
+            "real_tokens_per_s_per_gpu": real_tokens / self.world_size / elapsed,
+        }
+        if self.peak:
+            metrics["mfu"] = metrics["tokens_per_s_per_gpu"] * self.flops_per_token / self.peak
+        if self.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.is_main:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+            tqdm.write(" | ".join(parts))
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=step)
+        self._reset()
+        return metrics
+
+    def finish(self):
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,177 @@
+"""Model speed, side by side in one run: `NVLlamaForCausalLM` vs a bare stack of TE layers (vs HF).
+
+    python scripts/benchmark_model.py                      # Llama-3.2-1B body, vocab 256, 2 x 8192 tokens
+    python scripts/benchmark_model.py --layers 2 --steps 3 # a quick look
+
+Each row times forward + backward + fused AdamW step on the same shapes and prints tokens/s and
+its ratio to the bare stack of the same precision. The bare stack is embedding -> TE
+TransformerLayers -> RMSNorm -> linear head -> cross entropy, with RoPE precomputed once: the
+fastest the recipe's model could be with these kernels.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="model_configs/meta-llama/Llama-3.2-1B")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--recipes", default="none,DelayedScaling,Float8CurrentScaling")
+    p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM (sdpa)")
+    p.add_argument("--json", default=None, help="write the rows here")
+    return p.parse_args()
+
+
+class BareStack(nn.Module):
+    def __init__(self, config, thd: bool = False):
+        import transformer_engine.pytorch as te
+
+        super().__init__()
+        self.thd = thd
+        kw = dict(dtype=torch.bfloat16, device="cuda")
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(
+            te.TransformerLayer(
+                config.hidden_size,
+                config.intermediate_size,
+                config.num_attention_heads,
+                num_gqa_groups=config.num_key_value_heads,
+                kv_channels=config.head_dim,
+                bias=False,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                normalization="RMSNorm",
+                activation="swiglu",
+                fuse_qkv_params=True,
+                qkv_weight_interleaved=True,
+                attn_input_format="thd" if thd else "bshd",
+                self_attn_mask_type="padding_causal" if thd else "causal",
+                layer_number=i + 1,
+                params_dtype=torch.bfloat16,
+                device="cuda",
+            )  # fmt: skip
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+        from modeling_llama_te import RotaryEmbedding
+
+        self.rope = RotaryEmbedding(config)
+
+    def forward(self, input_ids, labels, cu_seqlens=None):
+        h = self.embed(input_ids)
+        rope = self.rope(input_ids.shape[1], h.device)
+        if self.thd:  # [B, S, H] -> [B * S, H], one sequence per row
+            kw = dict(
+                cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=h.shape[1], max_seqlen_kv=h.shape[1]
+            )
+            h = h.flatten(0, 1)
+            for layer in self.layers:
+                h = layer(h, rotary_pos_emb=rope, **kw)
+            h = h.view(input_ids.shape[0], input_ids.shape[1], -1)
+        else:
+            for layer in self.layers:
+                h = layer(h, rotary_pos_emb=rope)
+        logits = self.head(self.norm(h))
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def time_steps(step, steps, warmup):
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    args = parse_args()
+    import transformer_engine.pytorch as te
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from convert import te_config_from_hf
+    from fp8 import build_fp8_recipe
+    from modeling_llama_te import NVLlamaForCausalLM
+
+    overrides = {"vocab_size": 256} | ({"num_hidden_layers": args.layers} if args.layers else {})
+    hf_config = AutoConfig.from_pretrained(args.config, **overrides)
+    tokens = args.batch * args.seq
+    ids = torch.randint(4, 256, (args.batch, args.seq), device="cuda")
+    thd = {
+        "input_ids": ids.view(1, -1),
+        "labels": ids.view(1, -1),
+        "cu_seq_lens_q": torch.arange(0, tokens + 1, args.seq, device="cuda", dtype=torch.int32),
+        "max_length_q": args.seq,
+    }
+    thd.update(cu_seq_lens_k=thd["cu_seq_lens_q"], max_length_k=args.seq)
+
+    def make(kind):
+        torch.manual_seed(0)
+        if kind.startswith("bare"):
+            return BareStack(hf_config, thd=kind == "bare_thd")
+        if kind == "hf":
+            hf_config._attn_implementation = "sdpa"
+            return LlamaForCausalLM(hf_config).to("cuda", torch.bfloat16)
+        return NVLlamaForCausalLM(te_config_from_hf(hf_config, attn_input_format=kind, dtype=torch.bfloat16))
+
+    rows = []
+    kinds = ["bare", "bshd", "bare_thd", "thd"] + (["hf"] if args.hf else [])
+    for recipe_name in args.recipes.split(","):
+        recipe = None if recipe_name == "none" else build_fp8_recipe(recipe_name)
+        for kind in kinds:
+            if kind == "hf" and recipe is not None:
+                continue
+            model = make(kind)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+            def step(model=model, optimizer=optimizer, kind=kind, recipe=recipe):
+                with te.autocast(enabled=recipe is not None, recipe=recipe):
+                    if kind.startswith("bare"):
+                        loss = model(ids, ids, thd["cu_seq_lens_q"])
+                    elif kind == "thd":
+                        loss = model(**thd).loss
+                    else:
+                        loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            torch.cuda.reset_peak_memory_stats()
+            seconds = time_steps(step, args.steps, args.warmup)
+            rows.append({
+                "precision": "bf16" if recipe is None else recipe_name, "model": kind, "step_ms": seconds * 1e3,
+                "tokens_per_s": tokens / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            })  # fmt: skip
+            del model, optimizer, step
+            torch.cuda.empty_cache()
+
+    bare = {r["precision"]: r["tokens_per_s"] for r in rows if r["model"] == "bare"}
+    print(f"{torch.cuda.get_device_name()}, {hf_config.num_hidden_layers} layers, {args.batch} x {args.seq} tokens")
+    print(f"{'precision':22s} {'model':6s} {'step ms':>9s} {'tokens/s':>10s} {'vs bare':>8s} {'peak GiB':>9s}")
+    for r in rows:
+        r["vs_bare"] = r["tokens_per_s"] / bare[r["precision"]]
+        print(f"{r['precision']:22s} {r['model']:6s} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
+              f"{r['vs_bare']:8.3f} {r['peak_gib']:9.1f}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

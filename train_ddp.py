@@ -1,0 +1,152 @@
+"""Train Llama 3 with DDP, TransformerEngine layers and FP8 (every rank holds the whole model).
+
+    python train_ddp.py --config-name L0_sanity                              # one process (GPU or CPU)
+    torchrun --nproc_per_node=8 train_ddp.py --config-name L1_genomic_1b     # one node
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
+        train_ddp.py --config-name L2_lingua_1b                              # several nodes
+    python train_ddp.py --config-name L0_sanity fp8_config.enabled=true use_sequence_packing=true \\
+        checkpoint.ckpt_dir=/tmp/ckpt checkpoint.save_final_model=true         # overrides: key=value
+
+Every key is documented in hydra_config/defaults.yaml. `diff train_ddp.py train_fsdp2.py` shows
+only the lines that differ between the two strategies.
+"""
+
+import logging
+import signal
+from contextlib import nullcontext
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint_ddp,
+    save_checkpoint_ddp,
+    save_final_model,
+)
+from distributed_config import DistributedConfig
+from perf_logger import PerfLogger, all_reduce_sum, model_flops_per_token
+from scheduler import get_cosine_annealing_schedule_with_warmup
+from training_utils import (
+    count_label_tokens,
+    create_dataloader,
+    create_model,
+    create_optimizer,
+    fp8_autocast_factory,
+    init_distributed,
+    resolve_use_te,
+    run_dir_for,
+    seed_everything,
+    to_device,
+    validate_config,
+    write_run_info,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.2")
+def main(cfg: DictConfig) -> float:
+    # --- Config and distributed setup ---
+    use_te = resolve_use_te(cfg.use_te)
+    validate_config(cfg, use_te)
+    dist_config = DistributedConfig()
+    device = init_distributed(dist_config)
+    logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)
+    logger.info(
+        "Running the %s model on %s (%d ranks)", "TE" if use_te else "HF reference", device, dist_config.world_size
+    )
+    seed_everything(cfg.seed)
+
+    # --- Model ---
+    on_meta = use_te and cfg.use_meta_device
+    model = create_model(cfg, use_te, device, on_meta=on_meta)
+    if cfg.use_torch_compile:
+        model = torch.compile(model)
+
+    # --- DDP wrapping: the whole model on every rank, gradients all-reduced in buckets ---
+    if on_meta:
+        model.init_empty_weights(device)
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # --- Optimizer and schedule ---
+    optimizer = create_optimizer(cfg, model, device)
+    scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
+    fp8_autocast = fp8_autocast_factory(cfg, use_te)
+
+    # --- Data ---
+    dataloader, tokenizer = create_dataloader(cfg, dist_config)
+
+    # --- Resume ---
+    step = 0
+    ckpt_dir = cfg.checkpoint.ckpt_dir
+    latest = find_latest_checkpoint(ckpt_dir) if ckpt_dir and cfg.checkpoint.resume_from_checkpoint else None
+    if latest is not None:
+        step = load_checkpoint_ddp(latest, model, optimizer, scheduler, dataloader, dist_config.rank)
+        logger.info("Resumed from %s at step %d", latest, step)
+
+    def save(step):
+        save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
+                            cfg.checkpoint.max_checkpoints)  # fmt: skip
+
+    # --- Training loop ---
+    # Loss normalisation: each micro-step's loss is its summed token losses divided by the target tokens of
+    # the whole optimizer step on all ranks (times world size, because gradient reduction averages over
+    # ranks), so every token weighs the same however the tokens fall into micro-batches, ranks and padding
+    # (torchtitan's choice; HF's default would be a mean of per-batch means). Gradients are reduced only on
+    # the last micro-step (`no_sync` on the others).
+    run_dir = run_dir_for(cfg)
+    if dist_config.is_main_process():
+        write_run_info(cfg, run_dir, use_te, device)
+    perf = PerfLogger(
+        dist_config, cfg, run_dir, model_flops_per_token(model.module.config, cfg.dataset.max_seq_length), device, step
+    )
+    stop_requested = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
+        signal.signal(sig, lambda *_: stop_requested.append(True))
+    batches = iter(dataloader)
+    last_loss = float("nan")
+    model.train()
+    while step < cfg.num_train_steps:
+        micro_batches = [to_device(next(batches), device) for _ in range(cfg.grad_acc_steps)]
+        num_tokens = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches).double())
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            with model.no_sync() if i < len(micro_batches) - 1 else nullcontext(), fp8_autocast():
+                loss = model(**batch, num_items_in_batch=num_tokens / dist_config.world_size).loss
+                loss.backward()
+            loss_sum += loss.detach() * num_tokens / dist_config.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        padded = sum(b["input_ids"].numel() for b in micro_batches)
+        # Preemption: all ranks must stop at the same step; they agree on log steps (which sync anyway).
+        stop = step % cfg.logger.frequency == 0 and bool(
+            all_reduce_sum(torch.tensor(float(bool(stop_requested)), device=device))
+        )
+        lr = scheduler.get_last_lr()[0]
+        metrics = perf.log_step(step, all_reduce_sum(loss_sum), num_tokens, padded, grad_norm, lr,
+                                force=stop or step == cfg.num_train_steps)  # fmt: skip
+        last_loss = metrics["loss"] if metrics else last_loss
+        if ckpt_dir and (step % cfg.checkpoint.save_every_n_steps == 0 or stop):
+            save(step)
+        if stop:
+            logger.warning("Stop signal received: saved step %d, exiting.", step)
+            break
+
+    # --- Cleanup ---
+    if ckpt_dir and cfg.checkpoint.save_final_model:
+        save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=False)
+    perf.finish()
+    dist.destroy_process_group()
+    return last_loss
+
+
+if __name__ == "__main__":
+    main()

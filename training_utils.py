@@ -1,0 +1,215 @@
+"""Setup shared by `train_ddp.py` and `train_fsdp2.py`: config checks, process group, model, optimizer,
+data, and the loss bookkeeping of one optimizer step. The training loops themselves stay in the scripts."""
+
+import logging
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, LlamaForCausalLM
+
+from collator import IGNORE_INDEX
+from dataset import create_bshd_dataloader, create_thd_dataloader, resolve_path
+from distributed_config import DistributedConfig
+
+logger = logging.getLogger(__name__)
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_use_te(use_te) -> bool:
+    """`use_te: null` picks TE where it can run; `true` where it cannot is an error."""
+    if use_te is None:
+        return te_available()
+    if use_te and not te_available():
+        raise ValueError(
+            "use_te=true needs a CUDA GPU and TransformerEngine, and this machine lacks "
+            f"{'a CUDA GPU' if not torch.cuda.is_available() else 'TransformerEngine'}. "
+            "Run with use_te=false (the HF reference model) or install TE (see the Dockerfile)."
+        )
+    return bool(use_te)
+
+
+def validate_config(cfg: DictConfig, use_te: bool) -> None:
+    """Reject bad values before anything is built; each error names the key and the fix."""
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ValueError(
+            f"Required config values are not set: {sorted(missing)}; set them in the YAML or as key=value."
+        )
+    for key in ("num_train_steps", "grad_acc_steps", "dataset.micro_batch_size", "logger.frequency"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a positive integer.")
+    if cfg.fp8_config.enabled:
+        if not use_te:
+            raise ValueError(
+                "fp8_config.enabled=true needs the TE model; drop it or set use_te=true on a GPU with TE."
+            )
+        budget = cfg.dataset.token_micro_batch_size or cfg.dataset.micro_batch_size * cfg.dataset.max_seq_length
+        if cfg.use_sequence_packing and budget % 16:
+            raise ValueError(
+                f"FP8 needs micro-batches whose token count is a multiple of 16, but the THD budget is {budget}; "
+                "set dataset.token_micro_batch_size (or max_seq_length) to a multiple of 16."
+            )
+    if not resolve_path(cfg.config_name_or_path).exists() and str(cfg.config_name_or_path).startswith((".", "/")):
+        raise FileNotFoundError(f"config_name_or_path={cfg.config_name_or_path!r} does not exist; fix the path.")
+
+
+def init_distributed(dist_config: DistributedConfig) -> torch.device:
+    """NCCL on GPUs, gloo on CPUs; a plain `python` run is a group of one."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", dist_config.local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    os.environ.setdefault("MASTER_ADDR", "localhost")
+    os.environ.setdefault("MASTER_PORT", str(29500 + random.Random(os.getpid()).randint(0, 9999)))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            rank=dist_config.rank,
+            world_size=dist_config.world_size,
+            device_id=device if backend == "nccl" else None,
+        )
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model_config(cfg: DictConfig, use_te: bool):
+    path = resolve_path(cfg.config_name_or_path)
+    kwargs = OmegaConf.to_container(cfg.config_kwargs, resolve=True)
+    # TE trains in bf16 parameters unless FSDP2 keeps fp32 master weights; the CPU reference runs in fp32.
+    kwargs.setdefault("dtype", torch.bfloat16 if use_te and not cfg.fp32_master_weights else torch.float32)
+    hf_config = AutoConfig.from_pretrained(str(path) if path.exists() else cfg.config_name_or_path, **kwargs)
+    if not use_te:
+        hf_config._attn_implementation = "sdpa"
+        return hf_config
+    from convert import te_config_from_hf
+
+    return te_config_from_hf(hf_config, attn_input_format="thd" if cfg.use_sequence_packing else "bshd")
+
+
+def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: bool):
+    """The TE model (the product) or HF `LlamaForCausalLM` (the reference), on `device` or on meta."""
+    config = build_model_config(cfg, use_te)
+    if use_te:
+        from modeling_llama_te import NVLlamaForCausalLM
+
+        with torch.device("meta") if on_meta else nullcontext():
+            model = NVLlamaForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(config).to(device)
+    if cfg.use_gradient_checkpointing:
+        model.gradient_checkpointing_enable() if not use_te else _te_activation_checkpointing(model)
+    logger.info(
+        "Model: %s (%s), %.1fM parameters, %s",
+        type(model).__name__, "TransformerEngine" if use_te else "HF reference, no TE",
+        sum(p.numel() for p in model.parameters()) / 1e6, "meta device" if on_meta else device,
+    )  # fmt: skip
+    return model
+
+
+def _te_activation_checkpointing(model):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
+
+
+def create_optimizer(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = OmegaConf.to_container(cfg.adamw_kwargs, resolve=True)
+    kwargs["fused"] = kwargs.get("fused", False) and device.type == "cuda"
+    if not cfg.no_weight_decay_on_norms_biases_embeddings:
+        return torch.optim.AdamW(model.parameters(), **kwargs)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_exempt = param.ndim < 2 or "embed" in name or "norm" in name
+        (no_decay if is_exempt else decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig):
+    """BSHD or THD (`use_sequence_packing`) loader; FP8 pads token counts to multiples of 16."""
+    kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
+    if cfg.fp8_config.enabled:
+        kwargs["pad_to_multiple_of"] = 16
+    make = create_thd_dataloader if cfg.use_sequence_packing else create_bshd_dataloader
+    return make(dist_config, **kwargs)
+
+
+def fp8_autocast_factory(cfg: DictConfig, use_te: bool):
+    """A no-argument context factory: TE autocast with the configured recipe, or a null context."""
+    if not use_te:
+        return nullcontext
+    import transformer_engine.pytorch as te
+
+    from fp8 import build_fp8_recipe
+
+    recipe = None
+    if cfg.fp8_config.enabled:
+        recipe = build_fp8_recipe(
+            cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs)
+        )
+    return lambda: te.autocast(enabled=recipe is not None, recipe=recipe)
+
+
+def count_label_tokens(batch: dict) -> torch.Tensor:
+    """Tokens that are prediction targets after the model's shift (labels[..., 1:] != -100)."""
+    return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:  # main(cfg) called without Hydra
+            path = Path("outputs") / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_run_info(cfg: DictConfig, run_dir: Path, use_te: bool, device: torch.device) -> None:
+    """The resolved config and the versions behind this run, once, on rank 0."""
+    import datasets
+    import transformers
+
+    versions = {
+        "torch": str(torch.__version__),
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
+    if use_te:
+        import transformer_engine
+
+        versions["transformer_engine"] = transformer_engine.__version__
+    info = {"versions": versions, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "run_info.yaml").write_text(OmegaConf.to_yaml(info))
