@@ -4,6 +4,7 @@ data, and the loss bookkeeping of one optimizer step. The training loops themsel
 import logging
 import os
 import random
+import socket
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -75,11 +76,15 @@ def init_distributed(dist_config: DistributedConfig) -> torch.device:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    os.environ.setdefault("MASTER_ADDR", "localhost")
-    os.environ.setdefault("MASTER_PORT", str(29500 + random.Random(os.getpid()).randint(0, 9999)))
+    init_method = None
+    if "MASTER_ADDR" not in os.environ:  # plain `python`: a group of one on a free local port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     if not dist.is_initialized():
         dist.init_process_group(
             backend,
+            init_method=init_method,
             rank=dist_config.rank,
             world_size=dist_config.world_size,
             device_id=device if backend == "nccl" else None,

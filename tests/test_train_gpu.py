@@ -1,0 +1,100 @@
+"""L0_sanity with the TE model on the GPU: BF16 and every FP8 recipe the GPU runs, BSHD and THD, DDP
+and FSDP2, resume, and the final export loaded back; two-GPU runs through torchrun.
+
+    python -m pytest -m "gpu or multi_gpu" tests/test_train_gpu.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import RECIPE_DIR
+from hydra import compose, initialize_config_dir
+
+import train_ddp
+import train_fsdp2
+
+CONFIG_DIR = str(RECIPE_DIR / "hydra_config")
+GPU = ["use_te=true", "dataset.num_workers=1", "logger.frequency=10"]
+
+
+def make_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.2"):
+        return compose(config_name="L0_sanity", overrides=[*GPU, f"run_dir={tmp_path}", *overrides])
+
+
+def losses(run_dir):
+    return {m["step"]: m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def supported_recipes():
+    import transformer_engine.pytorch as te
+
+    names = []
+    if te.is_fp8_available():
+        names += ["DelayedScaling", "Float8CurrentScaling"]
+    if te.is_fp8_block_scaling_available():
+        names.append("Float8BlockScaling")
+    if te.is_mxfp8_available():
+        names.append("MXFP8BlockScaling")
+    return names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
+def test_l0_sanity_te_bf16(tmp_path, script, packing):
+    final = script.main(make_cfg(tmp_path, "num_train_steps=100", f"use_sequence_packing={packing}"))
+    assert losses(tmp_path)[1] > 4.5 and final < 1.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packing", [False, True])
+def test_l0_sanity_te_fp8_every_recipe(tmp_path, packing):
+    recipes = supported_recipes()
+    assert recipes, "a Hopper GPU runs at least DelayedScaling and Float8CurrentScaling"
+    for recipe in recipes:
+        run = tmp_path / recipe
+        overrides = ["num_train_steps=100", "fp8_config.enabled=true", f"fp8_config.fp8_recipe={recipe}"]
+        final = train_fsdp2.main(make_cfg(run, *overrides, f"use_sequence_packing={packing}"))
+        assert final < 1.5, f"{recipe}: final loss {final}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
+def test_resume_on_gpu_and_export(tmp_path, script):
+    common = ["num_train_steps=20", "use_sequence_packing=true", "fp8_config.enabled=true",
+              "checkpoint.save_every_n_steps=10", "logger.frequency=1"]  # fmt: skip
+    straight = tmp_path / "straight"
+    script.main(make_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
+    resumed = tmp_path / "resumed"
+    ckpt = f"checkpoint.ckpt_dir={resumed / 'ckpt'}"
+    script.main(make_cfg(resumed, *common, ckpt, "num_train_steps=10"))
+    script.main(make_cfg(resumed, *common, ckpt, "checkpoint.save_final_model=true"))
+    a, b = losses(straight), losses(resumed)
+    assert [b[s] for s in range(11, 21)] == [a[s] for s in range(11, 21)]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resumed / "ckpt" / "final_model", trust_remote_code=True)
+    model = model.cuda().eval()
+    ids = torch.tensor([[2] + [ord(c) for c in "ACGTACGTAC"]], device="cuda")
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < 3.0  # trained: far below ln(256) = 5.5
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("script", ["train_ddp.py", "train_fsdp2.py"])
+def test_two_gpus_fp8_thd(tmp_path, script):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+           "--config-name", "L0_sanity",
+           *GPU, "num_train_steps=60", "fp8_config.enabled=true", "use_sequence_packing=true", f"run_dir={tmp_path}",
+           f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}", "checkpoint.save_every_n_steps=30"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=RECIPE_DIR, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert losses(tmp_path)[60] < 2.0
+    assert len(list((tmp_path / "ckpt" / "step_60").glob("rank_*.pt"))) == 2
