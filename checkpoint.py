@@ -11,8 +11,10 @@ complete checkpoints are pruned to `max_checkpoints` only after a newer one is c
 """
 
 import logging
+import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,22 @@ def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
     return state
 
 
+@contextmanager
+def _trusted_te_extra_state():
+    """TE refuses to unpickle DelayedScaling's FP8 state (amax history) unless told the source is trusted.
+    These are the run's own checkpoint files, so opt in while loading them, and only then."""
+    key = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
 def _split_extra_state(model_state: dict) -> tuple[dict, dict]:
     extra = {k: v for k, v in model_state.items() if k.endswith("_extra_state")}
     return {k: v for k, v in model_state.items() if k not in extra}, extra
@@ -141,7 +159,8 @@ def load_checkpoint_ddp(path: Path, model, optimizer, scheduler, dataloader, ran
     module = model.module if hasattr(model, "module") else model
     state = torch.load(path / "model_optimizer.pt", map_location="cpu", weights_only=False)
     rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
-    module.load_state_dict({**state["model"], **rank_state["model_extra_state"]})
+    with _trusted_te_extra_state():
+        module.load_state_dict({**state["model"], **rank_state["model_extra_state"]})
     optimizer.load_state_dict(state["optimizer"])
     return rank_state["step"]
 
@@ -187,7 +206,8 @@ def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, r
     )  # fmt: skip
     rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
     if rank_state["model_extra_state"]:
-        model.load_state_dict(rank_state["model_extra_state"], strict=False)
+        with _trusted_te_extra_state():
+            model.load_state_dict(rank_state["model_extra_state"], strict=False)
     return rank_state["step"]
 
 
