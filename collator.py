@@ -214,6 +214,3 @@ class TokenPackingDataset(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state["dataset"])
         self._carry = state["carry"]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)

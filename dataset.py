@@ -69,6 +69,8 @@ def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
             "dataset.load_dataset_kwargs.path is required: a parquet file or folder, or an HF dataset name."
         )
     local = resolve_path(path)
+    # A folder of parquet files; a folder with a README.md is a local copy of an HF dataset repo, which
+    # `load_dataset(path)` reads with its own split configuration.
     if local.is_dir() and any(local.glob("**/*.parquet")) and not (local / "README.md").exists():
         kwargs.update(path="parquet", data_files=sorted(str(p) for p in local.glob("**/*.parquet")))
     elif local.is_file():
@@ -195,8 +197,9 @@ def _check_parquet_files(files: list[str]) -> None:
 
 def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Dataset | datasets.IterableDataset:
     kwargs = normalize_load_kwargs(load_dataset_kwargs)
-    if kwargs["path"] == "parquet" and isinstance(kwargs.get("data_files"), list):
-        _check_parquet_files(kwargs["data_files"])
+    checked = kwargs["path"] == "parquet" and isinstance(kwargs.get("data_files"), list)
+    if checked:
+        _check_parquet_files(kwargs["data_files"])  # also rejects an empty data set
     try:
         ds = datasets.load_dataset(**kwargs)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
@@ -212,7 +215,10 @@ def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Da
             f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column to the one "
             "holding the sequences."
         )
-    empty = len(ds) == 0 if isinstance(ds, datasets.Dataset) else next(iter(ds.take(1)), None) is None
+    if isinstance(ds, datasets.Dataset):
+        empty = len(ds) == 0
+    else:  # a remote stream: peek at one record (local parquet was checked from its footers)
+        empty = not checked and next(iter(ds.take(1)), None) is None
     if empty:
         raise ValueError(f"The data set {kwargs.get('data_files') or kwargs['path']} has no records; check the path.")
     return ds
@@ -275,9 +281,6 @@ class WindowStream(IterableDataset):
             self.epoch, self._block, self._offset, self._block_state = self.epoch + 1, 0, 0, None
             if not yielded_any and self.num_epochs is None:
                 return  # this worker has no data at all: end rather than spin
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "block": self._block, "offset": self._offset, "block_state": self._block_state}

@@ -256,8 +256,9 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         else:
             if inference is not None:
                 raise ValueError("KV-cache generation needs attn_input_format='thd'; load the model with it.")
-            if attention_mask is not None and not bool(attention_mask.all()):
-                # TE padding masks are True where attention is *not* allowed.
+            if attention_mask is not None:
+                # TE padding masks are True where attention is *not* allowed. Checking for an all-ones mask
+                # here would sync with the GPU every forward; callers leave out masks without padding.
                 layer_kwargs.update(
                     attention_mask=~attention_mask.bool()[:, None, None, :], self_attn_mask_type="padding_causal"
                 )

@@ -171,6 +171,7 @@ def test_fp8_recipes_train_close_to_bf16(hf_model, recipe):
     bf16 = _train_losses(hf_model, None)
     fp8 = _train_losses(hf_model, fp8_recipe)
     assert fp8[-1] < fp8[0] - 0.3, f"FP8 loss did not fall: {fp8}"
+    assert fp8 != bf16, "FP8 losses are bitwise BF16's: the recipe was not applied"
     assert all(abs(a - b) < 0.15 for a, b in zip(fp8, bf16)), f"bf16 {bf16}\nfp8 {fp8}"
 
 

@@ -54,6 +54,8 @@ def test_l0_sanity_te_bf16(tmp_path, script, packing):
 @pytest.mark.gpu
 @pytest.mark.parametrize("packing", [False, True])
 def test_l0_sanity_te_fp8_every_recipe(tmp_path, packing):
+    bf16 = tmp_path / "bf16"
+    train_fsdp2.main(make_cfg(bf16, "num_train_steps=10", f"use_sequence_packing={packing}"))
     recipes = supported_recipes()
     assert recipes, "a Hopper GPU runs at least DelayedScaling and Float8CurrentScaling"
     for recipe in recipes:
@@ -61,6 +63,8 @@ def test_l0_sanity_te_fp8_every_recipe(tmp_path, packing):
         overrides = ["num_train_steps=100", "fp8_config.enabled=true", f"fp8_config.fp8_recipe={recipe}"]
         final = train_fsdp2.main(make_cfg(run, *overrides, f"use_sequence_packing={packing}"))
         assert final < 1.5, f"{recipe}: final loss {final}"
+        # FP8 changes the numerics: identical losses to BF16 would mean the recipe never ran.
+        assert losses(run)[10] != losses(bf16)[10], recipe
 
 
 @pytest.mark.gpu
