@@ -83,14 +83,22 @@ def _rank_state(step: int, scheduler, dataloader, extra_model_state: dict) -> di
 
 
 def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
-    rank_file = path / f"rank_{rank}.pt"
-    if not rank_file.exists():
-        n = len(list(path.glob("rank_*.pt")))
-        raise FileNotFoundError(
-            f"{rank_file} is missing: {path} was saved by {n} ranks. Resume with the same number of ranks, or start "
-            "a new run (checkpoint.resume_from_checkpoint=false) from the exported model."
-        )
-    state = torch.load(rank_file, weights_only=False)  # our own file: holds numpy RNG state
+    """This rank's scheduler, RNG and dataloader state. A checkpoint from a different number of ranks
+    resumes too (the model and optimizer are whole or resharded by DCP), but the data streams cannot be
+    resharded: the loader then starts its stream anew, and RNG states are not restored."""
+    saved_ranks = len(list(path.glob("rank_*.pt")))
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if saved_ranks != world_size:
+        if rank == 0:
+            logger.warning(
+                "%s was saved by %d ranks and this run has %d: model, optimizer, scheduler and step are restored, "
+                "but the data loader starts its stream from the beginning and RNG states are fresh. Resume with "
+                "%d ranks to continue the exact data order.", path, saved_ranks, world_size, saved_ranks,
+            )  # fmt: skip
+        state = torch.load(path / "rank_0.pt", weights_only=False)
+        scheduler.load_state_dict(state["scheduler"])
+        return state
+    state = torch.load(path / f"rank_{rank}.pt", weights_only=False)  # our own file: holds numpy RNG state
     scheduler.load_state_dict(state["scheduler"])
     if "dataloader" in state and hasattr(dataloader, "load_state_dict"):
         dataloader.load_state_dict(state["dataloader"])

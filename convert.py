@@ -90,7 +90,7 @@ def te_config_from_hf(hf_config: LlamaConfig, **overrides) -> NVLlamaConfig:
 
 
 def hf_config_from_te(te_config: NVLlamaConfig) -> LlamaConfig:
-    drop = ("model_type", "architectures", "auto_map", "attn_input_format", "self_attn_mask_type")
+    drop = ("model_type", "architectures", "auto_map", "attn_input_format", "self_attn_mask_type", "loss_chunk_size")
     return LlamaConfig(**{k: v for k, v in te_config.to_dict().items() if k not in drop})
 
 

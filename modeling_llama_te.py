@@ -38,6 +38,8 @@ except ImportError:
     te = None
     InferenceParams = object
 
+IGNORE_INDEX = -100  # HF's label value for "no loss here" (collator.IGNORE_INDEX; this file imports no recipe code)
+
 AUTO_MAP = {
     "AutoConfig": "modeling_llama_te.NVLlamaConfig",
     "AutoModel": "modeling_llama_te.NVLlamaModel",
@@ -49,18 +51,27 @@ class NVLlamaConfig(LlamaConfig):
     """`LlamaConfig` plus how TE attention receives its input.
 
     attn_input_format: "thd" (packed sequences, also accepts padded BSHD) or "bshd".
+    loss_chunk_size: with labels, compute the LM head and the loss this many tokens at a time and
+        return no logits (`chunked_cross_entropy`); None: full logits and HF's loss.
     self_attn_mask_type: TE mask type for BSHD input with padding ("padding_causal"); unpadded
         BSHD batches use plain "causal" and THD always uses "padding_causal".
     """
 
     model_type = "nvllama"
 
-    def __init__(self, attn_input_format: str = "thd", self_attn_mask_type: str = "padding_causal", **kwargs):
+    def __init__(
+        self,
+        attn_input_format: str = "thd",
+        self_attn_mask_type: str = "padding_causal",
+        loss_chunk_size: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if attn_input_format not in ("bshd", "thd"):
             raise ValueError(f"attn_input_format must be 'bshd' or 'thd', got {attn_input_format!r}.")
         self.attn_input_format = attn_input_format
         self.self_attn_mask_type = self_attn_mask_type
+        self.loss_chunk_size = loss_chunk_size
 
 
 class HFInferenceParams(InferenceParams):
@@ -315,9 +326,55 @@ class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        num_items = kwargs.get("num_items_in_batch")
+        if labels is not None and self.config.loss_chunk_size:
+            loss = chunked_cross_entropy(hidden, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items)
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
         logits = self.lm_head(hidden)  # nn.Linear: TE's FP8 autocast never quantizes it
         loss = None
         if labels is not None:
-            num_items = kwargs.get("num_items_in_batch")
             loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, one chunk of tokens at a time.
+
+    The forward pass also computes the gradients (softmax minus one-hot), so the [tokens, vocab] logits
+    exist only one chunk at a time, in fp32, and nothing is recomputed in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            valid = y != IGNORE_INDEX
+            y = torch.where(valid, y, 0)
+            probs = (h @ weight.t()).float()
+            log_norm = torch.logsumexp(probs, dim=-1)
+            target_logit = probs.gather(1, y[:, None]).squeeze(1)
+            loss += ((log_norm - target_logit) * valid).sum()
+            probs.sub_(log_norm[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0
+            grad_logits = (probs * valid[:, None]).to(hidden.dtype)
+            grad_hidden[start : start + chunk_size] = grad_logits @ weight
+            grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+
+
+def chunked_cross_entropy(hidden, weight, labels, chunk_size: int, num_items_in_batch=None) -> torch.Tensor:
+    """HF's causal LM loss (labels shifted left, -100 ignored, sum / num_items_in_batch or mean) without ever
+    holding the full logits: for a 128k vocabulary those are 1 GiB of fp32 per 2k tokens, plus their gradient."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size)
+    denominator = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    return loss / denominator

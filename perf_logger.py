@@ -61,10 +61,21 @@ class PerfLogger:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.tokens = torch.zeros((), device=self.device, dtype=torch.float64)  # real (label) tokens, all ranks
         self.padded_tokens = 0  # input tokens incl. padding, this rank
+        self.data_wait_s = 0.0  # time the loop blocked waiting for the next batches, this rank
         self.steps = 0
         self.window_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_wait_s += seconds
+
+    def log_event(self, **values) -> None:
+        """A one-off record (e.g. a checkpoint's save time) in metrics.jsonl and the log, rank 0."""
+        if self.is_main:
+            tqdm.write(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(values) + "\n")
 
     def log_step(self, step: int, loss_sum, num_tokens, padded_tokens: int, grad_norm, lr: float, force=False):
         """`loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count.
@@ -88,6 +99,8 @@ class PerfLogger:
             "step_time_s": elapsed / self.steps,
             "tokens_per_s_per_gpu": self.padded_tokens / elapsed,
             "real_tokens_per_s_per_gpu": real_tokens / self.world_size / elapsed,
+            # An upper bound on data stalls: the GPU may still be busy with queued work while the loop waits.
+            "data_wait_fraction": self.data_wait_s / elapsed,
         }
         if self.peak:
             metrics["mfu"] = metrics["tokens_per_s_per_gpu"] * self.flops_per_token / self.peak

@@ -13,6 +13,7 @@ only the lines that differ between the two strategies.
 
 import logging
 import signal
+import time
 from contextlib import nullcontext
 
 import hydra
@@ -111,7 +112,9 @@ def main(cfg: DictConfig) -> float:
     last_loss = float("nan")
     model.train()
     while step < cfg.num_train_steps:
+        wait_start = time.perf_counter()
         micro_batches = [to_device(next(batches), device) for _ in range(cfg.grad_acc_steps)]
+        perf.add_data_wait(time.perf_counter() - wait_start)
         num_tokens = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches).double())
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
@@ -135,7 +138,9 @@ def main(cfg: DictConfig) -> float:
                                 force=stop or step == cfg.num_train_steps)  # fmt: skip
         last_loss = metrics["loss"] if metrics else last_loss
         if ckpt_dir and (step % cfg.checkpoint.save_every_n_steps == 0 or stop):
+            save_start = time.perf_counter()
             save(step)
+            perf.log_event(step=step, checkpoint_save_s=time.perf_counter() - save_start)
         if stop:
             logger.warning("Stop signal received: saved step %d, exiting.", step)
             break

@@ -101,15 +101,23 @@ def seed_everything(seed: int) -> None:
 def build_model_config(cfg: DictConfig, use_te: bool):
     path = resolve_path(cfg.config_name_or_path)
     kwargs = OmegaConf.to_container(cfg.config_kwargs, resolve=True)
-    # TE trains in bf16 parameters unless FSDP2 keeps fp32 master weights; the CPU reference runs in fp32.
-    kwargs.setdefault("dtype", torch.bfloat16 if use_te and not cfg.fp32_master_weights else torch.float32)
+    # Parameters are bf16 on GPUs (TE or the HF reference) unless FSDP2 keeps fp32 master weights; fp32 on CPUs.
+    bf16 = torch.cuda.is_available() and not cfg.fp32_master_weights
+    kwargs.setdefault("dtype", torch.bfloat16 if bf16 else torch.float32)
     hf_config = AutoConfig.from_pretrained(str(path) if path.exists() else cfg.config_name_or_path, **kwargs)
     if not use_te:
+        if cfg.loss_chunk_size:
+            logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
+                           cfg.loss_chunk_size)  # fmt: skip
         hf_config._attn_implementation = "sdpa"
         return hf_config
     from convert import te_config_from_hf
 
-    return te_config_from_hf(hf_config, attn_input_format="thd" if cfg.use_sequence_packing else "bshd")
+    return te_config_from_hf(
+        hf_config,
+        attn_input_format="thd" if cfg.use_sequence_packing else "bshd",
+        loss_chunk_size=cfg.loss_chunk_size,
+    )
 
 
 def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: bool):

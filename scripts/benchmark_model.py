@@ -33,6 +33,7 @@ def parse_args():
     p.add_argument("--recipes", default="none,DelayedScaling,Float8CurrentScaling")
     p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM (sdpa)")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--profile", action="store_true", help="also print where each row's GPU time goes")
     return p.parse_args()
 
 
@@ -101,6 +102,37 @@ def time_steps(step, steps, warmup):
     return (time.perf_counter() - start) / steps
 
 
+# GPU kernel name fragments -> category, first match wins (cuBLAS/cuDNN/TE kernel names).
+KERNEL_CATEGORIES = [
+    ("attention", ("fmha", "flash", "attn", "cudnn_generated", "sm90_xmma_warpspecialized_fprop_fmha")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas")),
+    ("fp8 cast/amax", ("cast", "quantize", "amax", "scale", "transpose")),
+    ("norm", ("rmsnorm", "norm")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("loss/softmax", ("softmax", "cross_entropy", "log_softmax", "nll")),
+    ("rope", ("rope", "rotary")),
+]
+
+
+def profile_breakdown(step, steps: int = 3) -> dict[str, float]:
+    """Fraction of GPU kernel time by category over `steps` steps, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type.name != "CUDA":
+            continue
+        name = event.key.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        totals[category] = totals.get(category, 0.0) + event.self_device_time_total
+    total = sum(totals.values()) or 1.0
+    return {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def main():
     args = parse_args()
     import transformer_engine.pytorch as te
@@ -159,6 +191,9 @@ def main():
                 "precision": "bf16" if recipe is None else recipe_name, "model": kind, "step_ms": seconds * 1e3,
                 "tokens_per_s": tokens / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             })  # fmt: skip
+            if args.profile:
+                rows[-1]["gpu_time"] = profile_breakdown(step)
+                print(rows[-1]["precision"], kind, " ".join(f"{k} {v:.1%}" for k, v in rows[-1]["gpu_time"].items()))
             del model, optimizer, step
             torch.cuda.empty_cache()
 

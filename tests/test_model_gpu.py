@@ -102,6 +102,24 @@ def test_thd_packed_equals_sequences_one_by_one(hf_model):
     assert abs(loss - expected / sum(len(s) - 1 for s in seqs)) < 0.01
 
 
+def test_chunked_loss_matches_full_logits_loss(hf_model):
+    """`loss_chunk_size` (no [tokens, vocab] logits) gives HF's loss and the same gradients, in BF16."""
+    from collator import ThdCollator
+
+    batch = ThdCollator(pad_token_id=1)([{"input_ids": s.numpy()} for s in sequences()])
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    results = []
+    for chunk in (None, 64):
+        model = te_from_hf(hf_model, attn_input_format="thd", loss_chunk_size=chunk).train()
+        out = model(**batch, num_items_in_batch=torch.tensor(200.0, device="cuda"))
+        out.loss.backward()
+        assert (out.logits is None) == (chunk is not None)
+        results.append((out.loss.item(), model.lm_head.weight.grad.float()))
+    (full_loss, full_grad), (chunk_loss, chunk_grad) = results
+    assert abs(full_loss - chunk_loss) < 1e-3 * full_loss
+    assert_close_logits(chunk_grad, full_grad)  # same cosine / relative-difference bounds as the logits
+
+
 @torch.no_grad()
 def test_thd_with_padding_between_sequences(hf_model):
     from collator import ThdCollator

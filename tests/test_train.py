@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 from conftest import RECIPE_DIR
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 
 import train_ddp
 import train_fsdp2
@@ -35,7 +37,7 @@ def make_cfg(tmp_path, *overrides, name="L0_sanity"):
 
 def losses(run_dir) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (RECIPE_DIR / "hydra_config").glob("*.yaml")))
@@ -121,6 +123,21 @@ def test_torchrun_two_processes_on_gloo(tmp_path, script):
     assert len(losses(tmp_path)) == 4
     assert {p.name for p in (tmp_path / "ckpt" / "step_4").glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
     assert (tmp_path / "ckpt" / "final_model" / "config.json").exists()
+
+    # The same checkpoint resumed by one process: weights and optimizer state load whole (DDP) or
+    # resharded (FSDP2 DCP); the data stream restarts, with a warning. No step runs (num_train_steps=4),
+    # so the export must equal the 2-process one exactly.
+    one = tmp_path / "one_rank"
+    single = [sys.executable, script, "--config-name", "L0_sanity", *FAST, "num_train_steps=4", f"run_dir={one}",
+              f"checkpoint.ckpt_dir={one / 'ckpt'}", "checkpoint.save_final_model=true"]  # fmt: skip
+    shutil.copytree(tmp_path / "ckpt" / "step_4", one / "ckpt" / "step_4")
+    result = subprocess.run(single, cwd=RECIPE_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "was saved by 2 ranks and this run has 1" in result.stderr
+    two_ranks = load_file(tmp_path / "ckpt" / "final_model" / "model.safetensors")
+    one_rank = load_file(one / "ckpt" / "final_model" / "model.safetensors")
+    assert two_ranks.keys() == one_rank.keys()
+    assert all(torch.equal(two_ranks[k], one_rank[k]) for k in two_ranks)
 
 
 def test_fsdp2_async_save_resumes_identically(tmp_path):

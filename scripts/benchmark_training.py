@@ -1,0 +1,321 @@
+"""Training speed, side by side in one run: the recipe's real training step (data loader, loop, FSDP2 or
+DDP, fused AdamW) for every row below, on the GPUs of this machine.
+
+    python scripts/benchmark_training.py                              # every row that fits the GPUs here
+    python scripts/benchmark_training.py --groups model,lingua        # some groups only
+    python scripts/benchmark_training.py --plot-only benchmarks/results.json
+
+Each row is a `torchrun train_*.py --config-name L1_genomic_1b` run (Llama-3.2-1B body, vocab 256,
+8192-token windows of the bundled DNA) with the overrides listed in ROWS. Rows run concurrently when
+GPUs are free (each on its own GPUs). A row's numbers are the mean of its log windows after
+`--warmup` steps, read from its `metrics.jsonl`: tokens/s/GPU (padded: every input token; real:
+prediction targets only), MFU (6N + 12 L H D S per token, torchtitan's convention, over the dense
+BF16 peak of 989 TFLOP/s; FP8 rows are thus "BF16-equivalent"), step time, peak memory, the fraction
+of wall time the loop waited for data, and the checkpoint save time where the row saves one.
+
+Writes `results.json`, `results.md` (the table and the target ratios) and PNG plots to `--out`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parents[1]
+THD = "use_sequence_packing=true"
+BSHD = "use_sequence_packing=false"
+BF16 = "fp8_config.enabled=false"
+
+
+def fp8(recipe: str) -> str:
+    return f"fp8_config.enabled=true fp8_config.fp8_recipe=transformer_engine.common.recipe.{recipe}"
+
+
+def scaling_rows():
+    rows = []
+    for gpus in (1, 2, 4, 8):
+        for strategy in ("fsdp2", "ddp"):
+            for precision, flags in (("BF16", BF16), ("FP8 current", fp8("Float8CurrentScaling"))):
+                rows.append(dict(group="scaling", name=f"{strategy} {precision} {gpus} GPU", script=strategy,
+                                 gpus=gpus, precision=precision, format="THD", overrides=f"{THD} {flags}",
+                                 save_checkpoint=True))  # fmt: skip
+    return rows
+
+
+# group, name, entrypoint, GPUs, overrides (on top of L1_genomic_1b)
+ROWS = [
+    dict(group="model", name="HF BF16 BSHD", precision="BF16", format="BSHD", overrides=f"use_te=false {BSHD} {BF16}"),
+    dict(group="model", name="TE BF16 BSHD", precision="BF16", format="BSHD", overrides=f"{BSHD} {BF16}"),
+    dict(
+        group="model",
+        name="TE FP8 delayed BSHD",
+        precision="FP8 delayed",
+        format="BSHD",
+        overrides=f"{BSHD} {fp8('DelayedScaling')}",
+    ),
+    dict(
+        group="model",
+        name="TE FP8 current BSHD",
+        precision="FP8 current",
+        format="BSHD",
+        overrides=f"{BSHD} {fp8('Float8CurrentScaling')}",
+    ),
+    dict(group="model", name="TE BF16 THD", precision="BF16", format="THD", overrides=f"{THD} {BF16}"),
+    dict(
+        group="model",
+        name="TE FP8 delayed THD",
+        precision="FP8 delayed",
+        format="THD",
+        overrides=f"{THD} {fp8('DelayedScaling')}",
+    ),
+    dict(
+        group="model",
+        name="TE FP8 current THD",
+        precision="FP8 current",
+        format="THD",
+        overrides=f"{THD} {fp8('Float8CurrentScaling')}",
+    ),
+    dict(
+        group="model",
+        name="TE FP8 block THD",
+        precision="FP8 block",
+        format="THD",
+        overrides=f"{THD} {fp8('Float8BlockScaling')}",
+    ),
+    # Lingua 1B shape (vocab 128256, 4 x 4096 tokens): HF's loss on full fp32 logits vs the chunked loss.
+    # The tokens are DNA (ids < 256); the LM head's cost does not depend on which ids they are.
+    dict(
+        group="lingua",
+        name="Lingua BF16 full logits",
+        precision="BF16",
+        format="THD",
+        overrides=f"config_name_or_path=./model_configs/lingua-1B {THD} {BF16} dataset.micro_batch_size=4 "
+        "dataset.max_seq_length=4096 loss_chunk_size=null",
+    ),
+    dict(
+        group="lingua",
+        name="Lingua BF16 chunked loss",
+        precision="BF16",
+        format="THD",
+        overrides=f"config_name_or_path=./model_configs/lingua-1B {THD} {BF16} dataset.micro_batch_size=4 "
+        "dataset.max_seq_length=4096 loss_chunk_size=4096",
+    ),
+    *scaling_rows(),
+]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--groups", default="model,lingua,scaling")
+    p.add_argument("--config-name", default="L1_genomic_1b")
+    p.add_argument("--overrides", default="", help="extra key=value overrides for every row")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the averages")
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
+    p.add_argument("--work-dir", default="/tmp/benchmark_training", help="run folders and checkpoints")
+    p.add_argument("--out", default=str(RECIPE_DIR / "benchmarks"))
+    p.add_argument("--plot-only", default=None, help="re-plot an existing results.json")
+    return p.parse_args()
+
+
+def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
+    run_dir = work / row["name"].replace(" ", "_")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = row["overrides"].split() + [
+        f"num_train_steps={args.steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
+        "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
+    ]  # fmt: skip
+    if row.get("save_checkpoint"):  # one save, at the last step
+        overrides += [f"checkpoint.ckpt_dir={run_dir / 'ckpt'}", f"checkpoint.save_every_n_steps={args.steps}",
+                      "checkpoint.max_checkpoints=1"]  # fmt: skip
+    script = "train_ddp.py" if row.get("script") == "ddp" else "train_fsdp2.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpu_ids)}",
+               script, "--config-name", args.config_name, *overrides]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))}
+    log = (run_dir / "stdout.log").open("w")
+    return subprocess.Popen(command, cwd=RECIPE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
+        run_dir / "metrics.jsonl").exists() else []  # fmt: skip
+    windows = [m for m in lines if "tokens_per_s_per_gpu" in m]
+    measured = [m for m in windows if m["step"] > warmup]
+    if not measured:
+        return {**row, "error": (run_dir / "stdout.log").read_text()[-2000:]}
+
+    def mean(key):
+        values = [m[key] for m in measured if m.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    saves = [m["checkpoint_save_s"] for m in lines if "checkpoint_save_s" in m]
+    return {
+        **row,
+        "tokens_per_s_per_gpu": mean("tokens_per_s_per_gpu"),
+        "real_tokens_per_s_per_gpu": mean("real_tokens_per_s_per_gpu"),
+        "mfu": mean("mfu"),
+        "step_time_s": mean("step_time_s"),
+        "peak_memory_gib": max(m.get("peak_memory_gib") or 0 for m in windows),
+        "data_wait_fraction": mean("data_wait_fraction"),
+        "checkpoint_save_s": saves[-1] if saves else None,
+        "loss_curve": [(m["step"], m["loss"]) for m in windows],
+    }
+
+
+def run_all(rows: list[dict], num_gpus: int, args) -> list[dict]:
+    """Start each row as soon as enough GPUs are free; larger rows first so they are not starved."""
+    work = Path(args.work_dir)
+    pending = sorted(rows, key=lambda r: -r["gpus"])
+    free, running, results = list(range(num_gpus)), [], []
+    while pending or running:
+        for row in list(pending):
+            if row["gpus"] <= len(free):
+                gpu_ids, free = free[: row["gpus"]], free[row["gpus"] :]
+                running.append((launch(row, gpu_ids, args, work), row, gpu_ids))
+                pending.remove(row)
+                print(f"started {row['name']} on GPUs {gpu_ids}", flush=True)
+        for proc, row, gpu_ids in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, row, gpu_ids))
+                free += gpu_ids
+                result = summarize(row, work / row["name"].replace(" ", "_"), args.warmup)
+                status = (
+                    "FAILED (see error)" if "error" in result else f"{result['tokens_per_s_per_gpu']:.0f} tok/s/GPU"
+                )
+                print(f"finished {row['name']}: {status}", flush=True)
+                results.append(result)
+        time.sleep(1)
+    order = {r["name"]: i for i, r in enumerate(ROWS)}
+    return sorted(results, key=lambda r: order[r["name"]])
+
+
+def find(results, name):
+    return next((r for r in results if r["name"] == name and "error" not in r), None)
+
+
+def ratio(results, numerator: str, denominator: str, key="tokens_per_s_per_gpu", scale=1):
+    a, b = find(results, numerator), find(results, denominator)
+    return a[key] * scale / b[key] if a and b else None
+
+
+def targets(results) -> list[tuple[str, float | None, float]]:
+    """(what, measured, target) for each of the recipe's speed targets."""
+    best_fp8_bshd = max(
+        (r for r in results if r["group"] == "model" and r["format"] == "BSHD" and "FP8" in r["precision"]
+         and "error" not in r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)  # fmt: skip
+    model_rows = [r for r in results if r["group"] in ("model", "scaling") and "error" not in r]
+    rows = [
+        ("TE BF16 / HF tokens/s (BSHD)", ratio(results, "TE BF16 BSHD", "HF BF16 BSHD"), 1.25),
+        (f"TE FP8 ({best_fp8_bshd['precision'] if best_fp8_bshd else '-'}) / HF tokens/s (BSHD)",
+         ratio(results, best_fp8_bshd["name"], "HF BF16 BSHD") if best_fp8_bshd else None, 1.6),
+        ("TE BF16 BSHD MFU", (find(results, "TE BF16 BSHD") or {}).get("mfu"), 0.60),
+        ("TE FP8 best MFU (BF16-equivalent)",
+         max((r["mfu"] for r in model_rows if "FP8" in r["precision"] and r.get("mfu")), default=None), 0.76),
+        ("THD / BSHD real tokens/s (BF16)",
+         ratio(results, "TE BF16 THD", "TE BF16 BSHD", key="real_tokens_per_s_per_gpu"), 1.7),
+        ("FSDP2 2 GPUs / 1 GPU tokens/s (FP8 current)",
+         ratio(results, "fsdp2 FP8 current 2 GPU", "fsdp2 FP8 current 1 GPU", scale=2), 1.9),
+        ("FSDP2 8 GPUs / 1 GPU per-GPU efficiency (FP8 current)",
+         ratio(results, "fsdp2 FP8 current 8 GPU", "fsdp2 FP8 current 1 GPU"), 0.9),
+        ("data-loader wait, worst row (fraction of step time)",
+         max((r["data_wait_fraction"] for r in model_rows if r.get("data_wait_fraction") is not None),
+             default=None), 0.02),
+    ]  # fmt: skip
+    return rows
+
+
+def markdown(results, notes: str) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    out = [notes, "", "| row | GPUs | tokens/s/GPU | real tokens/s/GPU | MFU | step time (ms) | peak memory (GiB) "
+           "| data wait | checkpoint save (s) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        if "error" in r:
+            out.append(f"| {r['name']} | {r['gpus']} | failed | | | | | | |")
+            continue
+        out.append(
+            f"| {r['name']} | {r['gpus']} | {fmt(r['tokens_per_s_per_gpu'], ',.0f')} | "
+            f"{fmt(r['real_tokens_per_s_per_gpu'], ',.0f')} | {fmt(r['mfu'], '.1%')} | "
+            f"{fmt(r['step_time_s'] * 1000, '.0f')} | {fmt(r['peak_memory_gib'], '.1f')} | "
+            f"{fmt(r['data_wait_fraction'], '.2%')} | {fmt(r['checkpoint_save_s'], '.1f')} |"
+        )
+    out += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for what, measured, goal in targets(results):
+        lower_is_better = "wait" in what
+        met = None if measured is None else (measured <= goal if lower_is_better else measured >= goal)
+        out.append(f"| {what} | {fmt(measured, '.3f')} | {'<=' if lower_is_better else '>='} {goal} | "
+                   f"{'-' if met is None else 'yes' if met else 'no'} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def plot(results, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    for group, title in (("model", "1 H200, Llama-3.2-1B body, 8k windows"),
+                         ("scaling", "THD, FP8 current / BF16, per GPU")):  # fmt: skip
+        rows = [r for r in ok if r["group"] == group]
+        if not rows:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.5))
+        names = [r["name"] for r in rows]
+        axes[0].barh(names, [r["tokens_per_s_per_gpu"] / 1e3 for r in rows], label="padded")
+        axes[0].barh(names, [r["real_tokens_per_s_per_gpu"] / 1e3 for r in rows], label="real", alpha=0.7)
+        axes[0].set_xlabel("thousand tokens/s/GPU")
+        axes[0].legend()
+        axes[0].invert_yaxis()
+        axes[1].barh(names, [r["step_time_s"] * 1e3 for r in rows], color="gray")
+        axes[1].set_xlabel("step time (ms)")
+        axes[1].set_yticks([])
+        axes[1].invert_yaxis()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / f"throughput_{group}.png", dpi=80)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in ok:
+        if r["group"] == "model":
+            steps, losses = zip(*r["loss_curve"])
+            ax.plot(steps, losses, label=r["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.set_title("Training loss, 1 GPU, same data order")
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=80)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text())["rows"], out)
+        return
+    import torch
+
+    num_gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
+    groups = args.groups.split(",")
+    rows = [{"gpus": 1, "script": "fsdp2", **r} for r in ROWS if r["group"] in groups]
+    skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
+    results = run_all([r for r in rows if r["gpus"] <= num_gpus], num_gpus, args)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    notes = (f"{num_gpus} x {device}; `{' '.join(sys.argv)}`; {args.steps} steps per row, means after step "
+             f"{args.warmup}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
+    (out / "results.json").write_text(json.dumps({"notes": notes, "rows": results}, indent=1))
+    (out / "results.md").write_text(markdown(results, notes))
+    print(markdown(results, notes))
+    plot(results, out)
+
+
+if __name__ == "__main__":
+    main()
