@@ -119,6 +119,9 @@ def parse_args():
     p.add_argument("--work-dir", default="/tmp/benchmark_training", help="run folders and checkpoints")
     p.add_argument("--out", default=str(RECIPE_DIR / "benchmarks"))
     p.add_argument("--plot-only", default=None, help="re-plot an existing results.json")
+    p.add_argument(
+        "--append", action="store_true", help="merge into --out's results.json (rows run now replace theirs)"
+    )
     return p.parse_args()
 
 
@@ -311,6 +314,14 @@ def main():
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     notes = (f"{num_gpus} x {device}; `{' '.join(sys.argv)}`; {args.steps} steps per row, means after step "
              f"{args.warmup}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
+    if args.append and (out / "results.json").exists():  # e.g. one invocation per machine size
+        previous = json.loads((out / "results.json").read_text())
+        fresh = {r["name"] for r in results}
+        order = {r["name"]: i for i, r in enumerate(ROWS)}
+        results = sorted(
+            [r for r in previous["rows"] if r["name"] not in fresh] + results, key=lambda r: order[r["name"]]
+        )
+        notes = f"{previous['notes']}<br>{notes}"
     (out / "results.json").write_text(json.dumps({"notes": notes, "rows": results}, indent=1))
     (out / "results.md").write_text(markdown(results, notes))
     print(markdown(results, notes))
