@@ -129,7 +129,7 @@ def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: b
         with torch.device("meta") if on_meta else nullcontext():
             model = NVLlamaForCausalLM(config)
     else:
-        model = LlamaForCausalLM(config).to(device)
+        model = LlamaForCausalLM(config).to(device, dtype=config.dtype)  # the constructor ignores config.dtype
     if cfg.use_gradient_checkpointing:
         if use_te:
             _te_activation_checkpointing(model)

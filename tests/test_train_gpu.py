@@ -27,7 +27,8 @@ def make_cfg(tmp_path, *overrides):
 
 
 def losses(run_dir):
-    return {m["step"]: m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
 
 
 def supported_recipes():
