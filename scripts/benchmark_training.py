@@ -117,6 +117,7 @@ ROWS = [
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", default="model,lingua,scaling")
+    p.add_argument("--only", default=None, help="comma-separated row names to run (within --groups)")
     p.add_argument("--config-name", default="L1_genomic_1b")
     p.add_argument("--overrides", default="", help="extra key=value overrides for every row")
     p.add_argument("--steps", type=int, default=50)
@@ -320,6 +321,8 @@ def main():
     num_gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     groups = args.groups.split(",")
     rows = [{"gpus": 1, "script": "fsdp2", **r} for r in ROWS if r["group"] in groups]
+    if args.only:
+        rows = [r for r in rows if r["name"] in args.only.split(",")]
     skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
     results = run_all([r for r in rows if r["gpus"] <= num_gpus], num_gpus, args)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
