@@ -34,82 +34,41 @@ def fp8(recipe: str) -> str:
     return f"fp8_config.enabled=true fp8_config.fp8_recipe=transformer_engine.common.recipe.{recipe}"
 
 
+LINGUA = (
+    "config_name_or_path=./model_configs/lingua-1B config_kwargs.vocab_size=128256 "
+    "dataset.micro_batch_size=4 dataset.max_seq_length=4096"
+)
+
+
+def row(group, name, precision, fmt, overrides, gpus=1, script="fsdp2", save_checkpoint=False) -> dict:
+    return dict(group=group, name=name, precision=precision, format=fmt, overrides=overrides, gpus=gpus,
+                script=script, save_checkpoint=save_checkpoint)  # fmt: skip
+
+
 def scaling_rows():
-    rows = []
-    for gpus in (1, 2, 4, 8):
-        for strategy in ("fsdp2", "ddp"):
-            for precision, flags in (("BF16", BF16), ("FP8 current", fp8("Float8CurrentScaling"))):
-                rows.append(dict(group="scaling", name=f"{strategy} {precision} {gpus} GPU", script=strategy,
-                                 gpus=gpus, precision=precision, format="THD", overrides=f"{THD} {flags}",
-                                 save_checkpoint=True))  # fmt: skip
-    return rows
+    """FSDP2 and DDP, BF16 and FP8, 1 to 8 GPUs, each saving one checkpoint at its last step."""
+    return [
+        row("scaling", f"{script} {precision} {gpus} GPU", precision, "THD", f"{THD} {flags}", gpus, script, True)
+        for gpus in (1, 2, 4, 8)
+        for script in ("fsdp2", "ddp")
+        for precision, flags in (("BF16", BF16), ("FP8 current", fp8("Float8CurrentScaling")))
+    ]
 
 
-# group, name, entrypoint, GPUs, overrides (on top of L1_genomic_1b)
+# Overrides are on top of `--config-name` (L1_genomic_1b).
 ROWS = [
-    dict(group="model", name="HF BF16 BSHD", precision="BF16", format="BSHD", overrides=f"use_te=false {BSHD} {BF16}"),
-    dict(group="model", name="TE BF16 BSHD", precision="BF16", format="BSHD", overrides=f"{BSHD} {BF16}"),
-    dict(
-        group="model",
-        name="TE FP8 delayed BSHD",
-        precision="FP8 delayed",
-        format="BSHD",
-        overrides=f"{BSHD} {fp8('DelayedScaling')}",
-    ),
-    dict(
-        group="model",
-        name="TE FP8 current BSHD",
-        precision="FP8 current",
-        format="BSHD",
-        overrides=f"{BSHD} {fp8('Float8CurrentScaling')}",
-    ),
-    dict(
-        group="model",
-        name="TE FP8 delayed + FP8 attention BSHD",
-        precision="FP8 delayed",
-        format="BSHD",
-        overrides=f"{BSHD} {fp8('DelayedScaling')} fp8_config.fp8_recipe_kwargs={{fp8_dpa:true}}",
-    ),
-    dict(group="model", name="TE BF16 THD", precision="BF16", format="THD", overrides=f"{THD} {BF16}"),
-    dict(
-        group="model",
-        name="TE FP8 delayed THD",
-        precision="FP8 delayed",
-        format="THD",
-        overrides=f"{THD} {fp8('DelayedScaling')}",
-    ),
-    dict(
-        group="model",
-        name="TE FP8 current THD",
-        precision="FP8 current",
-        format="THD",
-        overrides=f"{THD} {fp8('Float8CurrentScaling')}",
-    ),
-    dict(
-        group="model",
-        name="TE FP8 block THD",
-        precision="FP8 block",
-        format="THD",
-        overrides=f"{THD} {fp8('Float8BlockScaling')}",
-    ),
+    row("model", "HF BF16 BSHD", "BF16", "BSHD", f"use_te=false {BSHD} {BF16}"),
+    row("model", "TE BF16 BSHD", "BF16", "BSHD", f"{BSHD} {BF16}"),
+    row("model", "TE FP8 delayed BSHD", "FP8 delayed", "BSHD", f"{BSHD} {fp8('DelayedScaling')}"),
+    row("model", "TE FP8 current BSHD", "FP8 current", "BSHD", f"{BSHD} {fp8('Float8CurrentScaling')}"),
+    row("model", "TE BF16 THD", "BF16", "THD", f"{THD} {BF16}"),
+    row("model", "TE FP8 delayed THD", "FP8 delayed", "THD", f"{THD} {fp8('DelayedScaling')}"),
+    row("model", "TE FP8 current THD", "FP8 current", "THD", f"{THD} {fp8('Float8CurrentScaling')}"),
+    row("model", "TE FP8 block THD", "FP8 block", "THD", f"{THD} {fp8('Float8BlockScaling')}"),
     # Lingua 1B shape (vocab 128256, 4 x 4096 tokens): HF's loss on full fp32 logits vs the chunked loss.
     # The tokens are DNA (ids < 256); the LM head's cost does not depend on which ids they are.
-    dict(
-        group="lingua",
-        name="Lingua BF16 full logits",
-        precision="BF16",
-        format="THD",
-        overrides=f"config_name_or_path=./model_configs/lingua-1B {THD} {BF16} dataset.micro_batch_size=4 "
-        "dataset.max_seq_length=4096 loss_chunk_size=null",
-    ),
-    dict(
-        group="lingua",
-        name="Lingua BF16 chunked loss",
-        precision="BF16",
-        format="THD",
-        overrides=f"config_name_or_path=./model_configs/lingua-1B {THD} {BF16} dataset.micro_batch_size=4 "
-        "dataset.max_seq_length=4096 loss_chunk_size=4096",
-    ),
+    row("lingua", "Lingua BF16 full logits", "BF16", "THD", f"{LINGUA} {THD} {BF16} loss_chunk_size=null"),
+    row("lingua", "Lingua BF16 chunked loss", "BF16", "THD", f"{LINGUA} {THD} {BF16} loss_chunk_size=4096"),
     *scaling_rows(),
 ]
 
@@ -158,7 +117,7 @@ def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
     measured = [m for m in windows if m["step"] > warmup]
     if not measured:
         log = (run_dir / "stdout.log").read_text()
-        start = log.find("Traceback")  # the first rank's own error, not torchrun's summary
+        start = max(log.find("Error executing job"), log.find("Traceback"))  # Hydra's report, else a traceback
         return {**row, "error": log[start : start + 3000] if start >= 0 else log[-3000:]}
 
     def mean(key):
@@ -320,7 +279,7 @@ def main():
 
     num_gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     groups = args.groups.split(",")
-    rows = [{"gpus": 1, "script": "fsdp2", **r} for r in ROWS if r["group"] in groups]
+    rows = [r for r in ROWS if r["group"] in groups]
     if args.only:
         rows = [r for r in rows if r["name"] in args.only.split(",")]
     skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
