@@ -214,3 +214,50 @@ class TokenPackingDataset(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state["dataset"])
         self._carry = state["carry"]
+
+
+def cp_shard_indices(cu_seq_lens_padded: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:
+    """Positions of a packed row that context-parallel rank `cp_rank` keeps.
+
+    Each sequence (padded to a multiple of 2 x cp_size) is cut into 2 x cp_size equal chunks and the
+    rank takes chunks `cp_rank` and `2 x cp_size - 1 - cp_rank`: one early and one late chunk, so that
+    every rank does the same share of causal attention work. This is the layout TE's context-parallel
+    attention expects (its "dual chunk swap" load balancing).
+    """
+    pieces = []
+    for start, end in zip(cu_seq_lens_padded[:-1].tolist(), cu_seq_lens_padded[1:].tolist()):
+        if (end - start) % (2 * cp_size):
+            raise ValueError(
+                f"A sequence of {end - start} tokens cannot be split into 2 x cp_size = {2 * cp_size} equal chunks; "
+                "pad sequences to a multiple of it (ThdCollator(pad_sequences_to_be_divisible_by=...))."
+            )
+        chunk = (end - start) // (2 * cp_size)
+        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            pieces.append(np.arange(start + c * chunk, start + (c + 1) * chunk))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def shard_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
+    """This context-parallel rank's part of a BSHD or THD batch (every rank of the group gets the same batch).
+
+    Labels are shifted *before* sharding: `shift_labels[t]` is the target of position t, so the target of
+    the last token of a chunk (the first token of the next chunk, which may live on another rank) is
+    kept. THD batches keep the global `cu_seq_lens_*` and `max_length_*`: TE divides them by cp_size
+    itself. BSHD batches drop the padding mask: with right padding and a causal mask no real token
+    ever attends to a pad, so plain causal attention is exact.
+    """
+    labels = batch["labels"]
+    shift_labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    if "cu_seq_lens_q_padded" in batch:  # THD
+        bounds = batch["cu_seq_lens_q_padded"].numpy()
+    elif "cu_seq_lens_q" in batch:
+        bounds = batch["cu_seq_lens_q"].numpy()
+    else:  # BSHD: every row is one sequence of the same length
+        bounds = np.array([0, labels.shape[1]])
+    index = torch.from_numpy(cp_shard_indices(bounds, cp_size, cp_rank))
+    sharded = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
+    for key in ("input_ids", "position_ids"):
+        if key in batch:
+            sharded[key] = batch[key][:, index]
+    sharded["shift_labels"] = shift_labels[:, index]
+    return sharded

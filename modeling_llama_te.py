@@ -206,7 +206,15 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         )
         self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(config)
+        self.cp_size = 1
         self.post_init()
+
+    def set_context_parallel_group(self, cp_group, cp_global_ranks: list[int], cp_stream, cp_comm_type: str = "p2p"):
+        """Context parallelism: every layer's attention exchanges keys and values with the other ranks of
+        `cp_group`. Each rank then gets its part of every sequence (`collator.shard_batch_for_cp`)."""
+        for layer in self.layers:
+            layer.set_context_parallel_group(cp_group, cp_global_ranks, cp_stream, cp_comm_type)
+        self.cp_size = len(cp_global_ranks)
 
     def forward(
         self,
@@ -275,7 +283,7 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
                 )
             else:
                 layer_kwargs.update(self_attn_mask_type="causal")
-            rope_length = seq_len
+            rope_length = seq_len * self.cp_size  # with CP, this rank holds 1/cp_size of each sequence
 
         rope = self.rotary_emb(rope_length, hidden.device)
         for layer in self.layers:
@@ -327,13 +335,19 @@ class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         num_items = kwargs.get("num_items_in_batch")
-        if labels is not None and self.config.loss_chunk_size:
-            loss = chunked_cross_entropy(hidden, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items)
+        shift_labels = kwargs.get("shift_labels")  # targets already shifted (context parallelism shards them)
+        has_targets = labels is not None or shift_labels is not None
+        if has_targets and self.config.loss_chunk_size:
+            loss = chunked_cross_entropy(
+                hidden, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items, shift_labels
+            )
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
         logits = self.lm_head(hidden)  # nn.Linear: TE's FP8 autocast never quantizes it
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items)
+        if has_targets:
+            loss = self.loss_function(
+                logits, labels, self.config.vocab_size, num_items_in_batch=num_items, shift_labels=shift_labels
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
@@ -371,10 +385,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
 
 
-def chunked_cross_entropy(hidden, weight, labels, chunk_size: int, num_items_in_batch=None) -> torch.Tensor:
-    """HF's causal LM loss (labels shifted left, -100 ignored, sum / num_items_in_batch or mean) without ever
-    holding the full logits: for a 128k vocabulary those are 1 GiB of fp32 per 2k tokens, plus their gradient."""
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+def chunked_cross_entropy(
+    hidden, weight, labels, chunk_size: int, num_items_in_batch=None, shift_labels=None
+) -> torch.Tensor:
+    """HF's causal LM loss (labels shifted left, or `shift_labels` as given; -100 ignored; sum / num_items_in_batch
+    or mean) without ever holding the full logits: for a 128k vocabulary those are 1 GiB of fp32 per 2k tokens,
+    plus their gradient."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    targets = shift_labels.reshape(-1)
     loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size)
     denominator = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return loss / denominator

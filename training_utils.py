@@ -164,11 +164,33 @@ def create_optimizer(cfg: DictConfig, model: torch.nn.Module, device: torch.devi
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig):
-    """BSHD or THD (`use_sequence_packing`) loader; FP8 pads token counts to multiples of 16."""
+def validate_cp_config(cfg: DictConfig, use_te: bool, world_size: int) -> None:
+    """Checks of `train_fsdp2_cp.py`: TE, and a world size made of whole context-parallel groups."""
+    if not use_te:
+        raise ValueError(
+            "train_fsdp2_cp.py needs the TE model (context parallelism lives in TE attention): run it on GPUs "
+            "with TransformerEngine, or use train_fsdp2.py."
+        )
+    if not isinstance(cfg.cp_size, int) or cfg.cp_size < 1 or world_size % cfg.cp_size:
+        raise ValueError(
+            f"cp_size={cfg.cp_size!r} must be a positive integer that divides the number of ranks ({world_size}); "
+            "launch a multiple of cp_size processes (torchrun --nproc_per_node=...)."
+        )
+
+
+def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: int = 1):
+    """BSHD or THD (`use_sequence_packing`) loader; FP8 pads token counts to multiples of 16. With context
+    parallelism every sequence is padded so that it splits into 2 x cp_size equal chunks (of multiples of
+    16 tokens per rank with FP8)."""
     kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
     if cfg.fp8_config.enabled:
         kwargs["pad_to_multiple_of"] = 16
+    if cp_size > 1:
+        divisor = 2 * cp_size * (8 if cfg.fp8_config.enabled else 1)
+        if cfg.use_sequence_packing:
+            kwargs.update(pad_sequences_to_be_divisible_by=divisor, pad_to_multiple_of=None)
+        else:
+            kwargs["pad_to_multiple_of"] = divisor
     make = create_thd_dataloader if cfg.use_sequence_packing else create_bshd_dataloader
     return make(dist_config, **kwargs)
 
@@ -190,7 +212,10 @@ def fp8_autocast_factory(cfg: DictConfig, use_te: bool):
 
 
 def count_label_tokens(batch: dict) -> torch.Tensor:
-    """Tokens that are prediction targets after the model's shift (labels[..., 1:] != -100)."""
+    """Tokens that are prediction targets after the model's shift (labels[..., 1:] != -100), or the already
+    shifted targets of a context-parallel shard."""
+    if "shift_labels" in batch:
+        return (batch["shift_labels"] != IGNORE_INDEX).sum()
     return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
 
 

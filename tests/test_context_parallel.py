@@ -1,0 +1,101 @@
+"""Context-parallel sharding on the CPU: which tokens each CP rank keeps, and that no target is lost."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import RECIPE_DIR
+from hydra import compose, initialize_config_dir
+
+from collator import IGNORE_INDEX, BshdCollator, ThdCollator, cp_shard_indices, shard_batch_for_cp
+from distributed_config import DistributedConfig
+from training_utils import count_label_tokens, create_dataloader, validate_cp_config
+
+
+def random_sequences(seed: int, n: int = 6) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(4, 256, rng.integers(1, 90))} for _ in range(n)]
+
+
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+def test_each_rank_takes_chunk_r_and_its_mirror(cp_size):
+    bounds = np.array([0, 8 * cp_size, 8 * cp_size + 4 * cp_size])  # two sequences, chunks of 4 and 2
+    shares = [cp_shard_indices(bounds, cp_size, r) for r in range(cp_size)]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(bounds[-1]))  # every position exactly once
+    assert len({len(s) for s in shares}) == 1  # equal work
+    chunk = 8 * cp_size // (2 * cp_size)
+    for r, share in enumerate(shares):
+        first_sequence = share[: 2 * chunk]
+        expected = [
+            *range(r * chunk, (r + 1) * chunk),
+            *range((2 * cp_size - 1 - r) * chunk, (2 * cp_size - r) * chunk),
+        ]
+        assert first_sequence.tolist() == expected
+
+
+def test_indivisible_sequence_names_the_fix():
+    with pytest.raises(ValueError, match="pad_sequences_to_be_divisible_by"):
+        cp_shard_indices(np.array([0, 6]), 2, 0)
+
+
+def reassemble(shards: list[dict], key: str, indices: list[np.ndarray], length: int) -> torch.Tensor:
+    full = torch.full((shards[0][key].shape[0], length), -12345, dtype=torch.long)
+    for shard, index in zip(shards, indices):
+        full[:, torch.from_numpy(index)] = shard[key]
+    return full
+
+
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+@pytest.mark.parametrize("seed", range(5))
+def test_thd_shards_rebuild_the_batch_and_keep_every_target(cp_size, seed):
+    batch = ThdCollator(pad_token_id=1, pad_sequences_to_be_divisible_by=2 * cp_size)(random_sequences(seed))
+    shards = [shard_batch_for_cp(batch, cp_size, r) for r in range(cp_size)]
+    total = batch["input_ids"].shape[1]
+    indices = [cp_shard_indices(batch["cu_seq_lens_q_padded"].numpy(), cp_size, r) for r in range(cp_size)]
+    assert torch.equal(reassemble(shards, "input_ids", indices, total), batch["input_ids"])
+    # the target of position t is the token at t + 1, even when t + 1 sits in another rank's chunk
+    shifted = reassemble(shards, "shift_labels", indices, total)
+    assert torch.equal(shifted[:, :-1], batch["labels"][:, 1:]) and shifted[0, -1] == IGNORE_INDEX
+    assert sum(count_label_tokens(s) for s in shards) == count_label_tokens(batch)
+    for shard in shards:  # TE gets the global boundaries and divides them by cp_size itself
+        assert torch.equal(shard["cu_seq_lens_q_padded"], batch["cu_seq_lens_q_padded"])
+        assert shard["max_length_q"] == batch["max_length_q"] and "labels" not in shard
+
+
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+def test_bshd_shards_rebuild_the_batch_and_keep_every_target(cp_size):
+    batch = BshdCollator(pad_token_id=1, pad_to_multiple_of=2 * cp_size)(random_sequences(7, n=3))
+    length = batch["input_ids"].shape[1]
+    shards = [shard_batch_for_cp(batch, cp_size, r) for r in range(cp_size)]
+    indices = [cp_shard_indices(np.array([0, length]), cp_size, r) for r in range(cp_size)]
+    assert torch.equal(reassemble(shards, "input_ids", indices, length), batch["input_ids"])
+    shifted = reassemble(shards, "shift_labels", indices, length)
+    assert torch.equal(shifted[:, :-1], batch["labels"][:, 1:])
+    assert sum(count_label_tokens(s) for s in shards) == count_label_tokens(batch)
+    assert all("attention_mask" not in s for s in shards)  # right padding + causal mask: pads are never seen
+
+
+def cp_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(RECIPE_DIR / "hydra_config"), version_base="1.2"):
+        return compose(config_name="L0_sanity_cp", overrides=["dataset.num_workers=0", *overrides])
+
+
+@pytest.mark.parametrize(("fp8", "divisor"), [(False, 4), (True, 32)])
+def test_cp_loader_pads_sequences_for_the_chunks(fp8, divisor):
+    """2 x cp chunks per sequence; with FP8 each rank's chunks also hold a multiple of 16 tokens."""
+    cfg = cp_cfg(f"fp8_config.enabled={fp8}", "dataset.max_seq_length=300", "dataset.micro_batch_size=3")
+    loader, _ = create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2)
+    for batch, _ in zip(loader, range(10)):
+        lengths = np.diff(batch["cu_seq_lens_q_padded"].numpy())
+        assert (lengths % divisor == 0).all()
+        for rank in range(2):
+            assert shard_batch_for_cp(batch, 2, rank)["input_ids"].shape[1] % (divisor // 2) == 0
+
+
+def test_cp_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="needs the TE model"):
+        validate_cp_config(cp_cfg(), use_te=False, world_size=2)
+    with pytest.raises(
+        ValueError, match=r"cp_size=2 must be a positive integer that divides the number of ranks \(3\)"
+    ):
+        validate_cp_config(cp_cfg(), use_te=True, world_size=3)
+    validate_cp_config(cp_cfg(), use_te=True, world_size=4)  # dp 2 x cp 2

@@ -1,0 +1,186 @@
+"""Train Llama 3 with context parallelism (CP): each sequence is split over `cp_size` GPUs, FSDP2 shards
+the model over all GPUs (the flattened data x context mesh), TransformerEngine attention exchanges
+keys and values between the CP ranks (`set_context_parallel_group` on every layer).
+
+    torchrun --nproc_per_node=2 train_fsdp2_cp.py --config-name L0_sanity_cp               # cp 2, dp 1
+    torchrun --nproc_per_node=8 train_fsdp2_cp.py --config-name L1_genomic_1b cp_size=4 \\
+        dataset.max_seq_length=65536                                                     # cp 4, dp 2
+
+Needs GPUs with TE. Every key is documented in hydra_config/defaults.yaml; `diff train_fsdp2.py
+train_fsdp2_cp.py` shows only the context-parallel lines.
+"""
+
+import logging
+import signal
+import time
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint_fsdp2,
+    save_checkpoint_fsdp2,
+    save_final_model,
+    wait_for_async_save,
+)
+from collator import shard_batch_for_cp
+from distributed_config import DistributedConfig
+from perf_logger import PerfLogger, all_reduce_sum, model_flops_per_token
+from scheduler import get_cosine_annealing_schedule_with_warmup
+from training_utils import (
+    count_label_tokens,
+    create_dataloader,
+    create_model,
+    create_optimizer,
+    fp8_autocast_factory,
+    init_distributed,
+    resolve_use_te,
+    run_dir_for,
+    seed_everything,
+    to_device,
+    validate_config,
+    validate_cp_config,
+    write_run_info,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="hydra_config", config_name="L0_sanity_cp", version_base="1.2")
+def main(cfg: DictConfig) -> float:
+    # --- Config and distributed setup ---
+    use_te = resolve_use_te(cfg.use_te)
+    validate_config(cfg, use_te)
+    dist_config = DistributedConfig()
+    validate_cp_config(cfg, use_te, dist_config.world_size)
+    device = init_distributed(dist_config)
+    logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)
+    logger.info(
+        "Running the %s model on %s (%d ranks)", "TE" if use_te else "HF reference", device, dist_config.world_size
+    )
+    seed_everything(cfg.seed)
+
+    # --- Model ---
+    on_meta = use_te and cfg.use_meta_device
+    model = create_model(cfg, use_te, device, on_meta=on_meta)
+    if cfg.use_torch_compile:
+        model = torch.compile(model)
+
+    # --- Context parallelism: ranks [k * cp_size, (k + 1) * cp_size) share sequences; dp = world / cp ---
+    cp_mesh = dist.device_mesh.init_device_mesh(
+        device.type, (dist_config.world_size // cfg.cp_size, cfg.cp_size), mesh_dim_names=("dp", "cp")
+    )
+    cp_group, cp_rank = cp_mesh["cp"].get_group(), cp_mesh.get_local_rank("cp")
+    model.model.set_context_parallel_group(
+        cp_group, dist.get_process_group_ranks(cp_group), torch.cuda.Stream(), cfg.cp_comm_type
+    )
+
+    # --- FSDP2 wrapping over every rank (data x context): each decoder layer, then the root ---
+    mesh = dist.device_mesh.init_device_mesh(device.type, (dist_config.world_size,))
+    mp_policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if cfg.fp32_master_weights
+        else MixedPrecisionPolicy()
+    )
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    if on_meta:
+        model.init_empty_weights(device)  # after sharding: each rank materialises only its shard
+
+    # --- Optimizer and schedule ---
+    optimizer = create_optimizer(cfg, model, device)
+    scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
+    fp8_autocast = fp8_autocast_factory(cfg, use_te)
+
+    # --- Data ---
+    # Every data-parallel group reads its own share; the CP ranks of a group read the same batches and
+    # each keeps its part of every sequence (`shard_batch_for_cp`).
+    data_config = DistributedConfig(cp_mesh.get_local_rank("dp"), dist_config.local_rank, cp_mesh["dp"].size())
+    dataloader, tokenizer = create_dataloader(cfg, data_config, cp_size=cfg.cp_size)
+
+    # --- Resume ---
+    step = 0
+    ckpt_dir = cfg.checkpoint.ckpt_dir
+    latest = find_latest_checkpoint(ckpt_dir) if ckpt_dir and cfg.checkpoint.resume_from_checkpoint else None
+    if latest is not None:
+        step = load_checkpoint_fsdp2(latest, model, optimizer, scheduler, dataloader, dist_config.rank)
+        logger.info("Resumed from %s at step %d", latest, step)
+
+    def save(step):
+        save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
+                              cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save)  # fmt: skip
+
+    # --- Training loop ---
+    # Loss normalisation: each micro-step's loss is its summed token losses divided by the target tokens of
+    # the whole optimizer step on all ranks (times world size, because gradient reduction averages over
+    # ranks), so every token weighs the same however the tokens fall into micro-batches, ranks and padding
+    # (torchtitan's choice; HF's default would be a mean of per-batch means). With CP a rank's targets are
+    # its shard's `shift_labels`, and the gradient average runs over all data x context ranks. Gradients are
+    # reduced only on the last micro-step (`set_requires_gradient_sync`).
+    run_dir = run_dir_for(cfg)
+    if dist_config.is_main_process():
+        write_run_info(cfg, run_dir, use_te, device)
+    perf = PerfLogger(
+        dist_config, cfg, run_dir, model_flops_per_token(model.config, cfg.dataset.max_seq_length), device, step
+    )
+    stop_requested = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
+        signal.signal(sig, lambda *_: stop_requested.append(True))
+    batches = iter(dataloader)
+    last_loss = float("nan")
+    model.train()
+    while step < cfg.num_train_steps:
+        wait_start = time.perf_counter()
+        micro_batches = [
+            to_device(shard_batch_for_cp(next(batches), cfg.cp_size, cp_rank), device)
+            for _ in range(cfg.grad_acc_steps)
+        ]
+        perf.add_data_wait(time.perf_counter() - wait_start)
+        num_tokens = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches).double())
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with fp8_autocast():
+                loss = model(**batch, num_items_in_batch=num_tokens / dist_config.world_size).loss
+            loss.backward()
+            loss_sum += loss.detach() * num_tokens / dist_config.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        padded = sum(b["input_ids"].numel() for b in micro_batches)
+        # Preemption: all ranks must stop at the same step; they agree on log steps (which sync anyway).
+        stop = step % cfg.logger.frequency == 0 and bool(
+            all_reduce_sum(torch.tensor(float(bool(stop_requested)), device=device))
+        )
+        lr = scheduler.get_last_lr()[0]
+        metrics = perf.log_step(step, all_reduce_sum(loss_sum), num_tokens, padded, grad_norm, lr,
+                                force=stop or step == cfg.num_train_steps)  # fmt: skip
+        last_loss = metrics["loss"] if metrics else last_loss
+        if ckpt_dir and (step % cfg.checkpoint.save_every_n_steps == 0 or stop):
+            save_start = time.perf_counter()
+            save(step)
+            perf.log_event(step=step, checkpoint_save_s=time.perf_counter() - save_start)
+        if stop:
+            logger.warning("Stop signal received: saved step %d, exiting.", step)
+            break
+
+    # --- Cleanup ---
+    if ckpt_dir:
+        wait_for_async_save(ckpt_dir, cfg.checkpoint.max_checkpoints, dist_config.rank)
+    if ckpt_dir and cfg.checkpoint.save_final_model:
+        save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True)
+    perf.finish()
+    dist.destroy_process_group()
+    return last_loss
+
+
+if __name__ == "__main__":
+    main()
