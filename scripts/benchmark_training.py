@@ -40,9 +40,24 @@ LINGUA = (
 )
 
 
-def row(group, name, precision, fmt, overrides, gpus=1, script="fsdp2", save_checkpoint=False) -> dict:
+# Context-parallel rows read one long record (the bundled records joined: 2.4 Mbp), so every window is full length.
+LONG_DNA = "dataset.load_dataset_kwargs.path={long_dna} dataset.stride=0"
+
+
+def row(group, name, precision, fmt, overrides, gpus=1, script="fsdp2", save_checkpoint=False, steps=None) -> dict:
     return dict(group=group, name=name, precision=precision, format=fmt, overrides=overrides, gpus=gpus,
-                script=script, save_checkpoint=save_checkpoint)  # fmt: skip
+                script=script, save_checkpoint=save_checkpoint, steps=steps)  # fmt: skip
+
+
+def cp_rows():
+    """cp=1 at S vs cp=2 at 2S (the same tokens per GPU), and a length one GPU cannot hold."""
+    rows = []
+    for cp, seq, batch, steps in ((1, 8192, 2, None), (2, 16384, 2, None), (1, 196608, 1, 4), (2, 196608, 1, 4)):
+        overrides = (
+            f"{LONG_DNA} {THD} {BF16} cp_size={cp} dataset.max_seq_length={seq} dataset.micro_batch_size={batch}"
+        )
+        rows.append(row("cp", f"CP {cp} GPU seq {seq // 1024}k", "BF16", "THD", overrides, cp, "cp", steps=steps))
+    return rows
 
 
 def scaling_rows():
@@ -70,12 +85,13 @@ ROWS = [
     row("lingua", "Lingua BF16 full logits", "BF16", "THD", f"{LINGUA} {THD} {BF16} loss_chunk_size=null"),
     row("lingua", "Lingua BF16 chunked loss", "BF16", "THD", f"{LINGUA} {THD} {BF16} loss_chunk_size=4096"),
     *scaling_rows(),
+    *cp_rows(),
 ]
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", default="model,lingua,scaling")
+    p.add_argument("--groups", default="model,lingua,scaling,cp")
     p.add_argument("--only", default=None, help="comma-separated row names to run (within --groups)")
     p.add_argument("--config-name", default="L1_genomic_1b")
     p.add_argument("--overrides", default="", help="extra key=value overrides for every row")
@@ -95,14 +111,15 @@ def parse_args():
 def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
     run_dir = work / row["name"].replace(" ", "_")
     run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = row["overrides"].split() + [
-        f"num_train_steps={args.steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
+    steps = row["steps"] or args.steps
+    overrides = row["overrides"].format(long_dna=long_dna_parquet(work)).split() + [
+        f"num_train_steps={steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
         "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
     ]  # fmt: skip
     if row.get("save_checkpoint"):  # one save, at the last step
-        overrides += [f"checkpoint.ckpt_dir={run_dir / 'ckpt'}", f"checkpoint.save_every_n_steps={args.steps}",
+        overrides += [f"checkpoint.ckpt_dir={run_dir / 'ckpt'}", f"checkpoint.save_every_n_steps={steps}",
                       "checkpoint.max_checkpoints=1"]  # fmt: skip
-    script = "train_ddp.py" if row.get("script") == "ddp" else "train_fsdp2.py"
+    script = {"ddp": "train_ddp.py", "fsdp2": "train_fsdp2.py", "cp": "train_fsdp2_cp.py"}[row["script"]]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpu_ids)}",
                script, "--config-name", args.config_name, *overrides]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))}
@@ -110,11 +127,23 @@ def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=RECIPE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def long_dna_parquet(work: Path) -> Path:
+    path = work / "long_dna.parquet"
+    if not path.exists():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(RECIPE_DIR / "test_genomic_sequences.parquet").column("sequence").to_pylist()
+        work.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"sequence": ["".join(records)]}), path)
+    return path
+
+
 def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
         run_dir / "metrics.jsonl").exists() else []  # fmt: skip
     windows = [m for m in lines if "tokens_per_s_per_gpu" in m]
-    measured = [m for m in windows if m["step"] > warmup]
+    measured = [m for m in windows if m["step"] > (1 if row["steps"] else warmup)]  # short rows: all but step 1
     if not measured:
         log = (run_dir / "stdout.log").read_text()
         start = max(log.find("Error executing job"), log.find("Traceback"))  # Hydra's report, else a traceback
@@ -195,6 +224,9 @@ def targets(results) -> list[tuple[str, float | None, float]]:
          ratio(results, "fsdp2 FP8 current 2 GPU", "fsdp2 FP8 current 1 GPU", scale=2), 1.9),
         ("FSDP2 8 GPUs / 1 GPU per-GPU efficiency (FP8 current)",
          ratio(results, "fsdp2 FP8 current 8 GPU", "fsdp2 FP8 current 1 GPU"), 0.9),
+        ("CP 2 GPUs at 2S / CP 1 GPU at S, tokens/s/GPU", ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k"), 0.9),
+        ("CP 2 GPUs at 2S / CP 1 GPU at S, MFU (counts the longer attention)",
+         ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k", key="mfu"), 0.9),
         ("data-loader wait, worst row (fraction of step time)",
          max((r["data_wait_fraction"] for r in model_rows if r.get("data_wait_fraction") is not None),
              default=None), 0.02),
@@ -210,7 +242,8 @@ def markdown(results, notes: str) -> str:
            "| data wait | checkpoint save (s) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         if "error" in r:
-            out.append(f"| {r['name']} | {r['gpus']} | failed | | | | | | |")
+            failure = "out of memory" if "out of memory" in r["error"].lower() else "failed"
+            out.append(f"| {r['name']} | {r['gpus']} | {failure} | | | | | | |")
             continue
         out.append(
             f"| {r['name']} | {r['gpus']} | {fmt(r['tokens_per_s_per_gpu'], ',.0f')} | "
@@ -235,7 +268,8 @@ def plot(results, out: Path) -> None:
 
     ok = [r for r in results if "error" not in r]
     for group, title in (("model", "1 H200, Llama-3.2-1B body, 8k windows"),
-                         ("scaling", "THD, FP8 current / BF16, per GPU")):  # fmt: skip
+                         ("scaling", "THD, FP8 current / BF16, per GPU"),
+                         ("cp", "Context parallelism, BF16, one long record")):  # fmt: skip
         rows = [r for r in ok if r["group"] == group]
         if not rows:
             continue

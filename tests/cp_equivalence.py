@@ -30,9 +30,11 @@ def make_model(fmt: str) -> NVLlamaForCausalLM:
     )  # fmt: skip
     torch.manual_seed(0)
     model = NVLlamaForCausalLM(config).cuda()
-    for p in model.parameters():  # identical weights on every rank, larger than init so layers matter
-        torch.nn.init.normal_(p, 0, 0.05) if p.ndim == 2 else None
-        dist.broadcast(p.data, 0)
+    with torch.no_grad():
+        for p in model.parameters():  # identical weights on every rank, larger than init so layers matter
+            if p.ndim == 2:
+                p.normal_(0, 0.05)
+            dist.broadcast(p.data, 0)
     return model
 
 
