@@ -60,4 +60,8 @@ def test_cp_fp8_resume_gives_the_same_losses(tmp_path):
     cp_train(resumed, *common, "num_train_steps=20", f"checkpoint.ckpt_dir={resumed / 'ckpt'}")
     a, b = losses(straight), losses(resumed)
     assert a[20] < a[1] - 1.0  # it trains
-    assert [b[s] for s in range(11, 21)] == [a[s] for s in range(11, 21)]
+    # Not bitwise, unlike resume without CP: on 2 H200 the resumed losses differed by ~1e-4 relative (1.80601 vs
+    # 1.80582 at step 11). A wrong data position or lost optimizer/FP8 state moves them by far more (0.05+).
+    worst = max(abs(b[s] - a[s]) / a[s] for s in range(11, 21))
+    print(f"largest relative loss difference after resume: {worst:.2e}")
+    assert worst < 1e-3
