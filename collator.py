@@ -224,6 +224,8 @@ def cp_shard_indices(cu_seq_lens_padded: np.ndarray, cp_size: int, cp_rank: int)
     every rank does the same share of causal attention work. This is the layout TE's context-parallel
     attention expects (its "dual chunk swap" load balancing).
     """
+    if cp_size == 1:  # nothing to split
+        return np.arange(int(cu_seq_lens_padded[-1]))
     pieces = []
     for start, end in zip(cu_seq_lens_padded[:-1].tolist(), cu_seq_lens_padded[1:].tolist()):
         if (end - start) % (2 * cp_size):
@@ -255,9 +257,12 @@ def shard_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
     else:  # BSHD: every row is one sequence of the same length
         bounds = np.array([0, labels.shape[1]])
     index = torch.from_numpy(cp_shard_indices(bounds, cp_size, cp_rank))
+    # The loader pins its batches so that copies to the GPU are asynchronous; the shards must stay pinned too,
+    # since copying pageable memory waits for the GPU to finish its queued work (a sync every step).
+    pin = batch["input_ids"].is_pinned()
     sharded = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
-    for key in ("input_ids", "position_ids"):
-        if key in batch:
-            sharded[key] = batch[key][:, index]
-    sharded["shift_labels"] = shift_labels[:, index]
+    for key, value in (("input_ids", batch["input_ids"]), ("position_ids", batch.get("position_ids")),
+                       ("shift_labels", shift_labels)):  # fmt: skip
+        if value is not None:
+            sharded[key] = value[:, index].pin_memory() if pin else value[:, index]
     return sharded

@@ -147,7 +147,9 @@ def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
     if not measured:
         log = (run_dir / "stdout.log").read_text()
         start = max(log.find("Error executing job"), log.find("Traceback"))  # Hydra's report, else a traceback
-        return {**row, "error": log[start : start + 3000] if start >= 0 else log[-3000:]}
+        last_error = [line for line in log.splitlines() if "Error:" in line and "ChildFailedError" not in line]
+        trace = log[start : start + 1500] if start >= 0 else log[-1500:]
+        return {**row, "error": "\n".join([*last_error[-1:], trace])}
 
     def mean(key):
         values = [m[key] for m in measured if m.get(key) is not None]

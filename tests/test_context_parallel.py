@@ -99,3 +99,10 @@ def test_cp_config_errors_name_the_fix():
     ):
         validate_cp_config(cp_cfg(), use_te=True, world_size=3)
     validate_cp_config(cp_cfg(), use_te=True, world_size=4)  # dp 2 x cp 2
+
+
+def test_cp_size_one_keeps_every_token_of_any_length():
+    batch = ThdCollator(pad_token_id=1)(random_sequences(3))  # odd lengths, no CP padding
+    shard = shard_batch_for_cp(batch, 1, 0)
+    assert torch.equal(shard["input_ids"], batch["input_ids"])
+    assert torch.equal(shard["shift_labels"][:, :-1], batch["labels"][:, 1:])
