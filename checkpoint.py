@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,6 +56,38 @@ def complete_checkpoints(ckpt_dir) -> list[Path]:
 def find_latest_checkpoint(ckpt_dir) -> Path | None:
     complete = complete_checkpoints(ckpt_dir) if ckpt_dir and Path(ckpt_dir).exists() else []
     return complete[-1] if complete else None
+
+
+def resume_from_latest(ckpt_dir, load: Callable[[Path], int], device: torch.device) -> int:
+    """Load the newest complete checkpoint that every rank can read, with `load(path) -> step`; 0 if none.
+
+    A corrupt or truncated checkpoint (bad file, missing shard) is reported with a warning naming it,
+    and the previous complete one is tried. All ranks decide together, so a file that is bad on one
+    rank only never leaves the ranks at different steps. Nothing is deleted.
+    """
+    candidates = list(reversed(complete_checkpoints(ckpt_dir))) if ckpt_dir and Path(ckpt_dir).exists() else []
+    for path in candidates:
+        error = None
+        try:
+            step = load(path)
+        except Exception as e:  # any unreadable part: fall back rather than crash or train on half a state
+            error = e
+        failed = torch.tensor(float(error is not None), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not failed.item():
+            logger.info("Resumed from %s at step %d", path, step)
+            return step
+        logger.warning(
+            "Checkpoint %s could not be loaded (%s); falling back to the previous complete checkpoint.",
+            path, f"{type(error).__name__}: {error}" if error else "failed on another rank",
+        )  # fmt: skip
+    if candidates:
+        raise RuntimeError(
+            f"No checkpoint in {ckpt_dir} could be loaded (tried {[p.name for p in candidates]}; see the warnings "
+            "above). Move the damaged folders away, or start afresh with checkpoint.resume_from_checkpoint=false."
+        )
+    return 0
 
 
 def prune_checkpoints(ckpt_dir, max_checkpoints: int | None) -> None:
@@ -134,6 +167,8 @@ def _split_extra_state(model_state: dict) -> tuple[dict, dict]:
 
 def _finish(path: Path, rank: int, ckpt_dir, max_checkpoints) -> None:
     _barrier()  # every rank has written its part
+    if os.environ.get("RECIPE_FAULT_KILL_BEFORE_MARKER") == path.name:  # fault-injection tests only
+        os.kill(os.getpid(), 9)
     if rank == 0:
         (path / MARKER).write_text("ok\n")
         prune_checkpoints(ckpt_dir, max_checkpoints)

@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import (
-    find_latest_checkpoint,
     load_checkpoint_ddp,
+    resume_from_latest,
     save_checkpoint_ddp,
     save_final_model,
 )
@@ -32,6 +32,7 @@ from distributed_config import DistributedConfig
 from perf_logger import PerfLogger, all_reduce_sum, model_flops_per_token
 from scheduler import get_cosine_annealing_schedule_with_warmup
 from training_utils import (
+    NonFiniteGuard,
     count_label_tokens,
     create_dataloader,
     create_model,
@@ -84,10 +85,12 @@ def main(cfg: DictConfig) -> float:
     # --- Resume ---
     step = 0
     ckpt_dir = cfg.checkpoint.ckpt_dir
-    latest = find_latest_checkpoint(ckpt_dir) if ckpt_dir and cfg.checkpoint.resume_from_checkpoint else None
-    if latest is not None:
-        step = load_checkpoint_ddp(latest, model, optimizer, scheduler, dataloader, dist_config.rank)
-        logger.info("Resumed from %s at step %d", latest, step)
+
+    def load(path):
+        return load_checkpoint_ddp(path, model, optimizer, scheduler, dataloader, dist_config.rank)
+
+    if ckpt_dir and cfg.checkpoint.resume_from_checkpoint:  # the newest complete one; a damaged one falls back
+        step = resume_from_latest(ckpt_dir, load, device)
 
     def save(step):
         save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
@@ -108,6 +111,7 @@ def main(cfg: DictConfig) -> float:
     stop_requested = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
         signal.signal(sig, lambda *_: stop_requested.append(True))
+    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips)
     batches = iter(dataloader)
     last_loss = float("nan")
     model.train()
@@ -123,7 +127,9 @@ def main(cfg: DictConfig) -> float:
                 loss.backward()
             loss_sum += loss.detach() * num_tokens / dist_config.world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
+        total_loss_sum = all_reduce_sum(loss_sum)
+        if guard.update_is_finite(step + 1, total_loss_sum, grad_norm):  # NaN/Inf: skip or stop, never train on
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -134,7 +140,7 @@ def main(cfg: DictConfig) -> float:
             all_reduce_sum(torch.tensor(float(bool(stop_requested)), device=device))
         )
         lr = scheduler.get_last_lr()[0]
-        metrics = perf.log_step(step, all_reduce_sum(loss_sum), num_tokens, padded, grad_norm, lr,
+        metrics = perf.log_step(step, total_loss_sum, num_tokens, padded, grad_norm, lr,
                                 force=stop or step == cfg.num_train_steps)  # fmt: skip
         last_loss = metrics["loss"] if metrics else last_loss
         if ckpt_dir and (step % cfg.checkpoint.save_every_n_steps == 0 or stop):

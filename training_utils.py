@@ -259,3 +259,37 @@ def write_run_info(cfg: DictConfig, run_dir: Path, use_te: bool, device: torch.d
     info = {"versions": versions, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "run_info.yaml").write_text(OmegaConf.to_yaml(info))
+
+
+class NonFiniteGuard:
+    """The `on_nonfinite` policy for a NaN or Inf loss or gradient norm: skip the update (up to
+    `max_consecutive_skips` in a row, then stop) or stop at once. Never trains on silently.
+
+    The check reads two numbers back from the GPU every step (one sync), the price of knowing before the
+    optimizer applies the update. Loss and norm are global values, so every rank decides the same.
+    """
+
+    def __init__(self, action: str, max_consecutive_skips: int):
+        self.action = action
+        self.max_consecutive_skips = max_consecutive_skips
+        self.consecutive = 0
+
+    def update_is_finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        what = f"step {step}: loss sum {loss.item()}, gradient norm {grad_norm.item()}"
+        if self.action == "stop" or self.consecutive > self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"Non-finite values at {what} ({self.consecutive} such step(s) in a row; on_nonfinite.action="
+                f"{self.action}, max_consecutive_skips={self.max_consecutive_skips}). The last complete checkpoint "
+                "is untouched: resume from it with a lower adamw_kwargs.lr, max_grad_norm set, or FP8 off."
+            )
+        logger.warning(
+            "Non-finite values at %s: skipped this update (%d in a row; stopping after %d).",
+            what, self.consecutive, self.max_consecutive_skips,
+        )  # fmt: skip
+        return False
