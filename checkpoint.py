@@ -179,7 +179,7 @@ def _finish(path: Path, rank: int, ckpt_dir, max_checkpoints) -> None:
 def _prepare_folder(ckpt_dir, step: int, rank: int) -> Path:
     path = Path(ckpt_dir) / f"step_{step}"
     if rank == 0 and path.exists():
-        shutil.rmtree(path)  # an incomplete leftover of a crashed save (complete ones are never re-saved)
+        shutil.rmtree(path)  # a leftover of a crashed save, or a damaged checkpoint that resume fell back from
     _barrier()
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -39,6 +39,7 @@ from training_utils import (
     create_optimizer,
     fp8_autocast_factory,
     init_distributed,
+    iter_batches,
     resolve_use_te,
     run_dir_for,
     seed_everything,
@@ -120,7 +121,7 @@ def main(cfg: DictConfig) -> float:
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
         signal.signal(sig, lambda *_: stop_requested.append(True))
     guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips)
-    batches = iter(dataloader)
+    batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
     last_loss = float("nan")
     model.train()
     while step < cfg.num_train_steps:

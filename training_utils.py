@@ -1,6 +1,8 @@
 """Setup shared by `train_ddp.py` and `train_fsdp2.py`: config checks, process group, model, optimizer,
 data, and the loss bookkeeping of one optimizer step. The training loops themselves stay in the scripts."""
 
+import difflib
+import itertools
 import logging
 import os
 import random
@@ -42,6 +44,42 @@ def resolve_use_te(use_te) -> bool:
     return bool(use_te)
 
 
+# Dictionaries passed on to a library as they are: any key is theirs to accept.
+FREE_FORM_KEYS = {"config_kwargs", "dataset.load_dataset_kwargs", "adamw_kwargs", "lr_scheduler_kwargs",
+                  "fp8_config.fp8_recipe_kwargs", "wandb_init_args", "hydra"}  # fmt: skip
+DEFAULTS_YAML = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
+
+
+def check_keys_and_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
+    """Every key must exist in defaults.yaml (a typo in a tier file or a `+key=` would otherwise be ignored),
+    and every value must have its default's type (ints where floats are expected, and null, are accepted)."""
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if name in FREE_FORM_KEYS:
+            continue
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ValueError(
+                f"Unknown config key {name!r}{hint} Every key is listed, with what it does, in "
+                "hydra_config/defaults.yaml."
+            )
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} must be a group of keys (like {sorted(default)}), not {value!r}.")
+            check_keys_and_types(value, default, f"{name}.")
+        elif default is not None and default != "???" and value is not None:
+            expected = type(default)
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(
+                    f"{name}={value!r} should be a {expected.__name__} (the default is {default!r}); fix the YAML "
+                    f"or the override, e.g. {name}={default!r}."
+                )
+
+
 def validate_config(cfg: DictConfig, use_te: bool) -> None:
     """Reject bad values before anything is built; each error names the key and the fix."""
     missing = OmegaConf.missing_keys(cfg)
@@ -49,15 +87,33 @@ def validate_config(cfg: DictConfig, use_te: bool) -> None:
         raise ValueError(
             f"Required config values are not set: {sorted(missing)}; set them in the YAML or as key=value."
         )
-    for key in ("num_train_steps", "grad_acc_steps", "dataset.micro_batch_size", "logger.frequency"):
+    defaults = OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False)
+    check_keys_and_types(OmegaConf.to_container(cfg, resolve=True), defaults)
+    positive = ("num_train_steps", "grad_acc_steps", "dataset.micro_batch_size", "dataset.max_seq_length",
+                "logger.frequency", "checkpoint.save_every_n_steps", "on_nonfinite.max_consecutive_skips")  # fmt: skip
+    for key in positive:
         value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer.")
+    if cfg.dataset.num_workers < 0:
+        raise ValueError(
+            f"dataset.num_workers={cfg.dataset.num_workers} must be 0 (load in the main process) or more."
+        )
+    if not 0 <= cfg.dataset.stride < cfg.dataset.max_seq_length - 2:
+        raise ValueError(
+            f"dataset.stride={cfg.dataset.stride} must be at least 0 and below max_seq_length - 2 "
+            f"({cfg.dataset.max_seq_length - 2}), or windows would not advance."
+        )
+    if cfg.on_nonfinite.action not in ("skip", "stop"):
+        raise ValueError(f"on_nonfinite.action={cfg.on_nonfinite.action!r} must be 'skip' or 'stop'.")
     if cfg.fp8_config.enabled:
         if not use_te:
             raise ValueError(
                 "fp8_config.enabled=true needs the TE model; drop it or set use_te=true on a GPU with TE."
             )
+        from fp8 import build_fp8_recipe  # a recipe this GPU cannot run fails here, naming the GPU it needs
+
+        build_fp8_recipe(cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs))
         budget = cfg.dataset.token_micro_batch_size or cfg.dataset.micro_batch_size * cfg.dataset.max_seq_length
         if cfg.use_sequence_packing and budget % 16:
             raise ValueError(
@@ -293,3 +349,19 @@ class NonFiniteGuard:
             what, self.consecutive, self.max_consecutive_skips,
         )  # fmt: skip
         return False
+
+
+def iter_batches(dataloader, device: torch.device):
+    """The loader's batches, once every rank has shown it has some: a rank without data would otherwise leave
+    the others waiting in their next collective until a timeout. (The loader streams endlessly afterwards.)"""
+    batches = iter(dataloader)
+    first = next(batches, None)
+    empty = torch.tensor(float(first is None), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(empty)
+    if empty.item():
+        raise ValueError(
+            f"{int(empty.item())} of {dist.get_world_size() if dist.is_initialized() else 1} rank(s) got no data: "
+            "the data set has fewer records (or files/row groups) than ranks. Use fewer ranks or more data."
+        )
+    return itertools.chain([first], batches)
