@@ -215,6 +215,12 @@ def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Da
             f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column to the one "
             "holding the sequences."
         )
+    feature = (ds.features or {}).get(text_column)
+    if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+        raise ValueError(
+            f"Column {text_column!r} holds {feature.dtype} values, not text; set dataset.text_column to the column "
+            "holding the sequences as strings."
+        )
     if isinstance(ds, datasets.Dataset):
         empty = len(ds) == 0
     else:  # a remote stream: peek at one record (local parquet was checked from its footers)
@@ -244,6 +250,11 @@ def create_tokenized_dataset(
         return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
     ds = split_dataset_by_node(ds, rank=rank, world_size=world)
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
+    if len(ds) < max(num_workers, 1):
+        raise ValueError(
+            f"Rank {rank} has {len(ds)} windows for {max(num_workers, 1)} loader worker(s): its records are empty or "
+            "too few. Use more data, fewer ranks or fewer dataset.num_workers."
+        )
     return ds.to_iterable_dataset(num_shards=max(num_workers, 1))
 
 

@@ -111,15 +111,15 @@ def validate_config(cfg: DictConfig, use_te: bool) -> None:
             raise ValueError(
                 "fp8_config.enabled=true needs the TE model; drop it or set use_te=true on a GPU with TE."
             )
-        from fp8 import build_fp8_recipe  # a recipe this GPU cannot run fails here, naming the GPU it needs
-
-        build_fp8_recipe(cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs))
         budget = cfg.dataset.token_micro_batch_size or cfg.dataset.micro_batch_size * cfg.dataset.max_seq_length
         if cfg.use_sequence_packing and budget % 16:
             raise ValueError(
                 f"FP8 needs micro-batches whose token count is a multiple of 16, but the THD budget is {budget}; "
                 "set dataset.token_micro_batch_size (or max_seq_length) to a multiple of 16."
             )
+        from fp8 import build_fp8_recipe  # a recipe this GPU cannot run fails here, naming the GPU it needs
+
+        build_fp8_recipe(cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs))
     if not resolve_path(cfg.config_name_or_path).exists() and str(cfg.config_name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"config_name_or_path={cfg.config_name_or_path!r} does not exist; fix the path.")
 

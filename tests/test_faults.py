@@ -1,0 +1,293 @@
+"""Fault injection on the CPU: kills during saves, SIGTERM, damaged checkpoints, NaN/Inf, bad config, bad data.
+
+Every run is a subprocess with the same environment, so "the same losses" means bitwise the same.
+Each test states the fault, what must survive, and the one-line error a user sees.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import PARQUET, RECIPE_DIR
+from hydra import compose, initialize_config_dir
+
+import train_ddp
+from checkpoint import MARKER, complete_checkpoints
+from training_utils import NonFiniteGuard, validate_config, validate_cp_config
+
+FAST = ["dataset.max_seq_length=256", "dataset.stride=16", "dataset.num_workers=0", "use_te=false",
+        "logger.frequency=1"]  # fmt: skip
+ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+ENV["OMP_NUM_THREADS"] = "1"
+SCRIPTS = {
+    "ddp": ["train_ddp.py"],
+    "fsdp2": ["train_fsdp2.py"],
+    "fsdp2_async": ["train_fsdp2.py", "checkpoint.async_save=true"],
+}
+
+
+def train(run_dir, script: str, *overrides, env=None, check=True) -> subprocess.CompletedProcess:
+    entry, *extra = SCRIPTS[script]
+    cmd = [sys.executable, entry, "--config-name", "L0_sanity", *FAST, f"run_dir={run_dir}",
+           f"checkpoint.ckpt_dir={run_dir.parent / 'ckpt'}", *extra, *overrides]  # fmt: skip
+    result = subprocess.run(cmd, cwd=RECIPE_DIR, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def losses(run_dir) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+
+
+def steps_of(ckpt_dir) -> list[int]:
+    return [int(p.name.removeprefix("step_")) for p in complete_checkpoints(ckpt_dir)]
+
+
+# --- Kill -9 while a checkpoint is being saved ---
+
+
+@pytest.mark.parametrize("script", ["ddp", "fsdp2", "fsdp2_async"])
+def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path, script):
+    """SIGKILL after every rank wrote step_8 but before its COMPLETE marker: step_4 survives, and resuming
+    from it gives the losses of a run that never crashed."""
+    common = ["num_train_steps=8", "checkpoint.save_every_n_steps=4"]
+    straight = tmp_path / "straight" / "run"
+    train(straight, script, *common)
+
+    crashed = tmp_path / "crashed" / "run"
+    result = train(crashed, script, *common, env={"RECIPE_FAULT_KILL_BEFORE_MARKER": "step_8"}, check=False)
+    assert result.returncode == -signal.SIGKILL
+    ckpt = crashed.parent / "ckpt"
+    assert (ckpt / "step_8").exists() and not (ckpt / "step_8" / MARKER).exists()
+    assert steps_of(ckpt) == [4]
+
+    resumed = tmp_path / "crashed" / "resumed"
+    result = train(resumed, script, *common)
+    assert "Ignoring incomplete checkpoint" in result.stderr and "Resumed from" in result.stderr
+    assert [losses(resumed)[s] for s in range(5, 9)] == [losses(straight)[s] for s in range(5, 9)]
+    assert steps_of(ckpt) == [4, 8]  # the half-written step_8 was replaced by a complete one
+
+
+# --- SIGTERM (preemption) ---
+
+
+def test_sigterm_saves_exits_zero_and_the_resumed_run_continues(tmp_path):
+    run = tmp_path / "a" / "run"
+    cmd = [sys.executable, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, "num_train_steps=100000",
+           f"run_dir={run}", f"checkpoint.ckpt_dir={run.parent / 'ckpt'}",
+           "checkpoint.save_every_n_steps=100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=RECIPE_DIR, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(600):  # wait for training to start
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    stopped = max(losses(run))
+    assert steps_of(run.parent / "ckpt") == [stopped]
+
+    resumed = tmp_path / "a" / "resumed"
+    train(resumed, "fsdp2", f"num_train_steps={stopped + 2}")
+    straight = tmp_path / "b" / "run"
+    train(straight, "fsdp2", f"num_train_steps={stopped + 2}", "checkpoint.save_every_n_steps=100000")
+    assert [losses(resumed)[s] for s in (stopped + 1, stopped + 2)] == [
+        losses(straight)[s] for s in (stopped + 1, stopped + 2)
+    ]
+
+
+# --- Damaged checkpoints ---
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("script", "damaged"),
+    [("ddp", "model_optimizer.pt"), ("ddp", "rank_0.pt"), ("fsdp2", "dcp/__0_0.distcp"), ("fsdp2", "rank_0.pt")],
+)
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, script, damaged):
+    straight = tmp_path / "straight" / "run"
+    train(straight, script, "num_train_steps=8", "checkpoint.save_every_n_steps=4")
+    truncate(tmp_path / "straight" / "ckpt" / "step_8" / damaged)
+
+    resumed = tmp_path / "straight" / "resumed"
+    result = train(resumed, script, "num_train_steps=8", "checkpoint.save_every_n_steps=4")
+    warning = next(line for line in result.stderr.splitlines() if "could not be loaded" in line)
+    assert "step_8" in warning and "falling back" in warning
+    assert "Resumed from" in result.stderr and "step_4 at step 4" in result.stderr
+    assert [losses(resumed)[s] for s in range(5, 9)] == [losses(straight)[s] for s in range(5, 9)]
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
+    run = tmp_path / "x" / "run"
+    train(run, "ddp", "num_train_steps=4", "checkpoint.save_every_n_steps=2")
+    for step in ("step_2", "step_4"):
+        truncate(tmp_path / "x" / "ckpt" / step / "model_optimizer.pt")
+    result = train(tmp_path / "x" / "again", "ddp", "num_train_steps=6", check=False)
+    assert result.returncode != 0
+    assert "No checkpoint in" in result.stderr and "checkpoint.resume_from_checkpoint=false" in result.stderr
+
+
+# --- NaN / Inf ---
+
+
+def test_guard_skips_then_stops():
+    guard = NonFiniteGuard("skip", max_consecutive_skips=2)
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    assert guard.update_is_finite(1, one, one)
+    assert not guard.update_is_finite(2, nan, one) and not guard.update_is_finite(3, one, torch.tensor(float("inf")))
+    with pytest.raises(FloatingPointError, match="step 4.*3 such step"):
+        guard.update_is_finite(4, nan, one)
+    assert NonFiniteGuard("skip", 2).update_is_finite(5, one, one)
+    with pytest.raises(FloatingPointError, match="on_nonfinite.action=stop"):
+        NonFiniteGuard("stop", 2).update_is_finite(1, nan, one)
+
+
+def make_cfg(run_dir, *overrides):
+    with initialize_config_dir(config_dir=str(RECIPE_DIR / "hydra_config"), version_base="1.2"):
+        return compose(config_name="L0_sanity", overrides=[*FAST, f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture
+def nan_gradients(monkeypatch):
+    """NaN gradients (on the embedding) in the steps listed in the returned set."""
+    poisoned_steps = set()
+    create_model = train_ddp.create_model
+
+    def create_poisoned_model(*args, **kwargs):
+        model = create_model(*args, **kwargs)
+        calls = [0]
+
+        def hook(grad):
+            calls[0] += 1
+            return torch.full_like(grad, float("nan")) if calls[0] in poisoned_steps else grad
+
+        model.get_input_embeddings().weight.register_hook(hook)
+        created.append(model)
+        return model
+
+    created = []
+    monkeypatch.setattr(train_ddp, "create_model", create_poisoned_model)
+    return poisoned_steps, created
+
+
+def test_nan_gradients_are_skipped_and_never_applied(tmp_path, nan_gradients):
+    poisoned_steps, created = nan_gradients
+    poisoned_steps.update({3, 4})
+    final = train_ddp.main(make_cfg(tmp_path, "num_train_steps=6", "on_nonfinite.max_consecutive_skips=2"))
+    assert torch.isfinite(torch.tensor(final))
+    assert all(torch.isfinite(p).all() for p in created[0].parameters())  # NaN never reached the weights
+
+
+def test_too_many_nan_steps_stop_with_a_clear_error(tmp_path, nan_gradients):
+    poisoned_steps, _ = nan_gradients
+    poisoned_steps.update({3, 4, 5})
+    with pytest.raises(FloatingPointError, match="step 5.*max_consecutive_skips=2"):
+        train_ddp.main(make_cfg(tmp_path, "num_train_steps=8", "on_nonfinite.max_consecutive_skips=2"))
+
+
+# --- Bad configuration: rejected before anything is built ---
+
+BAD_CONFIGS = [
+    (
+        ["+dataset.micro_batchsize=2"],
+        "Unknown config key 'dataset.micro_batchsize'; did you mean dataset.micro_batch_size?",
+    ),
+    (["+num_train_step=5"], "did you mean num_train_steps?"),
+    (["use_sequence_packing=yes"], "use_sequence_packing='yes' should be a bool"),
+    (["dataset.max_seq_length=long"], "dataset.max_seq_length='long' should be a int"),
+    (["grad_acc_steps=0"], "grad_acc_steps=0 must be a positive integer"),
+    (["dataset.stride=300"], "dataset.stride=300 must be at least 0 and below max_seq_length - 2"),
+    (["dataset.num_workers=-1"], "dataset.num_workers=-1 must be 0"),
+    (["on_nonfinite.action=ignore"], "on_nonfinite.action='ignore' must be 'skip' or 'stop'"),
+    (["fp8_config.enabled=true"], "fp8_config.enabled=true needs the TE model"),
+    (["config_name_or_path=./model_configs/nope"], "config_name_or_path='./model_configs/nope' does not exist"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS)
+def test_bad_config_is_named_with_its_fix(tmp_path, overrides, message):
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        validate_config(make_cfg(tmp_path, *overrides), use_te=False)
+    assert message in str(error.value)
+    print(f"{' '.join(overrides)} -> {str(error.value).splitlines()[0]}")
+
+
+def test_fp8_token_budget_and_cp_world_size_are_checked(tmp_path):
+    cfg = make_cfg(
+        tmp_path, "fp8_config.enabled=true", "use_sequence_packing=true", "dataset.token_micro_batch_size=1000"
+    )
+    with pytest.raises(ValueError, match="multiple of 16, but the THD budget is 1000"):
+        validate_config(cfg, use_te=True)  # checked before the recipe is built, so no GPU is needed here
+    with pytest.raises(ValueError, match="divides the number of ranks"):
+        validate_cp_config(make_cfg(tmp_path, "cp_size=3"), use_te=True, world_size=4)
+
+
+# --- Bad data ---
+
+
+def test_corrupt_parquet_is_named(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"this is not parquet" * 100)
+    result = train(tmp_path / "r" / "run", "fsdp2", f"dataset.load_dataset_kwargs.path={bad}", "num_train_steps=2",
+                   check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert f"{bad} is not a readable parquet file" in result.stderr
+
+
+def test_wrong_column_type_and_missing_column_are_named(tmp_path):
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"sequence": [1234, 5678]}), ints)
+    result = train(tmp_path / "r" / "a", "fsdp2", f"dataset.load_dataset_kwargs.path={ints}", "num_train_steps=2",
+                   check=False)  # fmt: skip
+    assert "Column 'sequence' holds int64 values, not text" in result.stderr
+    result = train(tmp_path / "r" / "b", "fsdp2", "dataset.text_column=dna", "num_train_steps=2", check=False)
+    assert "The data set has no column 'dna'" in result.stderr
+
+
+def test_a_crashing_loader_worker_surfaces_its_error(tmp_path):
+    """Data pages corrupted behind a valid footer: the worker fails reading them and the run stops with the
+    worker's own error (no hang)."""
+    bad = tmp_path / "pages.parquet"
+    pq.write_table(pq.read_table(PARQUET), bad, row_group_size=16)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 100_000] = os.urandom(100_000)
+    bad.write_bytes(bytes(data))
+    result = train(tmp_path / "r" / "run", "fsdp2", f"dataset.load_dataset_kwargs.path={bad}", "num_train_steps=1000",
+                   "dataset.num_workers=1", check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "in DataLoader worker process 0" in result.stderr
+
+
+def test_a_rank_without_data_fails_clearly_instead_of_hanging(tmp_path):
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"sequence": ["ACGT" * 50]}), one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_fsdp2.py",
+           "--config-name", "L0_sanity", *FAST, "num_train_steps=2", f"run_dir={tmp_path}",
+           f"dataset.load_dataset_kwargs.path={one}"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=RECIPE_DIR, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "1 of 2 rank(s) got no data" in result.stderr + result.stdout
+
+
+def test_checkpoint_folders_from_a_crash_are_never_resumed(tmp_path):
+    """A step folder without the marker (any crash mid-save) is skipped with a warning, even if newest."""
+    (tmp_path / "step_4").mkdir()
+    (tmp_path / "step_4" / MARKER).write_text("ok\n")
+    shutil.copytree(tmp_path / "step_4", tmp_path / "step_8")
+    (tmp_path / "step_8" / MARKER).unlink()
+    assert steps_of(tmp_path) == [4]
