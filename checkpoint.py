@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -70,7 +71,7 @@ def resume_from_latest(ckpt_dir, load: Callable[[Path], int], device: torch.devi
         error = None
         try:
             step = load(path)
-        except Exception as e:  # any unreadable part: fall back rather than crash or train on half a state
+        except (Exception, CheckpointException) as e:  # any unreadable part: fall back (DCP's is a BaseException)
             error = e
         failed = torch.tensor(float(error is not None), device=device)
         if dist.is_initialized():
@@ -78,10 +79,11 @@ def resume_from_latest(ckpt_dir, load: Callable[[Path], int], device: torch.devi
         if not failed.item():
             logger.info("Resumed from %s at step %d", path, step)
             return step
+        # DCP wraps the cause in a multi-line report: its last line is the cause itself.
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[-1] if error else "failed on another rank"
         logger.warning(
-            "Checkpoint %s could not be loaded (%s); falling back to the previous complete checkpoint.",
-            path, f"{type(error).__name__}: {error}" if error else "failed on another rank",
-        )  # fmt: skip
+            "Checkpoint %s could not be loaded (%s); falling back to the previous complete checkpoint.", path, cause
+        )
     if candidates:
         raise RuntimeError(
             f"No checkpoint in {ckpt_dir} could be loaded (tried {[p.name for p in candidates]}; see the warnings "
