@@ -74,9 +74,11 @@ def check_keys_and_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
             ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
             ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok:
+                kind = {bool: "true or false", int: "an integer", float: "a number"}.get(expected, "a string")
+                example = str(default).lower() if isinstance(default, bool) else default
                 raise ValueError(
-                    f"{name}={value!r} should be a {expected.__name__} (the default is {default!r}); fix the YAML "
-                    f"or the override, e.g. {name}={default!r}."
+                    f"{name}={value!r} should be {kind} (the default is {example}); fix the YAML or the override, "
+                    f"e.g. {name}={example}."
                 )
 
 
