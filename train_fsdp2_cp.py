@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> float:
     # --- Config and distributed setup ---
     use_te = resolve_use_te(cfg.use_te)
-    validate_config(cfg, use_te)
+    validate_config(cfg, use_te, context_parallel=True)
     dist_config = DistributedConfig()
     validate_cp_config(cfg, use_te, dist_config.world_size)
     device = init_distributed(dist_config)

@@ -82,7 +82,7 @@ def check_keys_and_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
                 )
 
 
-def validate_config(cfg: DictConfig, use_te: bool) -> None:
+def validate_config(cfg: DictConfig, use_te: bool, context_parallel: bool = False) -> None:
     """Reject bad values before anything is built; each error names the key and the fix."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
@@ -106,6 +106,8 @@ def validate_config(cfg: DictConfig, use_te: bool) -> None:
             f"dataset.stride={cfg.dataset.stride} must be at least 0 and below max_seq_length - 2 "
             f"({cfg.dataset.max_seq_length - 2}), or windows would not advance."
         )
+    if cfg.cp_size != 1 and not context_parallel:
+        raise ValueError(f"cp_size={cfg.cp_size} needs train_fsdp2_cp.py; this entrypoint has no context parallelism.")
     if cfg.on_nonfinite.action not in ("skip", "stop"):
         raise ValueError(f"on_nonfinite.action={cfg.on_nonfinite.action!r} must be 'skip' or 'stop'.")
     if cfg.fp8_config.enabled:

@@ -214,6 +214,7 @@ BAD_CONFIGS = [
     (["dataset.stride=300"], "dataset.stride=300 must be at least 0 and below max_seq_length - 2"),
     (["dataset.num_workers=-1"], "dataset.num_workers=-1 must be 0"),
     (["on_nonfinite.action=ignore"], "on_nonfinite.action='ignore' must be 'skip' or 'stop'"),
+    (["cp_size=2"], "cp_size=2 needs train_fsdp2_cp.py"),
     (["fp8_config.enabled=true"], "fp8_config.enabled=true needs the TE model"),
     (["config_name_or_path=./model_configs/nope"], "config_name_or_path='./model_configs/nope' does not exist"),
 ]
