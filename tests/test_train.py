@@ -11,12 +11,14 @@ import pytest
 import torch
 from conftest import RECIPE_DIR
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import train_ddp
 import train_fsdp2
 from checkpoint import MARKER, find_latest_checkpoint, prune_checkpoints
 from scheduler import get_cosine_annealing_schedule_with_warmup
+from training_utils import DEFAULTS_YAML, check_keys_and_types
 
 CONFIG_DIR = str(RECIPE_DIR / "hydra_config")
 FAST = [
@@ -43,6 +45,8 @@ def test_every_config_composes(name):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.2"):
         cfg = compose(config_name=name)
     assert "dataset" in cfg and "checkpoint" in cfg
+    defaults = OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML))
+    check_keys_and_types(OmegaConf.to_container(cfg, resolve=True), defaults)  # no typo in a tier file
 
 
 def test_l0_sanity_learns(tmp_path):
