@@ -65,3 +65,17 @@ def test_cp_fp8_resume_gives_the_same_losses(tmp_path):
     worst = max(abs(b[s] - a[s]) / a[s] for s in range(11, 21))
     print(f"largest relative loss difference after resume: {worst:.2e}")
     assert worst < 1e-3
+
+
+def test_cp_with_two_data_parallel_groups(tmp_path):
+    """dp 2 x cp 2 on four GPUs: FSDP2 over all four, each CP pair on its own data."""
+    import torch
+
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs four GPUs")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train_fsdp2_cp.py",
+           "--config-name", "L0_sanity_cp", "logger.frequency=1", f"run_dir={tmp_path}", "num_train_steps=40",
+           f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}", "checkpoint.save_every_n_steps=40"]  # fmt: skip
+    run(cmd)
+    assert losses(tmp_path)[40] < losses(tmp_path)[1] - 2.0
+    assert len(list((tmp_path / "ckpt" / "step_40").glob("rank_*.pt"))) == 4
