@@ -79,8 +79,8 @@ class PerfLogger:
                 f.write(json.dumps(values) + "\n")
 
     def log_step(self, step: int, loss_sum, num_tokens, padded_tokens: int, grad_norm, lr: float, force=False):
-        """`loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count.
-        Called on every rank (the grad norm of FSDP2 is gathered collectively on log steps)."""
+        """`loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count; `grad_norm`: the
+        global norm (`training_utils.clip_grad_norm`). Called on every rank."""
         self.loss_sum += loss_sum.detach()
         self.tokens += num_tokens
         self.padded_tokens += padded_tokens
@@ -88,8 +88,6 @@ class PerfLogger:
         self.bar.update(1)
         if step % self.frequency and step != 1 and not force:
             return None
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
         elapsed = time.perf_counter() - self.window_start
         real_tokens = self.tokens.item()
         metrics = {

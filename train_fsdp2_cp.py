@@ -33,6 +33,7 @@ from perf_logger import PerfLogger, all_reduce_sum, model_flops_per_token
 from scheduler import get_cosine_annealing_schedule_with_warmup
 from training_utils import (
     NonFiniteGuard,
+    clip_grad_norm,
     count_label_tokens,
     create_dataloader,
     create_model,
@@ -154,7 +155,7 @@ def main(cfg: DictConfig) -> float:
                 loss = model(**batch, num_items_in_batch=num_tokens / dist_config.world_size).loss
             loss.backward()
             loss_sum += loss.detach() * num_tokens / dist_config.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         total_loss_sum = all_reduce_sum(loss_sum)
         if guard.update_is_finite(step + 1, total_loss_sum, grad_norm):  # NaN/Inf: skip or stop, never train on
             optimizer.step()

@@ -321,6 +321,13 @@ def write_run_info(cfg: DictConfig, run_dir: Path, use_te: bool, device: torch.d
     (run_dir / "run_info.yaml").write_text(OmegaConf.to_yaml(info))
 
 
+def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip gradients (`max_norm` None: only measure) and return the global norm as a plain tensor; under
+    FSDP2 the norm is a DTensor whose `full_tensor()` completes the reduction over ranks."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 class NonFiniteGuard:
     """The `on_nonfinite` policy for a NaN or Inf loss or gradient norm: skip the update (up to
     `max_consecutive_skips` in a row, then stop) or stop at once. Never trains on silently.
@@ -335,8 +342,6 @@ class NonFiniteGuard:
         self.consecutive = 0
 
     def update_is_finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
         if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
             self.consecutive = 0
             return True
