@@ -257,12 +257,21 @@ def shard_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
     else:  # BSHD: every row is one sequence of the same length
         bounds = np.array([0, labels.shape[1]])
     index = torch.from_numpy(cp_shard_indices(bounds, cp_size, cp_rank))
-    # The loader pins its batches so that copies to the GPU are asynchronous; the shards must stay pinned too,
-    # since copying pageable memory waits for the GPU to finish its queued work (a sync every step).
-    pin = batch["input_ids"].is_pinned()
     sharded = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
     for key, value in (("input_ids", batch["input_ids"]), ("position_ids", batch.get("position_ids")),
                        ("shift_labels", shift_labels)):  # fmt: skip
         if value is not None:
-            sharded[key] = value[:, index].pin_memory() if pin else value[:, index]
+            sharded[key] = value[:, index]
     return sharded
+
+
+class ContextParallelCollator:
+    """A collator whose batches are already this context-parallel rank's shard (`shard_batch_for_cp`).
+    Sharding runs in the loader's workers and the loader pins the result, so the training loop's copy to
+    the GPU stays asynchronous (pinning in the loop would allocate pinned memory, which can wait on the GPU)."""
+
+    def __init__(self, collator, cp_size: int, cp_rank: int):
+        self.collator, self.cp_size, self.cp_rank = collator, cp_size, cp_rank
+
+    def __call__(self, features):
+        return shard_batch_for_cp(self.collator(features), self.cp_size, self.cp_rank)

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from collator import BshdCollator, ThdCollator, TokenPackingDataset
+from collator import BshdCollator, ContextParallelCollator, ThdCollator, TokenPackingDataset
 from distributed_config import DistributedConfig
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,9 @@ class WindowStream(IterableDataset):
         )
 
 
-def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful_dataloader: bool):
+def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful_dataloader: bool, cp_rank, cp_size):
+    if cp_rank is not None:  # context parallelism: the loader yields this rank's part of every sequence
+        collate_fn = ContextParallelCollator(collate_fn, cp_size, cp_rank)
     loader_cls = StatefulDataLoader if use_stateful_dataloader else DataLoader
     return loader_cls(
         dataset,
@@ -352,9 +354,12 @@ def create_bshd_dataloader(
     mask_degenerate_bases: bool = False,
     use_stateful_dataloader: bool = True,
     num_epochs: int | None = None,
+    cp_rank: int | None = None,
+    cp_size: int = 1,
     **unused,
 ):
-    """Padded [micro_batch_size, L] batches. Returns `(loader, tokenizer)`."""
+    """Padded [micro_batch_size, L] batches (with `cp_rank`: that context-parallel rank's shard of them).
+    Returns `(loader, tokenizer)`."""
     tokenizer, stream = _build_stream(
         distributed_config,
         tokenizer_name_or_path,
@@ -370,7 +375,8 @@ def create_bshd_dataloader(
     collator = BshdCollator(
         tokenizer.pad_token_id, pad_to_multiple_of, uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id
     )
-    return _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader), tokenizer
+    loader = _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader, cp_rank, cp_size)
+    return loader, tokenizer
 
 
 def create_thd_dataloader(
@@ -392,10 +398,13 @@ def create_thd_dataloader(
     mask_degenerate_bases: bool = False,
     use_stateful_dataloader: bool = True,
     num_epochs: int | None = None,
+    cp_rank: int | None = None,
+    cp_size: int = 1,
     **unused,
 ):
     """Packed [1, T] micro-batches of `token_micro_batch_size` tokens (default `micro_batch_size *
-    max_seq_length`, the same token count as a full BSHD batch). Returns `(loader, tokenizer)`."""
+    max_seq_length`, the same token count as a full BSHD batch; with `cp_rank`: that context-parallel rank's
+    shard of them). Returns `(loader, tokenizer)`."""
     tokenizer, stream = _build_stream(
         distributed_config,
         tokenizer_name_or_path,
@@ -417,4 +426,4 @@ def create_thd_dataloader(
         mask_degenerate_bases,
         tokenizer.eos_token_id,
     )
-    return _make_loader(packed, collator, None, num_workers, use_stateful_dataloader), tokenizer
+    return _make_loader(packed, collator, None, num_workers, use_stateful_dataloader, cp_rank, cp_size), tokenizer

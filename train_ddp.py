@@ -113,7 +113,7 @@ def main(cfg: DictConfig) -> float:
     stop_requested = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
         signal.signal(sig, lambda *_: stop_requested.append(True))
-    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips)
+    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
     last_loss = float("nan")
     model.train()
@@ -130,8 +130,7 @@ def main(cfg: DictConfig) -> float:
             loss_sum += loss.detach() * num_tokens / dist_config.world_size
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         total_loss_sum = all_reduce_sum(loss_sum)
-        if guard.update_is_finite(step + 1, total_loss_sum, grad_norm):  # NaN/Inf: skip or stop, never train on
-            optimizer.step()
+        guard.step(step + 1, total_loss_sum, grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -154,6 +153,7 @@ def main(cfg: DictConfig) -> float:
             break
 
     # --- Cleanup ---
+    guard.check()  # the last step's NaN/Inf verdict
     if ckpt_dir and cfg.checkpoint.save_final_model:
         save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=False)
     perf.finish()

@@ -121,7 +121,7 @@ def main(cfg: DictConfig) -> float:
     stop_requested = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
         signal.signal(sig, lambda *_: stop_requested.append(True))
-    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips)
+    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
     last_loss = float("nan")
     model.train()
@@ -139,8 +139,7 @@ def main(cfg: DictConfig) -> float:
             loss_sum += loss.detach() * num_tokens / dist_config.world_size
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         total_loss_sum = all_reduce_sum(loss_sum)
-        if guard.update_is_finite(step + 1, total_loss_sum, grad_norm):  # NaN/Inf: skip or stop, never train on
-            optimizer.step()
+        guard.step(step + 1, total_loss_sum, grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -163,6 +162,7 @@ def main(cfg: DictConfig) -> float:
             break
 
     # --- Cleanup ---
+    guard.check()  # the last step's NaN/Inf verdict
     if ckpt_dir:
         wait_for_async_save(ckpt_dir, cfg.checkpoint.max_checkpoints, dist_config.rank)
     if ckpt_dir and cfg.checkpoint.save_final_model:

@@ -27,7 +27,6 @@ from checkpoint import (
     save_final_model,
     wait_for_async_save,
 )
-from collator import shard_batch_for_cp
 from distributed_config import DistributedConfig
 from perf_logger import PerfLogger, all_reduce_sum, model_flops_per_token
 from scheduler import get_cosine_annealing_schedule_with_warmup
@@ -102,9 +101,9 @@ def main(cfg: DictConfig) -> float:
 
     # --- Data ---
     # Every data-parallel group reads its own share; the CP ranks of a group read the same batches and
-    # each keeps its part of every sequence (`shard_batch_for_cp`).
+    # each loader yields its rank's part of every sequence (`collator.shard_batch_for_cp`).
     data_config = DistributedConfig(cp_mesh.get_local_rank("dp"), dist_config.local_rank, cp_mesh["dp"].size())
-    dataloader, tokenizer = create_dataloader(cfg, data_config, cp_size=cfg.cp_size)
+    dataloader, tokenizer = create_dataloader(cfg, data_config, cp_size=cfg.cp_size, cp_rank=cp_rank)
 
     # --- Resume ---
     step = 0
@@ -136,16 +135,13 @@ def main(cfg: DictConfig) -> float:
     stop_requested = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
         signal.signal(sig, lambda *_: stop_requested.append(True))
-    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips)
+    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
     last_loss = float("nan")
     model.train()
     while step < cfg.num_train_steps:
         wait_start = time.perf_counter()
-        micro_batches = [
-            to_device(shard_batch_for_cp(next(batches), cfg.cp_size, cp_rank), device)
-            for _ in range(cfg.grad_acc_steps)
-        ]
+        micro_batches = [to_device(next(batches), device) for _ in range(cfg.grad_acc_steps)]
         perf.add_data_wait(time.perf_counter() - wait_start)
         num_tokens = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches).double())
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -157,8 +153,7 @@ def main(cfg: DictConfig) -> float:
             loss_sum += loss.detach() * num_tokens / dist_config.world_size
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         total_loss_sum = all_reduce_sum(loss_sum)
-        if guard.update_is_finite(step + 1, total_loss_sum, grad_norm):  # NaN/Inf: skip or stop, never train on
-            optimizer.step()
+        guard.step(step + 1, total_loss_sum, grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -181,6 +176,7 @@ def main(cfg: DictConfig) -> float:
             break
 
     # --- Cleanup ---
+    guard.check()  # the last step's NaN/Inf verdict
     if ckpt_dir:
         wait_for_async_save(ckpt_dir, cfg.checkpoint.max_checkpoints, dist_config.rank)
     if ckpt_dir and cfg.checkpoint.save_final_model:

@@ -238,11 +238,12 @@ def validate_cp_config(cfg: DictConfig, use_te: bool, world_size: int) -> None:
         )
 
 
-def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: int = 1):
+def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: int = 1, cp_rank: int | None = None):
     """BSHD or THD (`use_sequence_packing`) loader; FP8 pads token counts to multiples of 16. With context
     parallelism every sequence is padded so that it splits into 2 x cp_size equal chunks (of multiples of
-    16 tokens per rank with FP8)."""
+    16 tokens per rank with FP8), and with `cp_rank` the loader yields that rank's shards."""
     kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
+    kwargs.update(cp_rank=cp_rank, cp_size=cp_size)
     if cfg.fp8_config.enabled:
         kwargs["pad_to_multiple_of"] = 16
     if cp_size > 1:
@@ -332,32 +333,69 @@ class NonFiniteGuard:
     """The `on_nonfinite` policy for a NaN or Inf loss or gradient norm: skip the update (up to
     `max_consecutive_skips` in a row, then stop) or stop at once. Never trains on silently.
 
-    The check reads two numbers back from the GPU every step (one sync), the price of knowing before the
-    optimizer applies the update. Loss and norm are global values, so every rank decides the same.
+    `step()` replaces `optimizer.step()`. With fused AdamW (the GPU default) the skip happens on the GPU,
+    through the optimizer's `found_inf` input (as `GradScaler` uses it: no parameter, moment or step count
+    changes), and the verdict is read back one step later, when it is long computed: no per-step stall.
+    A warning or a stop therefore comes one step late, but a bad update is never applied. Other
+    optimizers are checked at once, which reads two numbers back every step (a sync). Loss and norm
+    are global values, so every rank decides the same.
     """
 
-    def __init__(self, action: str, max_consecutive_skips: int):
+    def __init__(self, action: str, max_consecutive_skips: int, optimizer: torch.optim.Optimizer):
         self.action = action
         self.max_consecutive_skips = max_consecutive_skips
-        self.consecutive = 0
+        self.optimizer = optimizer
+        self.on_device = bool(optimizer.defaults.get("fused"))
+        self.consecutive = 0  # a tensor on the device when `on_device`
+        self.pending = None  # (step, [bad, consecutive, loss, grad_norm] on the host, event or None)
 
-    def update_is_finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        what = f"step {step}: loss sum {loss.item()}, gradient norm {grad_norm.item()}"
-        if self.action == "stop" or self.consecutive > self.max_consecutive_skips:
+    def step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Applies the optimizer's update unless `loss` or `grad_norm` is NaN or Inf."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if not self.on_device:
+            if bool(bad):
+                self.consecutive += 1
+                self._report(step, self.consecutive, loss.item(), grad_norm.item())
+            else:
+                self.consecutive = 0
+                self.optimizer.step()
+            return
+        self.check()  # the previous step's verdict
+        self.optimizer.found_inf = bad.float()
+        self.optimizer.step()
+        self.consecutive = (self.consecutive + 1) * bad
+        values = torch.stack([bad.double(), self.consecutive.double(), loss.double(), grad_norm.double()])
+        event = None
+        if values.is_cuda:  # a pinned copy that arrives when the GPU gets there, and an event to wait on it
+            values = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (step, values, event)
+
+    def check(self) -> None:
+        """Acts on the last verdict not yet read (call once more after the loop)."""
+        if self.pending is None:
+            return
+        step, values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        bad, consecutive, loss, grad_norm = values.tolist()
+        if bad:
+            self._report(step, int(consecutive), loss, grad_norm)
+
+    def _report(self, step: int, consecutive: int, loss: float, grad_norm: float) -> None:
+        what = f"step {step}: loss sum {loss}, gradient norm {grad_norm}"
+        if self.action == "stop" or consecutive > self.max_consecutive_skips:
             raise FloatingPointError(
-                f"Non-finite values at {what} ({self.consecutive} such step(s) in a row; on_nonfinite.action="
+                f"Non-finite values at {what} ({consecutive} such step(s) in a row; on_nonfinite.action="
                 f"{self.action}, max_consecutive_skips={self.max_consecutive_skips}). The last complete checkpoint "
                 "is untouched: resume from it with a lower adamw_kwargs.lr, max_grad_norm set, or FP8 off."
             )
         logger.warning(
             "Non-finite values at %s: skipped this update (%d in a row; stopping after %d).",
-            what, self.consecutive, self.max_consecutive_skips,
+            what, consecutive, self.max_consecutive_skips,
         )  # fmt: skip
-        return False
 
 
 def iter_batches(dataloader, device: torch.device):

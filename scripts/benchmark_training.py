@@ -52,7 +52,9 @@ def row(group, name, precision, fmt, overrides, gpus=1, script="fsdp2", save_che
 def cp_rows():
     """cp=1 at S vs cp=2 at 2S (the same tokens per GPU), and a length one GPU cannot hold."""
     rows = []
-    for cp, seq, batch, steps in ((1, 8192, 2, None), (2, 16384, 2, None), (1, 196608, 1, 4), (2, 196608, 1, 4)):
+    shapes = ((1, 4096, 4, None), (2, 8192, 4, None), (1, 8192, 2, None), (2, 16384, 2, None),
+              (1, 196608, 1, 4), (2, 196608, 1, 4))  # fmt: skip
+    for cp, seq, batch, steps in shapes:
         overrides = (
             f"{LONG_DNA} {THD} {BF16} cp_size={cp} dataset.max_seq_length={seq} dataset.micro_batch_size={batch}"
         )
@@ -226,8 +228,9 @@ def targets(results) -> list[tuple[str, float | None, float]]:
          ratio(results, "fsdp2 FP8 current 2 GPU", "fsdp2 FP8 current 1 GPU", scale=2), 1.9),
         ("FSDP2 8 GPUs / 1 GPU per-GPU efficiency (FP8 current)",
          ratio(results, "fsdp2 FP8 current 8 GPU", "fsdp2 FP8 current 1 GPU"), 0.9),
-        ("CP 2 GPUs at 2S / CP 1 GPU at S, tokens/s/GPU", ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k"), 0.9),
-        ("CP 2 GPUs at 2S / CP 1 GPU at S, MFU (counts the longer attention)",
+        *[(f"CP 2 GPUs at {2 * s}k / CP 1 GPU at {s}k, tokens/s/GPU",
+           ratio(results, f"CP 2 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), 0.9) for s in (4, 8)],
+        ("CP 2 GPUs at 16k / CP 1 GPU at 8k, MFU (counts the longer attention)",
          ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k", key="mfu"), 0.9),
         ("data-loader wait, worst row (fraction of step time)",
          max((r["data_wait_fraction"] for r in model_rows if r.get("data_wait_fraction") is not None),

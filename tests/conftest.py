@@ -37,3 +37,17 @@ def tokenizer():
     from dataset import load_tokenizer
 
     return load_tokenizer(TOKENIZER)
+
+
+def poison_embedding_gradients(model, poisoned_steps: set):
+    """NaN gradients from the embedding output down, in the forward calls numbered in `poisoned_steps` (from 1;
+    one per step without accumulation). A hook on the module, not the weight: a meta-built model's weights are
+    replaced when it is materialised."""
+    calls = [0]
+
+    def hook(module, inputs, output):
+        calls[0] += 1
+        if calls[0] in poisoned_steps:
+            output.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+    model.get_input_embeddings().register_forward_hook(hook)

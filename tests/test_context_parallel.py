@@ -106,3 +106,17 @@ def test_cp_size_one_keeps_every_token_of_any_length():
     shard = shard_batch_for_cp(batch, 1, 0)
     assert torch.equal(shard["input_ids"], batch["input_ids"])
     assert torch.equal(shard["shift_labels"][:, :-1], batch["labels"][:, 1:])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_cp_loader_yields_each_ranks_shard(packing):
+    """With `cp_rank` the loader itself shards (in its workers, so that it pins the shards): the same shards
+    as sharding the unsharded loader's batches."""
+    cfg = cp_cfg(f"use_sequence_packing={packing}", "dataset.max_seq_length=300", "dataset.num_workers=1")
+    full, _ = create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2)
+    shards = [create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2, cp_rank=r)[0] for r in range(2)]
+    for batch, rank0, rank1, _ in zip(full, *shards, range(5)):
+        for rank, shard in enumerate((rank0, rank1)):
+            expected = shard_batch_for_cp(batch, 2, rank)
+            assert shard.keys() == expected.keys()
+            assert all(torch.equal(shard[k], expected[k]) for k in expected if torch.is_tensor(expected[k]))

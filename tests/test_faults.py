@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PARQUET, RECIPE_DIR
+from conftest import PARQUET, RECIPE_DIR, poison_embedding_gradients
 from hydra import compose, initialize_config_dir
 
 import train_ddp
@@ -145,16 +145,30 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
 # --- NaN / Inf ---
 
 
-def test_guard_skips_then_stops():
-    guard = NonFiniteGuard("skip", max_consecutive_skips=2)
-    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
-    assert guard.update_is_finite(1, one, one)
-    assert not guard.update_is_finite(2, nan, one) and not guard.update_is_finite(3, one, torch.tensor(float("inf")))
+@pytest.mark.parametrize("fused", [False, True], ids=["checked-at-once", "fused-skip-read-one-step-late"])
+def test_guard_skips_then_stops(fused):
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused)
+    guard = NonFiniteGuard("skip", 2, optimizer)
+
+    def step(n, loss, norm):
+        param.grad = torch.ones(3)
+        guard.step(n, torch.tensor(loss), torch.tensor(norm))
+
+    step(1, 1.0, 1.0)
+    after_one = (param.detach().clone(), {k: v.clone() for k, v in optimizer.state[param].items()})
+    assert not torch.equal(after_one[0], torch.ones(3))
+    step(2, float("nan"), 1.0)
+    step(3, 1.0, float("inf"))
+    assert torch.equal(param, after_one[0])  # neither update applied: weights, moments, step count as they were
+    assert all(torch.equal(optimizer.state[param][k], v) for k, v in after_one[1].items())
     with pytest.raises(FloatingPointError, match="step 4.*3 such step"):
-        guard.update_is_finite(4, nan, one)
-    assert NonFiniteGuard("skip", 2).update_is_finite(5, one, one)
+        step(4, float("nan"), 1.0)
+        guard.check()  # with the fused skip, the verdict is read one step later (or after the loop)
+    stop = NonFiniteGuard("stop", 2, optimizer)
     with pytest.raises(FloatingPointError, match="on_nonfinite.action=stop"):
-        NonFiniteGuard("stop", 2).update_is_finite(1, nan, one)
+        stop.step(1, torch.tensor(float("nan")), torch.tensor(1.0))
+        stop.check()
 
 
 def make_cfg(run_dir, *overrides):
@@ -162,26 +176,24 @@ def make_cfg(run_dir, *overrides):
         return compose(config_name="L0_sanity", overrides=[*FAST, f"run_dir={run_dir}", *overrides])
 
 
-@pytest.fixture
-def nan_gradients(monkeypatch):
+@pytest.fixture(params=[False, True], ids=["checked-at-once", "fused-skip"])
+def nan_gradients(monkeypatch, request):
     """NaN gradients (on the embedding) in the steps listed in the returned set."""
     poisoned_steps = set()
     create_model = train_ddp.create_model
 
     def create_poisoned_model(*args, **kwargs):
         model = create_model(*args, **kwargs)
-        calls = [0]
-
-        def hook(grad):
-            calls[0] += 1
-            return torch.full_like(grad, float("nan")) if calls[0] in poisoned_steps else grad
-
-        model.get_input_embeddings().weight.register_hook(hook)
+        poison_embedding_gradients(model, poisoned_steps)
         created.append(model)
         return model
 
     created = []
     monkeypatch.setattr(train_ddp, "create_model", create_poisoned_model)
+    if request.param:  # fused AdamW (the GPU default; create_optimizer turns it off on CPUs): the on-device skip
+        monkeypatch.setattr(
+            train_ddp, "create_optimizer", lambda cfg, model, device: torch.optim.AdamW(model.parameters(), fused=True)
+        )
     return poisoned_steps, created
 
 

@@ -241,8 +241,9 @@ def test_meta_init_matches_direct_construction():
 
 def test_fsdp2_meta_init_matches_direct_construction(tmp_path):
     """The training path of train_fsdp2.py: build on meta, fully_shard, then init_empty_weights on the shards.
-    The first losses of FSDP2 runs were ~1.5 nats above DDP's on L1 (see the session notes); this pins it down:
-    same statistics per parameter, no two matrices drawn alike, the tie kept, and a similar untrained loss."""
+    Same statistics per parameter as direct construction, no two matrices drawn alike, the tie kept, and the
+    sharded model computes what an unsharded model with the same weights computes. (Untrained losses of different
+    draws are not compared: on 4-letter DNA they spread by more than a nat from one seed to the next.)"""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -260,17 +261,20 @@ def test_fsdp2_meta_init_matches_direct_construction(tmp_path):
     fully_shard(sharded)
     sharded.init_empty_weights("cuda")
     assert sharded.lm_head.weight is sharded.model.embed_tokens.weight
-    full = {name: p.full_tensor().float() for name, p in sharded.named_parameters()}
+    full = {name: p.full_tensor() for name, p in sharded.named_parameters()}
     for name, a in direct.named_parameters():
-        b = full[name]
+        b = full[name].float()
         assert torch.isfinite(b).all(), name
         assert abs(a.float().std() - b.std()) < 0.05 * a.float().std() + 1e-6, name
-    fc1 = [full[f"model.layers.{i}.layernorm_mlp.fc1_weight"].flatten() for i in range(2)]
+    fc1 = [full[f"model.layers.{i}.layernorm_mlp.fc1_weight"].float().flatten() for i in range(2)]
     assert F.cosine_similarity(fc1[0], fc1[1], dim=0).abs() < 0.05  # independent draws
+
+    direct.load_state_dict(full, strict=False)  # the same weights, unsharded (strict=False: TE's _extra_state)
     ids = torch.randint(4, 256, (2, 256), device="cuda")
     with torch.no_grad():
-        loss_direct, loss_sharded = direct(input_ids=ids, labels=ids).loss, sharded(input_ids=ids, labels=ids).loss
-    assert abs(loss_direct.item() - loss_sharded.item()) < 0.3, (loss_direct.item(), loss_sharded.item())
+        out_direct, out_sharded = direct(input_ids=ids, labels=ids), sharded(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_sharded.logits, out_direct.logits)
+    torch.testing.assert_close(out_sharded.loss, out_direct.loss)
 
 
 def test_hf_te_hf_model_round_trip_is_exact(hf_model):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import RECIPE_DIR
+from conftest import RECIPE_DIR, poison_embedding_gradients
 from hydra import compose, initialize_config_dir
 
 import train_ddp
@@ -103,3 +103,26 @@ def test_two_gpus_fp8_thd(tmp_path, script):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert losses(tmp_path)[60] < 2.0
     assert len(list((tmp_path / "ckpt" / "step_60").glob("rank_*.pt"))) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
+def test_nan_steps_are_skipped_on_the_gpu(tmp_path, monkeypatch, script):
+    """The fused-AdamW skip (`found_inf`, read back one step late) with plain tensors (DDP) and DTensors
+    (FSDP2), under FP8: skipped updates leave no trace, and too many in a row stop the run."""
+    poisoned_steps, created, make_model = set(), [], script.create_model
+
+    def create_poisoned_model(*args, **kwargs):
+        model = make_model(*args, **kwargs)
+        poison_embedding_gradients(model, poisoned_steps)
+        created.append(model)
+        return model
+
+    monkeypatch.setattr(script, "create_model", create_poisoned_model)
+    fp8 = ["fp8_config.enabled=true", "use_sequence_packing=true", "on_nonfinite.max_consecutive_skips=2"]
+    poisoned_steps.update({3, 4})
+    final = script.main(make_cfg(tmp_path / "skip", *fp8, "num_train_steps=30"))
+    assert final < 4.0 and all(torch.isfinite(p.detach().float()).all() for p in created[0].parameters())
+    poisoned_steps.add(5)
+    with pytest.raises(FloatingPointError, match="step 5.*max_consecutive_skips=2"):
+        script.main(make_cfg(tmp_path / "stop", *fp8, "num_train_steps=30"))
