@@ -1,8 +1,8 @@
 """One log line per interval, `metrics.jsonl`, a tqdm bar on rank 0, and wandb when enabled.
 
 Per-step values stay on the device and are read only on log steps (the loop's NaN/Inf check,
-`training_utils.NonFiniteGuard`, is the one per-step sync). The logged loss is the token-weighted
-mean over the interval's steps and all ranks.
+`training_utils.NonFiniteGuard`, reads its verdict a step late, without a sync, when the optimizer is
+fused AdamW). The logged loss is the token-weighted mean over the interval's steps and all ranks.
 
 MFU = achieved model FLOP/s per GPU / peak dense BF16 FLOP/s of the GPU, with model FLOPs per token
 = 6 N + 12 L H D S (torchtitan's convention: N parameters without the embedding, L layers, H heads,

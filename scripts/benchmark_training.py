@@ -50,10 +50,11 @@ def row(group, name, precision, fmt, overrides, gpus=1, script="fsdp2", save_che
 
 
 def cp_rows():
-    """cp=1 at S vs cp=2 at 2S (the same tokens per GPU), and a length one GPU cannot hold."""
+    """cp=1 at S vs cp=2 at 2S (the same tokens per GPU), cp=1 vs cp=2 at one length, and a length one GPU
+    cannot hold."""
     rows = []
     shapes = ((1, 4096, 4, None), (2, 8192, 4, None), (1, 8192, 2, None), (2, 16384, 2, None),
-              (1, 196608, 1, 4), (2, 196608, 1, 4))  # fmt: skip
+              (1, 16384, 2, None), (1, 196608, 1, 4), (2, 196608, 1, 4))  # fmt: skip
     for cp, seq, batch, steps in shapes:
         overrides = (
             f"{LONG_DNA} {THD} {BF16} cp_size={cp} dataset.max_seq_length={seq} dataset.micro_batch_size={batch}"
@@ -232,6 +233,8 @@ def targets(results) -> list[tuple[str, float | None, float]]:
            ratio(results, f"CP 2 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), 0.9) for s in (4, 8)],
         ("CP 2 GPUs at 16k / CP 1 GPU at 8k, MFU (counts the longer attention)",
          ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k", key="mfu"), 0.9),
+        ("CP 2 GPUs / CP 1 GPU, both at 16k, tokens/s/GPU (the cost of CP itself)",
+         ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 16k"), 0.9),
         ("data-loader wait, worst row (fraction of step time)",
          max((r["data_wait_fraction"] for r in model_rows if r.get("data_wait_fraction") is not None),
              default=None), 0.02),
