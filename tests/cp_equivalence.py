@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=2 tests/cp_equivalence.py RESULT.json     # run by tests/test_cp_gpu.py
 
-Rank 0 writes, for THD and BSHD input: the cosine similarity of the logits (real tokens, reassembled
+Rank 0 writes, for THD and BSHD input and each of TE's key/value exchanges (p2p, a2a, all_gather): the
+cosine similarity of the logits (real tokens, reassembled
 from the CP shards), both losses, and the cosine similarity of all gradients (CP gradients summed
 over the CP ranks, since each rank's loss covers only its tokens).
 """
@@ -42,11 +43,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
 
-def compare(fmt: str, batch: dict, bounds: np.ndarray, real: torch.Tensor) -> dict:
+def compare(fmt: str, comm: str, batch: dict, bounds: np.ndarray, real: torch.Tensor) -> dict:
     rank, cp_size = dist.get_rank(), dist.get_world_size()
     reference, parallel = make_model(fmt), make_model(fmt)
     group = dist.new_group(list(range(cp_size)))
-    parallel.model.set_context_parallel_group(group, list(range(cp_size)), torch.cuda.Stream())
+    parallel.model.set_context_parallel_group(group, list(range(cp_size)), torch.cuda.Stream(), comm)
     full = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
     if "attention_mask" in full:
         del full["attention_mask"]  # no padding in the BSHD batch below
@@ -90,10 +91,11 @@ def main():
     for start, length in zip(bounds[:-1], np.diff(thd["cu_seq_lens_q"].numpy())):
         real[0, start : start + length] = True
     bshd = BshdCollator(pad_token_id=1)([{"input_ids": rng.integers(4, 256, 256)} for _ in range(2)])
-    results = {
-        "thd": compare("thd", thd, bounds, real),
-        "bshd": compare("bshd", bshd, np.array([0, 256]), torch.ones(bshd["input_ids"].shape, dtype=torch.bool)),
-    }
+    every_token = torch.ones(bshd["input_ids"].shape, dtype=torch.bool)
+    results = {}
+    for comm in ("p2p", "a2a", "all_gather"):
+        results[f"thd {comm}"] = compare("thd", comm, thd, bounds, real)
+        results[f"bshd {comm}"] = compare("bshd", comm, bshd, np.array([0, 256]), every_token)
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
