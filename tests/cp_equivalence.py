@@ -3,9 +3,9 @@
     torchrun --nproc_per_node=2 tests/cp_equivalence.py RESULT.json     # run by tests/test_cp_gpu.py
 
 Rank 0 writes, for THD and BSHD input and each of TE's key/value exchanges (p2p, a2a, all_gather): the
-cosine similarity of the logits (real tokens, reassembled
-from the CP shards), both losses, and the cosine similarity of all gradients (CP gradients summed
-over the CP ranks, since each rank's loss covers only its tokens).
+cosine similarity of the logits (real tokens, reassembled from the CP shards), both losses, and the
+cosine similarity of all gradients (CP gradients summed over the CP ranks, since each rank's loss
+covers only its tokens).
 """
 
 import json

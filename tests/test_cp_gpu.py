@@ -35,10 +35,10 @@ def test_cp_logits_loss_and_gradients_match_no_cp(tmp_path):
     run([*TORCHRUN, "tests/cp_equivalence.py", str(tmp_path / "result.json")])
     results = json.loads((tmp_path / "result.json").read_text())
     assert len(results) == 6  # THD and BSHD, each with p2p, a2a and all_gather
-    for fmt, r in results.items():
-        assert r["logits_cosine"] > 0.999, (fmt, r)
-        assert abs(r["loss_cp"] - r["loss_reference"]) < 1e-2, (fmt, r)
-        assert r["grad_cosine"] > 0.99, (fmt, r)
+    for case, r in results.items():
+        assert r["logits_cosine"] > 0.999, (case, r)
+        assert abs(r["loss_cp"] - r["loss_reference"]) < 1e-2, (case, r)
+        assert r["grad_cosine"] > 0.99, (case, r)
 
 
 def cp_train(run_dir, *overrides, **env):
