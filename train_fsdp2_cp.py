@@ -101,7 +101,7 @@ def main(cfg: DictConfig) -> float:
 
     # --- Data ---
     # Every data-parallel group reads its own share; the CP ranks of a group read the same batches and
-    # each loader yields its rank's part of every sequence (`collator.shard_batch_for_cp`).
+    # each loader yields its rank's part of every sequence (`collator.ContextParallelCollator`).
     data_config = DistributedConfig(cp_mesh.get_local_rank("dp"), dist_config.local_rank, cp_mesh["dp"].size())
     dataloader, tokenizer = create_dataloader(cfg, data_config, cp_size=cfg.cp_size, cp_rank=cp_rank)
 
