@@ -30,14 +30,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from distributed_config import barrier
+from run_info import write_run_info
+
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 _pending_async_save = None  # (future, folder) of the FSDP2 save in flight
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _step_of(path: Path) -> int:
@@ -55,6 +53,7 @@ def complete_checkpoints(ckpt_dir) -> list[Path]:
 
 
 def find_latest_checkpoint(ckpt_dir) -> Path | None:
+    """The newest complete `step_N` folder, or None."""
     complete = complete_checkpoints(ckpt_dir) if ckpt_dir and Path(ckpt_dir).exists() else []
     return complete[-1] if complete else None
 
@@ -93,6 +92,7 @@ def resume_from_latest(ckpt_dir, load: Callable[[Path], int], device: torch.devi
 
 
 def prune_checkpoints(ckpt_dir, max_checkpoints: int | None) -> None:
+    """Delete all but the newest `max_checkpoints` complete checkpoints (None or 0: keep all)."""
     if not max_checkpoints:
         return
     for old in complete_checkpoints(ckpt_dir)[:-max_checkpoints]:
@@ -118,9 +118,12 @@ def _rank_state(step: int, scheduler, dataloader, extra_model_state: dict) -> di
 
 
 def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
-    """This rank's scheduler, RNG and dataloader state. A checkpoint from a different number of ranks
-    resumes too (the model and optimizer are whole or resharded by DCP), but the data streams cannot be
-    resharded: the loader then starts its stream anew, and RNG states are not restored."""
+    """Restore this rank's scheduler, RNG and dataloader state.
+
+    A checkpoint from a different number of ranks resumes too (the model and optimizer are whole or
+    resharded by DCP), but the data streams cannot be resharded: the loader then starts its stream anew,
+    and RNG states are not restored.
+    """
     saved_ranks = len(list(path.glob("rank_*.pt")))
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if saved_ranks != world_size:
@@ -148,8 +151,11 @@ def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
 
 @contextmanager
 def _trusted_te_extra_state():
-    """TE refuses to unpickle DelayedScaling's FP8 state (amax history) unless told the source is trusted.
-    These are the run's own checkpoint files, so opt in while loading them, and only then."""
+    """Let TE unpickle FP8 state (DelayedScaling's amax history) from our own checkpoints.
+
+    TE refuses unless told the source is trusted. These are the run's own checkpoint files, so opt in while
+    loading them, and only then.
+    """
     key = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
     previous = os.environ.get(key)
     os.environ[key] = "1"
@@ -167,22 +173,24 @@ def _split_extra_state(model_state: dict) -> tuple[dict, dict]:
     return {k: v for k, v in model_state.items() if k not in extra}, extra
 
 
-def _finish(path: Path, rank: int, ckpt_dir, max_checkpoints) -> None:
-    _barrier()  # every rank has written its part
+def _finish(path: Path, rank: int, ckpt_dir, max_checkpoints, run_info: dict | None) -> None:
+    barrier()  # every rank has written its part
     if os.environ.get("RECIPE_FAULT_KILL_BEFORE_MARKER") == path.name:  # fault-injection tests only
         os.kill(os.getpid(), 9)
     if rank == 0:
+        if run_info is not None:
+            write_run_info(path, run_info)
         (path / MARKER).write_text("ok\n")
         prune_checkpoints(ckpt_dir, max_checkpoints)
         logger.info("Saved checkpoint %s", path)
-    _barrier()
+    barrier()
 
 
 def _prepare_folder(ckpt_dir, step: int, rank: int) -> Path:
     path = Path(ckpt_dir) / f"step_{step}"
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a leftover of a crashed save, or a damaged checkpoint that resume fell back from
-    _barrier()
+    barrier()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -190,17 +198,20 @@ def _prepare_folder(ckpt_dir, step: int, rank: int) -> Path:
 # --- DDP ---
 
 
-def save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None):
+def save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None,
+                        run_info: dict | None = None):  # fmt: skip
+    """Write `step_N/`: model and optimizer whole from rank 0, each rank's own state, then the marker."""
     path = _prepare_folder(ckpt_dir, step, rank)
     module = model.module if hasattr(model, "module") else model
     weights, extra = _split_extra_state(module.state_dict())
     if rank == 0:
         torch.save({"model": weights, "optimizer": optimizer.state_dict()}, path / "model_optimizer.pt")
     torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")
-    _finish(path, rank, ckpt_dir, max_checkpoints)
+    _finish(path, rank, ckpt_dir, max_checkpoints, run_info)
 
 
 def load_checkpoint_ddp(path: Path, model, optimizer, scheduler, dataloader, rank: int) -> int:
+    """Restore a `save_checkpoint_ddp` folder into the (DDP-wrapped or bare) model; returns its step."""
     module = model.module if hasattr(model, "module") else model
     state = torch.load(path / "model_optimizer.pt", map_location="cpu", weights_only=False)
     rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
@@ -214,7 +225,12 @@ def load_checkpoint_ddp(path: Path, model, optimizer, scheduler, dataloader, ran
 
 
 def save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None,
-                          async_save: bool = False):  # fmt: skip
+                          async_save: bool = False, run_info: dict | None = None):  # fmt: skip
+    """Write `step_N/`: sharded model and optimizer with DCP, each rank's own state, then the marker.
+
+    With `async_save` the DCP write runs in the background; the next save or `wait_for_async_save` finishes
+    it and only then writes the marker.
+    """
     wait_for_async_save(ckpt_dir, max_checkpoints, rank)
     path = _prepare_folder(ckpt_dir, step, rank)
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -223,10 +239,10 @@ def save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloade
     state = {"model": weights, "optimizer": optim_state}
     if async_save:
         global _pending_async_save
-        _pending_async_save = (dcp.async_save(state, checkpoint_id=str(path / "dcp")), path)
+        _pending_async_save = (dcp.async_save(state, checkpoint_id=str(path / "dcp")), path, run_info)
         return
     dcp.save(state, checkpoint_id=str(path / "dcp"))
-    _finish(path, rank, ckpt_dir, max_checkpoints)
+    _finish(path, rank, ckpt_dir, max_checkpoints, run_info)
 
 
 def wait_for_async_save(ckpt_dir, max_checkpoints, rank: int) -> None:
@@ -234,13 +250,14 @@ def wait_for_async_save(ckpt_dir, max_checkpoints, rank: int) -> None:
     global _pending_async_save
     if _pending_async_save is None:
         return
-    future, path = _pending_async_save
+    future, path, run_info = _pending_async_save
     _pending_async_save = None
     future.result()
-    _finish(path, rank, ckpt_dir, max_checkpoints)
+    _finish(path, rank, ckpt_dir, max_checkpoints, run_info)
 
 
 def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, rank: int) -> int:
+    """Restore a `save_checkpoint_fsdp2` folder (DCP reshards to this world size); returns its step."""
     model_state, optim_state = get_state_dict(model, optimizer)
     weights, _ = _split_extra_state(model_state)
     state = {"model": weights, "optimizer": optim_state}
@@ -259,7 +276,8 @@ def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, r
 # --- Final export ---
 
 
-def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2: bool) -> Path | None:
+def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2: bool,
+                     run_info: dict | None = None) -> Path:  # fmt: skip
     """Write `<ckpt_dir>/final_model`, a Hugging Face directory (`AutoModelForCausalLM` loads it)."""
     from export import export_te_model
 
@@ -275,6 +293,8 @@ def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2:
         else:
             module.save_pretrained(path, state_dict=state)
             tokenizer.save_pretrained(path)
+        if run_info is not None:
+            write_run_info(path, run_info)
         logger.info("Exported the final model to %s", path)
-    _barrier()
+    barrier()
     return path

@@ -69,6 +69,7 @@ class BshdCollator(_LabelPolicy):
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """`input_ids`, `attention_mask` and `labels` of shape [B, L]."""
         seqs = [np.asarray(s["input_ids"]) for s in samples]
         length = max(len(s) for s in seqs)
         if self.pad_to_multiple_of:
@@ -111,6 +112,7 @@ class ThdCollator(_LabelPolicy):
         self.pad_sequences_to_be_divisible_by = pad_sequences_to_be_divisible_by
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | int | bool]:
+        """One packed [1, T] row with `cu_seq_lens_q/k` and `max_length_q/k` (see the module docstring)."""
         seqs = [np.asarray(s["input_ids"]) for s in samples]
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         padded = lengths
@@ -208,10 +210,12 @@ class TokenPackingDataset(IterableDataset):
             yield batch
 
     def state_dict(self) -> dict:
+        """The inner stream's state and the tokens carried over into the next batch."""
         # A partly built batch is never part of the state: the snapshot is taken between batches.
         return {"dataset": self.dataset.state_dict(), "carry": None if self._carry is None else self._carry.copy()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`."""
         self.dataset.load_state_dict(state["dataset"])
         self._carry = state["carry"]
 
@@ -267,11 +271,14 @@ def shard_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
 
 class ContextParallelCollator:
     """A collator whose batches are already this context-parallel rank's shard (`shard_batch_for_cp`).
+
     Sharding runs in the loader's workers and the loader pins the result, so the training loop's copy to
-    the GPU stays asynchronous (pinning in the loop would allocate pinned memory, which can wait on the GPU)."""
+    the GPU stays asynchronous (pinning in the loop would allocate pinned memory, which can wait on the GPU).
+    """
 
     def __init__(self, collator, cp_size: int, cp_rank: int):
         self.collator, self.cp_size, self.cp_rank = collator, cp_size, cp_rank
 
     def __call__(self, features):
+        """This rank's shard of the wrapped collator's batch."""
         return shard_batch_for_cp(self.collator(features), self.cp_size, self.cp_rank)

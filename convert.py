@@ -30,6 +30,7 @@ def _shape(config) -> tuple[int, int, int]:
 
 
 def hf_to_te_state_dict(hf_state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """HF Llama weights renamed and fused (interleaved QKV, gate+up) for `NVLlamaForCausalLM`."""
     n_heads, n_kv, head_dim = _shape(config)
     group = n_heads // n_kv
     out = {}
@@ -55,6 +56,7 @@ def hf_to_te_state_dict(hf_state: dict[str, torch.Tensor], config) -> dict[str, 
 
 
 def te_to_hf_state_dict(te_state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """`NVLlamaForCausalLM` weights split back into HF Llama names (the inverse of `hf_to_te_state_dict`)."""
     n_heads, n_kv, head_dim = _shape(config)
     group = n_heads // n_kv
     back = {te_name: hf_name for hf_name, te_name in _RENAMES.items()}
@@ -85,11 +87,13 @@ def te_to_hf_state_dict(te_state: dict[str, torch.Tensor], config) -> dict[str, 
 
 
 def te_config_from_hf(hf_config: LlamaConfig, **overrides) -> NVLlamaConfig:
+    """An `NVLlamaConfig` with the HF config's shape; `overrides` set the TE-only fields."""
     values = {k: v for k, v in hf_config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
     return NVLlamaConfig(**{**values, **overrides})
 
 
 def hf_config_from_te(te_config: NVLlamaConfig) -> LlamaConfig:
+    """A plain `LlamaConfig` with the TE config's shape (TE-only fields dropped)."""
     drop = ("model_type", "architectures", "auto_map", "attn_input_format", "self_attn_mask_type", "loss_chunk_size")
     return LlamaConfig(**{k: v for k, v in te_config.to_dict().items() if k not in drop})
 

@@ -27,6 +27,7 @@ def _save_weights(state_dict: dict[str, torch.Tensor], path: Path, tied: bool) -
 
 
 def export_te_model(out_dir, state_dict: dict[str, torch.Tensor], config: NVLlamaConfig, tokenizer=None) -> Path:
+    """Write a TE model directory that `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` loads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_weights(state_dict, out_dir, config.tie_word_embeddings)
@@ -40,6 +41,7 @@ def export_te_model(out_dir, state_dict: dict[str, torch.Tensor], config: NVLlam
 
 
 def export_hf_model(out_dir, state_dict: dict[str, torch.Tensor], config: NVLlamaConfig, tokenizer=None) -> Path:
+    """Write the TE weights as a plain `LlamaForCausalLM` directory (vLLM, SGLang, CPU inference)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config = hf_config_from_te(config)

@@ -80,6 +80,7 @@ class HFInferenceParams(InferenceParams):
     is_compileable = False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached so far (the longest sequence)."""
         return max(self.sequences.values(), default=0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -107,6 +108,7 @@ class RotaryEmbedding(nn.Module):
         self._cache: torch.Tensor | None = None
 
     def forward(self, length: int, device: torch.device) -> torch.Tensor:
+        """The [length, 1, 1, head_dim] fp32 frequencies TE's attention takes as `rotary_pos_emb`."""
         cache = self._cache
         if cache is None or cache.shape[0] < length or cache.device != device:
             inv_freq = self.inv_freq.to(device=device, dtype=torch.float32)
@@ -119,6 +121,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class NVLlamaPreTrainedModel(PreTrainedModel):
+    """HF plumbing shared by the TE models: config class, HF Llama initialisation, meta-device materialisation."""
+
     config_class = NVLlamaConfig
     base_model_prefix = "model"
     _no_split_modules = ["TransformerLayer"]
@@ -151,6 +155,7 @@ class NVLlamaPreTrainedModel(PreTrainedModel):
         self.tie_weights()
 
     def save_pretrained(self, save_directory, **kwargs):
+        """HF's `save_pretrained` without TE's FP8 training state (`_extra_state`)."""
         state_dict = kwargs.pop("state_dict", None) or self.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith("_extra_state")}
         super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
@@ -165,6 +170,8 @@ def _require_te():
 
 
 class NVLlamaModel(NVLlamaPreTrainedModel):
+    """The decoder: embedding, `te.TransformerLayer`s with RoPE, final RMSNorm; returns the last hidden state."""
+
     def __init__(self, config: NVLlamaConfig):
         _require_te()
         super().__init__(config)
@@ -210,8 +217,10 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         self.post_init()
 
     def set_context_parallel_group(self, cp_group, cp_global_ranks: list[int], cp_stream, cp_comm_type: str = "p2p"):
-        """Context parallelism: every layer's attention exchanges keys and values with the other ranks of
-        `cp_group`. Each rank then gets its part of every sequence (`collator.shard_batch_for_cp`)."""
+        """Context parallelism: every layer's attention exchanges keys and values with the ranks of `cp_group`.
+
+        Each rank then gets its part of every sequence (`collator.shard_batch_for_cp`).
+        """
         for layer in self.layers:
             layer.set_context_parallel_group(cp_group, cp_global_ranks, cp_stream, cp_comm_type)
         self.cp_size = len(cp_global_ranks)
@@ -224,81 +233,97 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         past_key_values: InferenceParams | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        cu_seq_lens_q: torch.Tensor | None = None,
-        cu_seq_lens_k: torch.Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
-        cu_seq_lens_q_padded: torch.Tensor | None = None,
-        cu_seq_lens_k_padded: torch.Tensor | None = None,
-        pad_between_seqs: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """The final hidden states (and, with `output_hidden_states`, every layer's input), in the input's shape.
+
+        BSHD input is [B, S] ids with an optional padding mask; THD input is a packed [1, T] row with
+        `cu_seq_lens_q/k`, `max_length_q/k` and, under context parallelism, their `_padded` forms.
+        """
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, H]
-        batch, seq_len, hidden_size = hidden.shape
         inference = (
             past_key_values if isinstance(past_key_values, InferenceParams) and use_cache is not False else None
         )
         unpad_index = None
-        layer_kwargs = {}
-
         if self.config.attn_input_format == "thd":
-            if cu_seq_lens_q is None:
-                # Padded BSHD input (e.g. `generate` with left padding): drop the pads, run THD, pad back.
-                mask = torch.ones(batch, seq_len, device=hidden.device, dtype=torch.bool)
-                if attention_mask is not None:
-                    mask = attention_mask[:, -seq_len:].bool()  # decoding: the mask covers the cache too
-                lengths = mask.sum(dim=1, dtype=torch.int32)
-                unpad_index = mask.flatten().nonzero().squeeze(1)
-                hidden = hidden.reshape(batch * seq_len, hidden_size)[unpad_index]
-                cu_seq_lens_q = cu_seq_lens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-                max_length_q = max_length_k = seq_len
-                if inference is not None:
-                    inference.pre_step(OrderedDict(enumerate(lengths.tolist())))
-                    cu_seq_lens_q, cu_seq_lens_k = inference.cu_seqlens_q, inference.cu_seqlens_kv
-                    max_length_k = inference.max_sequence_length
-            else:
-                hidden = hidden.squeeze(0)  # [1, T, H] -> [T, H]
-            layer_kwargs.update(
-                cu_seqlens_q=cu_seq_lens_q,
-                cu_seqlens_kv=cu_seq_lens_k,
-                max_seqlen_q=max_length_q,
-                max_seqlen_kv=max_length_k,
-                self_attn_mask_type="padding_causal",
+            hidden, layer_kwargs, rope_length, unpad_index = self._thd_inputs(
+                hidden, attention_mask, inference, kwargs
             )
-            if cu_seq_lens_q_padded is not None:
-                layer_kwargs.update(
-                    cu_seqlens_q_padded=cu_seq_lens_q_padded,
-                    cu_seqlens_kv_padded=cu_seq_lens_k_padded,
-                    pad_between_seqs=pad_between_seqs,
-                )
-            rope_length = max(max_length_q, max_length_k)
         else:
-            if inference is not None:
-                raise ValueError("KV-cache generation needs attn_input_format='thd'; load the model with it.")
-            if attention_mask is not None:
-                # TE padding masks are True where attention is *not* allowed. Checking for an all-ones mask
-                # here would sync with the GPU every forward; callers leave out masks without padding.
-                layer_kwargs.update(
-                    attention_mask=~attention_mask.bool()[:, None, None, :], self_attn_mask_type="padding_causal"
-                )
-            else:
-                layer_kwargs.update(self_attn_mask_type="causal")
-            rope_length = seq_len * self.cp_size  # with CP, this rank holds 1/cp_size of each sequence
-
+            layer_kwargs, rope_length = self._bshd_inputs(hidden, attention_mask, inference)
         rope = self.rotary_emb(rope_length, hidden.device)
+        all_hidden = []  # as HF: the embedding output and each layer's output, the last one after the final norm
         for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden)
             hidden = layer(hidden, rotary_pos_emb=rope, inference_params=inference, **layer_kwargs)
-        hidden = self.norm(hidden)
+        all_hidden.append(self.norm(hidden))
 
+        shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+        all_hidden = tuple(self._to_input_shape(h, shape, unpad_index) for h in all_hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=all_hidden[-1],
+            past_key_values=past_key_values,
+            hidden_states=all_hidden if output_hidden_states else None,
+        )
+
+    def _thd_inputs(self, hidden, attention_mask, inference, kwargs):
+        """[T, H] hidden states, the THD layer arguments, the RoPE length and `unpad_index`.
+
+        Padded BSHD input (e.g. `generate` with left padding) is unpadded here; `unpad_index` says where its
+        real tokens were (None for packed input).
+        """
+        cu_seq_lens_q, max_length_q = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+        cu_seq_lens_k, max_length_k = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k")
+        unpad_index = None
+        if cu_seq_lens_q is None:
+            batch, seq_len, hidden_size = hidden.shape
+            mask = torch.ones(batch, seq_len, device=hidden.device, dtype=torch.bool)
+            if attention_mask is not None:
+                mask = attention_mask[:, -seq_len:].bool()  # decoding: the mask covers the cache too
+            lengths = mask.sum(dim=1, dtype=torch.int32)
+            unpad_index = mask.flatten().nonzero().squeeze(1)
+            hidden = hidden.reshape(batch * seq_len, hidden_size)[unpad_index]
+            cu_seq_lens_q = cu_seq_lens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            max_length_q = max_length_k = seq_len
+            if inference is not None:
+                inference.pre_step(OrderedDict(enumerate(lengths.tolist())))
+                cu_seq_lens_q, cu_seq_lens_k = inference.cu_seqlens_q, inference.cu_seqlens_kv
+                max_length_k = inference.max_sequence_length
+        else:
+            hidden = hidden.squeeze(0)  # [1, T, H] -> [T, H]
+        layer_kwargs = dict(cu_seqlens_q=cu_seq_lens_q, cu_seqlens_kv=cu_seq_lens_k, max_seqlen_q=max_length_q,
+                            max_seqlen_kv=max_length_k, self_attn_mask_type="padding_causal")  # fmt: skip
+        if kwargs.get("cu_seq_lens_q_padded") is not None:  # context parallelism: sequences padded for the split
+            layer_kwargs.update(cu_seqlens_q_padded=kwargs["cu_seq_lens_q_padded"],
+                                cu_seqlens_kv_padded=kwargs["cu_seq_lens_k_padded"],
+                                pad_between_seqs=kwargs.get("pad_between_seqs"))  # fmt: skip
+        return hidden, layer_kwargs, max(max_length_q, max_length_k), unpad_index
+
+    def _bshd_inputs(self, hidden, attention_mask, inference):
+        """The BSHD layer arguments and the RoPE length."""
+        if inference is not None:
+            raise ValueError("KV-cache generation needs attn_input_format='thd'; load the model with it.")
+        rope_length = hidden.shape[1] * self.cp_size  # with CP, this rank holds 1/cp_size of each sequence
+        if attention_mask is None:
+            return {"self_attn_mask_type": "causal"}, rope_length
+        # TE padding masks are True where attention is *not* allowed. Checking for an all-ones mask here would
+        # sync with the GPU every forward; callers leave out masks without padding.
+        mask = ~attention_mask.bool()[:, None, None, :]
+        return {"attention_mask": mask, "self_attn_mask_type": "padding_causal"}, rope_length
+
+    def _to_input_shape(self, hidden, shape, unpad_index):
+        """[T, H] back to [1, T, H] (packed input) or to the padded [B, S, H] of unpadded BSHD input."""
         if unpad_index is not None:
-            padded = hidden.new_zeros(batch * seq_len, hidden_size)
-            hidden = padded.index_copy(0, unpad_index, hidden).view(batch, seq_len, hidden_size)
-        elif self.config.attn_input_format == "thd":
-            hidden = hidden.unsqueeze(0)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+            padded = hidden.new_zeros(shape[0] * shape[1], hidden.shape[-1])
+            return padded.index_copy(0, unpad_index, hidden).view(*shape, hidden.shape[-1])
+        return hidden.unsqueeze(0) if self.config.attn_input_format == "thd" else hidden
 
 
 class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
+    """`NVLlamaModel` plus a bf16 LM head and HF's causal-LM loss (or the chunked loss); works with `generate`."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: NVLlamaConfig):
@@ -322,6 +347,11 @@ class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Logits (bf16 LM head) and, with `labels` or `shift_labels`, the loss.
+
+        Inputs as `NVLlamaModel.forward` takes them, plus `num_items_in_batch` (the loss divisor shared by the
+        micro-batches of a step); with `loss_chunk_size` and targets, no logits are returned.
+        """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -341,14 +371,18 @@ class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
             loss = chunked_cross_entropy(
                 hidden, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items, shift_labels
             )
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
+            return CausalLMOutputWithPast(
+                loss=loss, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            )
         logits = self.lm_head(hidden)  # nn.Linear: TE's FP8 autocast never quantizes it
         loss = None
         if has_targets:
             loss = self.loss_function(
                 logits, labels, self.config.vocab_size, num_items_in_batch=num_items, shift_labels=shift_labels
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -388,9 +422,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(
     hidden, weight, labels, chunk_size: int, num_items_in_batch=None, shift_labels=None
 ) -> torch.Tensor:
-    """HF's causal LM loss (labels shifted left, or `shift_labels` as given; -100 ignored; sum / num_items_in_batch
-    or mean) without ever holding the full logits: for a 128k vocabulary those are 1 GiB of fp32 per 2k tokens,
-    plus their gradient."""
+    """HF's causal LM loss without ever holding the full logits.
+
+    Labels are shifted left (or `shift_labels` taken as given), -100 is ignored, and the sum is divided by
+    `num_items_in_batch` (or the target count). For a 128k vocabulary the full logits are 1 GiB of fp32 per
+    2k tokens, plus their gradient.
+    """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.reshape(-1)

@@ -1,7 +1,7 @@
 """One log line per interval, `metrics.jsonl`, a tqdm bar on rank 0, and wandb when enabled.
 
 Per-step values stay on the device and are read only on log steps (the loop's NaN/Inf check,
-`training_utils.NonFiniteGuard`, reads its verdict a step late, without a sync, when the optimizer is
+`optimizer_step.NonFiniteGuard`, reads its verdict a step late, without a sync, when the optimizer is
 fused AdamW). The logged loss is the token-weighted mean over the interval's steps and all ranks.
 
 MFU = achieved model FLOP/s per GPU / peak dense BF16 FLOP/s of the GPU, with model FLOPs per token
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -26,6 +25,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e
 
 
 def model_flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token, 6 N + 12 L H D S (the convention in the module docstring)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden, layers, ffn = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     q_kv = hidden * head_dim * (config.num_attention_heads + 2 * config.num_key_value_heads)
@@ -35,6 +35,7 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The GPU's peak dense BF16 FLOP/s, or None where unknown (no MFU is logged then)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -42,6 +43,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class PerfLogger:
+    """Accumulates per-step values on the device and writes one line per `logger.frequency` steps."""
+
     def __init__(self, dist_config, cfg, run_dir: Path, flops_per_token: float, device: torch.device, start_step=0):
         self.is_main = dist_config.is_main_process()
         self.world_size = dist_config.world_size
@@ -69,6 +72,7 @@ class PerfLogger:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def add_data_wait(self, seconds: float) -> None:
+        """Count time the loop blocked waiting for batches."""
         self.data_wait_s += seconds
 
     def log_event(self, **values) -> None:
@@ -79,8 +83,11 @@ class PerfLogger:
                 f.write(json.dumps(values) + "\n")
 
     def log_step(self, step: int, loss_sum, num_tokens, padded_tokens: int, grad_norm, lr: float, force=False):
-        """`loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count; `grad_norm`: the
-        global norm (`training_utils.clip_grad_norm`). Called on every rank."""
+        """Add one step; on log steps (or `force`) reduce the window, write the line and return its metrics.
+
+        `loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count; `grad_norm`:
+        the global norm (`optimizer_step.clip_grad_norm`). Called on every rank.
+        """
         self.loss_sum += loss_sum.detach()
         self.tokens += num_tokens
         self.padded_tokens += padded_tokens
@@ -117,12 +124,7 @@ class PerfLogger:
         return metrics
 
     def finish(self):
+        """Close the progress bar and the wandb run."""
         self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

@@ -1,9 +1,10 @@
-"""Train Llama 3 with context parallelism (CP): each sequence is split over `cp_size` GPUs, FSDP2 shards
-the model over all GPUs (the flattened data x context mesh), TransformerEngine attention exchanges
+r"""Train Llama 3 with context parallelism (CP): each sequence is split over `cp_size` GPUs.
+
+FSDP2 shards the model over all GPUs (the flattened data x context mesh), TransformerEngine attention exchanges
 keys and values between the CP ranks (`set_context_parallel_group` on every layer).
 
     torchrun --nproc_per_node=2 train_fsdp2_cp.py --config-name L0_sanity_cp               # cp 2, dp 1
-    torchrun --nproc_per_node=8 train_fsdp2_cp.py --config-name L1_genomic_1b cp_size=4 \\
+    torchrun --nproc_per_node=8 train_fsdp2_cp.py --config-name L1_genomic_1b cp_size=4 \
         dataset.max_seq_length=65536                                                     # cp 4, dp 2
 
 Needs GPUs with TE. Every key is documented in hydra_config/defaults.yaml; `diff train_fsdp2.py
@@ -17,9 +18,11 @@ import time
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import set_seed
 
+from batches import count_label_tokens, create_dataloader, iter_batches, to_device
 from checkpoint import (
     load_checkpoint_fsdp2,
     resume_from_latest,
@@ -27,36 +30,23 @@ from checkpoint import (
     save_final_model,
     wait_for_async_save,
 )
-from distributed_config import DistributedConfig
-from perf_logger import PerfLogger, all_reduce_sum, model_flops_per_token
+from config_checks import resolve_use_te, validate_config, validate_cp_config
+from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
+from model_setup import create_model, fp8_autocast_factory
+from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
+from perf_logger import PerfLogger, model_flops_per_token
+from run_info import describe_run, run_dir_for, write_run_info
 from scheduler import get_cosine_annealing_schedule_with_warmup
-from training_utils import (
-    NonFiniteGuard,
-    clip_grad_norm,
-    count_label_tokens,
-    create_dataloader,
-    create_model,
-    create_optimizer,
-    fp8_autocast_factory,
-    init_distributed,
-    iter_batches,
-    resolve_use_te,
-    run_dir_for,
-    seed_everything,
-    to_device,
-    validate_config,
-    validate_cp_config,
-    write_run_info,
-)
 
 logger = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity_cp", version_base="1.2")
 def main(cfg: DictConfig) -> float:
+    """Train as `cfg` says; returns the last logged loss."""
     # --- Config and distributed setup ---
     use_te = resolve_use_te(cfg.use_te)
-    validate_config(cfg, use_te, context_parallel=True)
+    validate_config(cfg, use_te, entrypoint="fsdp2_cp")
     dist_config = DistributedConfig()
     validate_cp_config(cfg, use_te, dist_config.world_size)
     device = init_distributed(dist_config)
@@ -64,13 +54,11 @@ def main(cfg: DictConfig) -> float:
     logger.info(
         "Running the %s model on %s (%d ranks)", "TE" if use_te else "HF reference", device, dist_config.world_size
     )
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
 
     # --- Model ---
     on_meta = use_te and cfg.use_meta_device
-    model = create_model(cfg, use_te, device, on_meta=on_meta)
-    if cfg.use_torch_compile:
-        model = torch.compile(model)
+    model = create_model(cfg, use_te, device, on_meta=on_meta)  # compiles each decoder layer if use_torch_compile
 
     # --- Context parallelism: ranks [k * cp_size, (k + 1) * cp_size) share sequences; dp = world / cp ---
     cp_mesh = dist.device_mesh.init_device_mesh(
@@ -115,9 +103,11 @@ def main(cfg: DictConfig) -> float:
     if ckpt_dir and cfg.checkpoint.resume_from_checkpoint:  # the newest complete one; a damaged one falls back
         step = resume_from_latest(ckpt_dir, load, device)
 
+    run_info = describe_run(cfg, dist_config.world_size, use_te, device)  # travels with every checkpoint
+
     def save(step):
         save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
-                              cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save)  # fmt: skip
+                              cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save, run_info)  # fmt: skip
 
     # --- Training loop ---
     # Loss normalisation: each micro-step's loss is its summed token losses divided by the target tokens of
@@ -125,10 +115,12 @@ def main(cfg: DictConfig) -> float:
     # ranks), so every token weighs the same however the tokens fall into micro-batches, ranks and padding
     # (torchtitan's choice; HF's default would be a mean of per-batch means). With CP a rank's targets are
     # its shard's `shift_labels`, and the gradient average runs over all data x context ranks. Gradients are
-    # reduced only on the last micro-step (`set_requires_gradient_sync`).
+    # reduced only on the last micro-step (`set_requires_gradient_sync`); backward runs outside FP8 autocast,
+    # as TE advises.
     run_dir = run_dir_for(cfg)
     if dist_config.is_main_process():
-        write_run_info(cfg, run_dir, use_te, device)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_run_info(run_dir, run_info)
     perf = PerfLogger(
         dist_config, cfg, run_dir, model_flops_per_token(model.config, cfg.dataset.max_seq_length), device, step
     )
@@ -180,7 +172,7 @@ def main(cfg: DictConfig) -> float:
     if ckpt_dir:
         wait_for_async_save(ckpt_dir, cfg.checkpoint.max_checkpoints, dist_config.rank)
     if ckpt_dir and cfg.checkpoint.save_final_model:
-        save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True)
+        save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True, run_info=run_info)
     perf.finish()
     dist.destroy_process_group()
     return last_loss

@@ -21,6 +21,7 @@ from distributed_config import DistributedConfig  # noqa: E402
 
 
 def main():
+    """Time the loader alone and print tokens/s."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="test_genomic_sequences.parquet")
     p.add_argument("--seq", type=int, default=8192)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args():
+    """Command-line options (see --help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="model_configs/meta-llama/Llama-3.2-1B")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
@@ -38,6 +39,8 @@ def parse_args():
 
 
 class BareStack(nn.Module):
+    """The recipe's model without the recipe: embedding, TE layers, RMSNorm, linear head, cross-entropy."""
+
     def __init__(self, config, thd: bool = False):
         import transformer_engine.pytorch as te
 
@@ -74,6 +77,7 @@ class BareStack(nn.Module):
         self.rope = RotaryEmbedding(config)
 
     def forward(self, input_ids, labels, cu_seqlens=None):
+        """Mean next-token loss of [B, S] ids (THD: each row is one sequence of the packed batch)."""
         h = self.embed(input_ids)
         rope = self.rope(input_ids.shape[1], h.device)
         if self.thd:  # [B, S, H] -> [B * S, H], one sequence per row
@@ -92,6 +96,7 @@ class BareStack(nn.Module):
 
 
 def time_steps(step, steps, warmup):
+    """Seconds per call of `step`, after `warmup` calls."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -133,69 +138,79 @@ def profile_breakdown(step, steps: int = 3) -> dict[str, float]:
     return {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def main():
-    args = parse_args()
-    import transformer_engine.pytorch as te
-    from transformers import AutoConfig, LlamaForCausalLM
+def random_batches(args) -> tuple[torch.Tensor, dict]:
+    """Random DNA-vocabulary ids [B, S], and the same tokens as one packed THD row of B sequences."""
+    tokens = args.batch * args.seq
+    ids = torch.randint(4, 256, (args.batch, args.seq), device="cuda")
+    cu_seqlens = torch.arange(0, tokens + 1, args.seq, device="cuda", dtype=torch.int32)
+    thd = {"input_ids": ids.view(1, -1), "labels": ids.view(1, -1), "cu_seq_lens_q": cu_seqlens,
+           "cu_seq_lens_k": cu_seqlens, "max_length_q": args.seq, "max_length_k": args.seq}  # fmt: skip
+    return ids, thd
+
+
+def make_model(kind: str, hf_config):
+    """One row's model, seeded the same: `bare`/`bare_thd` stacks, HF (sdpa), or NVLlama (`bshd`/`thd`)."""
+    from transformers import LlamaForCausalLM
 
     from convert import te_config_from_hf
-    from fp8 import build_fp8_recipe
     from modeling_llama_te import NVLlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind.startswith("bare"):
+        return BareStack(hf_config, thd=kind == "bare_thd")
+    if kind == "hf":
+        hf_config._attn_implementation = "sdpa"
+        return LlamaForCausalLM(hf_config).to("cuda", torch.bfloat16)
+    return NVLlamaForCausalLM(te_config_from_hf(hf_config, attn_input_format=kind, dtype=torch.bfloat16))
+
+
+def measure(kind: str, recipe_name: str, hf_config, args) -> dict:
+    """Time forward + backward + fused AdamW of one model kind and precision."""
+    import transformer_engine.pytorch as te
+
+    from fp8 import build_fp8_recipe
+
+    recipe = None if recipe_name == "none" else build_fp8_recipe(recipe_name)
+    ids, thd = random_batches(args)
+    model = make_model(kind, hf_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with te.autocast(enabled=recipe is not None, recipe=recipe):
+            if kind.startswith("bare"):
+                loss = model(ids, ids, thd["cu_seq_lens_q"])
+            elif kind == "thd":
+                loss = model(**thd).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    seconds = time_steps(step, args.steps, args.warmup)
+    row = {"precision": "bf16" if recipe is None else recipe_name, "model": kind, "step_ms": seconds * 1e3,
+           "tokens_per_s": ids.numel() / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+    if args.profile:
+        row["gpu_time"] = profile_breakdown(step)
+        print(row["precision"], kind, " ".join(f"{k} {v:.1%}" for k, v in row["gpu_time"].items()))
+    return row
+
+
+def main():
+    """Every (precision, model) row, then a table with each row's ratio to the bare stack."""
+    args = parse_args()
+    from transformers import AutoConfig
 
     overrides = {"vocab_size": 256} | ({"num_hidden_layers": args.layers} if args.layers else {})
     hf_config = AutoConfig.from_pretrained(args.config, **overrides)
-    tokens = args.batch * args.seq
-    ids = torch.randint(4, 256, (args.batch, args.seq), device="cuda")
-    thd = {
-        "input_ids": ids.view(1, -1),
-        "labels": ids.view(1, -1),
-        "cu_seq_lens_q": torch.arange(0, tokens + 1, args.seq, device="cuda", dtype=torch.int32),
-        "max_length_q": args.seq,
-    }
-    thd.update(cu_seq_lens_k=thd["cu_seq_lens_q"], max_length_k=args.seq)
-
-    def make(kind):
-        torch.manual_seed(0)
-        if kind.startswith("bare"):
-            return BareStack(hf_config, thd=kind == "bare_thd")
-        if kind == "hf":
-            hf_config._attn_implementation = "sdpa"
-            return LlamaForCausalLM(hf_config).to("cuda", torch.bfloat16)
-        return NVLlamaForCausalLM(te_config_from_hf(hf_config, attn_input_format=kind, dtype=torch.bfloat16))
-
     rows = []
     kinds = ["bare", "bshd", "bare_thd", "thd"] + (["hf"] if args.hf else [])
     for recipe_name in args.recipes.split(","):
-        recipe = None if recipe_name == "none" else build_fp8_recipe(recipe_name)
         for kind in kinds:
-            if kind == "hf" and recipe is not None:
-                continue
-            model = make(kind)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-            def step(model=model, optimizer=optimizer, kind=kind, recipe=recipe):
-                with te.autocast(enabled=recipe is not None, recipe=recipe):
-                    if kind.startswith("bare"):
-                        loss = model(ids, ids, thd["cu_seq_lens_q"])
-                    elif kind == "thd":
-                        loss = model(**thd).loss
-                    else:
-                        loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            torch.cuda.reset_peak_memory_stats()
-            seconds = time_steps(step, args.steps, args.warmup)
-            rows.append({
-                "precision": "bf16" if recipe is None else recipe_name, "model": kind, "step_ms": seconds * 1e3,
-                "tokens_per_s": tokens / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            })  # fmt: skip
-            if args.profile:
-                rows[-1]["gpu_time"] = profile_breakdown(step)
-                print(rows[-1]["precision"], kind, " ".join(f"{k} {v:.1%}" for k, v in rows[-1]["gpu_time"].items()))
-            del model, optimizer, step
-            torch.cuda.empty_cache()
+            if kind != "hf" or recipe_name == "none":
+                rows.append(measure(kind, recipe_name, hf_config, args))
+                torch.cuda.empty_cache()
 
     bare = {r["precision"]: r["tokens_per_s"] for r in rows if r["model"] == "bare"}
     print(f"{torch.cuda.get_device_name()}, {hf_config.num_hidden_layers} layers, {args.batch} x {args.seq} tokens")

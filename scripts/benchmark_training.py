@@ -1,5 +1,6 @@
-"""Training speed, side by side in one run: the recipe's real training step (data loader, loop, FSDP2 or
-DDP, fused AdamW) for every row below, on the GPUs of this machine.
+"""Training speed, side by side in one run: the recipe's real training step for every row below.
+
+Each row is the whole step (data loader, loop, FSDP2 or DDP, fused AdamW) on the GPUs of this machine.
 
     python scripts/benchmark_training.py                              # every row that fits the GPUs here
     python scripts/benchmark_training.py --groups model,lingua        # some groups only
@@ -25,12 +26,17 @@ import time
 from pathlib import Path
 
 RECIPE_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_report import markdown, plot  # noqa: E402
+
 THD = "use_sequence_packing=true"
 BSHD = "use_sequence_packing=false"
 BF16 = "fp8_config.enabled=false"
+COMPILE = "use_torch_compile=true"
 
 
 def fp8(recipe: str) -> str:
+    """Overrides that turn on FP8 with a TE recipe class."""
     return f"fp8_config.enabled=true fp8_config.fp8_recipe=transformer_engine.common.recipe.{recipe}"
 
 
@@ -45,14 +51,18 @@ LONG_DNA = "dataset.load_dataset_kwargs.path={long_dna} dataset.stride=0"
 
 
 def row(group, name, precision, fmt, overrides, gpus=1, script="fsdp2", save_checkpoint=False, steps=None) -> dict:
+    """One benchmark row: a training run with `overrides` on `gpus` GPUs."""
     return dict(group=group, name=name, precision=precision, format=fmt, overrides=overrides, gpus=gpus,
                 script=script, save_checkpoint=save_checkpoint, steps=steps)  # fmt: skip
 
 
 def cp_rows():
-    """cp=1 at S vs cp=2 at 2S (the same tokens per GPU), TE's three ways of exchanging keys and values, and a
-    length one GPU cannot hold. "DP 2" is cp=1 on two GPUs with the tokens per GPU of the cp=2 row at the same
-    length: the same GPUs, attention work and FSDP2 traffic, so the two differ by context parallelism alone."""
+    """Context-parallel rows: cp=1 at S vs cp=2 at 2S, TE's three exchanges, and a length one GPU cannot hold.
+
+    cp=1 at S and cp=2 at 2S have the same tokens per GPU. "DP 2" is cp=1 on two GPUs with the tokens per GPU
+    of the cp=2 row at the same length: the same GPUs, attention work and FSDP2 traffic, so the two differ by
+    context parallelism alone.
+    """
     rows = []
     shapes = ((1, 1, 4096, 4, None, "p2p"), (1, 1, 8192, 2, None, "p2p"), (1, 1, 16384, 2, None, "p2p"),
               (1, 2, 8192, 2, None, "p2p"), (2, 2, 8192, 4, None, "p2p"), (2, 2, 8192, 4, None, "a2a"),
@@ -94,14 +104,19 @@ ROWS = [
     # The tokens are DNA (ids < 256); the LM head's cost does not depend on which ids they are.
     row("lingua", "Lingua BF16 full logits", "BF16", "THD", f"{LINGUA} {THD} {BF16} loss_chunk_size=null"),
     row("lingua", "Lingua BF16 chunked loss", "BF16", "THD", f"{LINGUA} {THD} {BF16} loss_chunk_size=4096"),
+    # use_torch_compile: each decoder layer compiled; compare with the eager rows of the same name above.
+    row("compile", "TE BF16 THD compiled", "BF16", "THD", f"{THD} {BF16} {COMPILE}"),
+    row("compile", "TE FP8 delayed THD compiled", "FP8 delayed", "THD", f"{THD} {fp8('DelayedScaling')} {COMPILE}"),
+    row("compile", "TE BF16 BSHD compiled", "BF16", "BSHD", f"{BSHD} {BF16} {COMPILE}"),
     *scaling_rows(),
     *cp_rows(),
 ]
 
 
 def parse_args():
+    """Command-line options (see --help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", default="model,lingua,scaling,cp")
+    p.add_argument("--groups", default="model,lingua,compile,scaling,cp")
     p.add_argument("--only", default=None, help="comma-separated row names to run (within --groups)")
     p.add_argument("--config-name", default="L1_genomic_1b")
     p.add_argument("--overrides", default="", help="extra key=value overrides for every row")
@@ -119,6 +134,7 @@ def parse_args():
 
 
 def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
+    """Start one row's torchrun on `gpu_ids`; its output goes to `<work>/<row>/stdout.log`."""
     run_dir = work / row["name"].replace(" ", "_")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a failed rerun must not report the last run's numbers
@@ -139,6 +155,7 @@ def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
 
 
 def long_dna_parquet(work: Path) -> Path:
+    """One record made of all bundled records joined (2.4 Mbp), so that every window is full length."""
     path = work / "long_dna.parquet"
     if not path.exists():
         import pyarrow as pa
@@ -151,6 +168,7 @@ def long_dna_parquet(work: Path) -> Path:
 
 
 def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
+    """The row's means after `warmup` steps from its metrics.jsonl, or its error."""
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
         run_dir / "metrics.jsonl").exists() else []  # fmt: skip
     windows = [m for m in lines if "tokens_per_s_per_gpu" in m]
@@ -207,121 +225,8 @@ def run_all(rows: list[dict], num_gpus: int, args) -> list[dict]:
     return sorted(results, key=lambda r: order[r["name"]])
 
 
-def find(results, name):
-    return next((r for r in results if r["name"] == name and "error" not in r), None)
-
-
-def ratio(results, numerator: str, denominator: str, key="tokens_per_s_per_gpu", scale=1):
-    a, b = find(results, numerator), find(results, denominator)
-    return a[key] * scale / b[key] if a and b else None
-
-
-def targets(results) -> list[tuple[str, float | None, float | None]]:
-    """(what, measured, target) for each of the recipe's speed targets; target None: context, not a goal."""
-    best_fp8_bshd = max(
-        (r for r in results if r["group"] == "model" and r["format"] == "BSHD" and "FP8" in r["precision"]
-         and "error" not in r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)  # fmt: skip
-    model_rows = [r for r in results if r["group"] in ("model", "scaling") and "error" not in r]
-    te_rows = [r for r in model_rows if not r["name"].startswith("HF")]
-    rows = [
-        ("TE BF16 / HF tokens/s (BSHD)", ratio(results, "TE BF16 BSHD", "HF BF16 BSHD"), 1.25),
-        (f"TE FP8 ({best_fp8_bshd['precision'] if best_fp8_bshd else '-'}) / HF tokens/s (BSHD)",
-         ratio(results, best_fp8_bshd["name"], "HF BF16 BSHD") if best_fp8_bshd else None, 1.6),
-        ("TE BF16 MFU, best row",
-         max((r["mfu"] for r in te_rows if r["precision"] == "BF16" and r.get("mfu")), default=None), 0.60),
-        ("TE FP8 best MFU (BF16-equivalent)",
-         max((r["mfu"] for r in te_rows if "FP8" in r["precision"] and r.get("mfu")), default=None), 0.76),
-        ("THD / BSHD real tokens/s (BF16)",
-         ratio(results, "TE BF16 THD", "TE BF16 BSHD", key="real_tokens_per_s_per_gpu"), 1.7),
-        ("FSDP2 2 GPUs / 1 GPU tokens/s (FP8 current)",
-         ratio(results, "fsdp2 FP8 current 2 GPU", "fsdp2 FP8 current 1 GPU", scale=2), 1.9),
-        ("FSDP2 8 GPUs / 1 GPU per-GPU efficiency (FP8 current)",
-         ratio(results, "fsdp2 FP8 current 8 GPU", "fsdp2 FP8 current 1 GPU"), 0.9),
-        *[(f"CP 2 GPUs at {2 * s}k / CP 1 GPU at {s}k, tokens/s/GPU",
-           ratio(results, f"CP 2 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), 0.9) for s in (4, 8)],
-        *[(f"CP 1 GPU at {2 * s}k / at {s}k: the most any CP can reach above (attention per token doubles)",
-           ratio(results, f"CP 1 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), None) for s in (4, 8)],
-        ("CP 2 GPUs at 16k / CP 1 GPU at 8k, MFU (counts the longer attention)",
-         ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k", key="mfu"), 0.9),
-        *[(f"CP 2 / DP 2 GPUs, both at {s}k, {comm} (the cost of CP itself)",
-           ratio(results, f"CP 2 GPU seq {s}k{suffix}", f"DP 2 GPU seq {s}k"), 0.9)
-          for s in (8, 16) for comm, suffix in (("p2p", ""), ("a2a", " a2a"))],
-        ("data-loader wait, worst row (fraction of step time)",
-         max((r["data_wait_fraction"] for r in model_rows if r.get("data_wait_fraction") is not None),
-             default=None), 0.02),
-    ]  # fmt: skip
-    return rows
-
-
-def markdown(results, notes: str) -> str:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
-    out = [notes, "", "| row | GPUs | tokens/s/GPU | real tokens/s/GPU | MFU | step time (ms) | peak memory (GiB) "
-           "| data wait | checkpoint save (s) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in results:
-        if "error" in r:
-            failure = "out of memory" if "out of memory" in r["error"].lower() else "failed"
-            out.append(f"| {r['name']} | {r['gpus']} | {failure} | | | | | | |")
-            continue
-        out.append(
-            f"| {r['name']} | {r['gpus']} | {fmt(r['tokens_per_s_per_gpu'], ',.0f')} | "
-            f"{fmt(r['real_tokens_per_s_per_gpu'], ',.0f')} | {fmt(r['mfu'], '.1%')} | "
-            f"{fmt(r['step_time_s'] * 1000, '.0f')} | {fmt(r['peak_memory_gib'], '.1f')} | "
-            f"{fmt(r['data_wait_fraction'], '.2%')} | {fmt(r['checkpoint_save_s'], '.1f')} |"
-        )
-    out += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
-    for what, measured, goal in targets(results):
-        lower_is_better = "wait" in what
-        met = None if None in (measured, goal) else (measured <= goal if lower_is_better else measured >= goal)
-        bound = "-" if goal is None else f"{'<=' if lower_is_better else '>='} {goal}"
-        out.append(f"| {what} | {fmt(measured, '.3f')} | {bound} | {'-' if met is None else 'yes' if met else 'no'} |")
-    return "\n".join(out) + "\n"
-
-
-def plot(results, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in results if "error" not in r]
-    for group, title in (("model", "1 H200, Llama-3.2-1B body, 8k windows"),
-                         ("scaling", "THD, FP8 current / BF16, per GPU"),
-                         ("cp", "Context parallelism, BF16, one long record")):  # fmt: skip
-        rows = [r for r in ok if r["group"] == group]
-        if not rows:
-            continue
-        fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.5))
-        names = [r["name"] for r in rows]
-        axes[0].barh(names, [r["tokens_per_s_per_gpu"] / 1e3 for r in rows], label="padded")
-        axes[0].barh(names, [r["real_tokens_per_s_per_gpu"] / 1e3 for r in rows], label="real", alpha=0.7)
-        axes[0].set_xlabel("thousand tokens/s/GPU")
-        axes[0].legend()
-        axes[0].invert_yaxis()
-        axes[1].barh(names, [r["step_time_s"] * 1e3 for r in rows], color="gray")
-        axes[1].set_xlabel("step time (ms)")
-        axes[1].set_yticks([])
-        axes[1].invert_yaxis()
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(out / f"throughput_{group}.png", dpi=80)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in ok:
-        if r["group"] == "model":
-            steps, losses = zip(*r["loss_curve"])
-            ax.plot(steps, losses, label=r["name"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
-    ax.set_title("Training loss, 1 GPU, same data order")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=80)
-    plt.close(fig)
-
-
 def main():
+    """Run the chosen rows, then write results.json, results.md and the plots."""
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ OUT_DIR = Path(__file__).parents[1] / "tokenizers" / "nucleotide_fast_tokenizer"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character: the four specials at 0-3, every other character 4..255 its `ord()`."""
     vocab = SPECIAL_TOKENS | {chr(i): i for i in range(len(SPECIAL_TOKENS), 256)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<UNK>"))
     # One token per character; [\s\S] (not ".") so that newlines are split too.

@@ -40,6 +40,7 @@ def read_fasta(path: Path) -> str:
 
 
 def main():
+    """Cut records from the unpacked genomes and write the parquet file."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debian-root", type=Path, required=True, help="folder the .deb files were unpacked into")
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "test_genomic_sequences.parquet")

@@ -24,6 +24,7 @@ from modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM  # noqa: E402
 
 
 def make_model(fmt: str) -> NVLlamaForCausalLM:
+    """A small NVLlama with the same weights on every rank."""
     config = NVLlamaConfig(
         vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_theta=500000.0,
@@ -40,10 +41,12 @@ def make_model(fmt: str) -> NVLlamaForCausalLM:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors, flattened."""
     return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
 
 def compare(fmt: str, comm: str, batch: dict, bounds: np.ndarray, real: torch.Tensor) -> dict:
+    """Logits, loss and gradients of one batch with CP (`comm` exchange) and without, on every rank."""
     rank, cp_size = dist.get_rank(), dist.get_world_size()
     reference, parallel = make_model(fmt), make_model(fmt)
     group = dist.new_group(list(range(cp_size)))
@@ -80,6 +83,7 @@ def compare(fmt: str, comm: str, batch: dict, bounds: np.ndarray, real: torch.Te
 
 
 def main():
+    """Compare THD and BSHD under each exchange; rank 0 writes the results as JSON."""
     dist.init_process_group("nccl")
     torch.cuda.set_device(dist.get_rank())
     cp_size = dist.get_world_size()

@@ -6,9 +6,10 @@ import torch
 from conftest import RECIPE_DIR
 from hydra import compose, initialize_config_dir
 
+from batches import count_label_tokens, create_dataloader
 from collator import IGNORE_INDEX, BshdCollator, ThdCollator, cp_shard_indices, shard_batch_for_cp
+from config_checks import validate_cp_config
 from distributed_config import DistributedConfig
-from training_utils import count_label_tokens, create_dataloader, validate_cp_config
 
 
 def random_sequences(seed: int, n: int = 6) -> list[dict]:
@@ -110,8 +111,10 @@ def test_cp_size_one_keeps_every_token_of_any_length():
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_cp_loader_yields_each_ranks_shard(packing):
-    """With `cp_rank` the loader itself shards (in its workers, so that it pins the shards): the same shards
-    as sharding the unsharded loader's batches."""
+    """With `cp_rank` the loader itself shards: the same shards as sharding the unsharded loader's batches.
+
+    Sharding runs in the loader's workers, so that the loader pins the shards.
+    """
     cfg = cp_cfg(f"use_sequence_packing={packing}", "dataset.max_seq_length=300", "dataset.num_workers=1")
     full, _ = create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2)
     shards = [create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2, cp_rank=r)[0] for r in range(2)]

@@ -8,31 +8,15 @@ tokens), losses within 1e-2 and gradient cosine similarity > 0.99.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import RECIPE_DIR
+from conftest import TORCHRUN_2, losses, run_command
 
 pytestmark = pytest.mark.multi_gpu
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-def run(cmd, timeout=900, **env):
-    env = {**os.environ, **env}
-    result = subprocess.run(cmd, cwd=RECIPE_DIR, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def losses(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
 
 
 def test_cp_logits_loss_and_gradients_match_no_cp(tmp_path):
-    run([*TORCHRUN, "tests/cp_equivalence.py", str(tmp_path / "result.json")])
+    run_command([*TORCHRUN_2, "tests/cp_equivalence.py", str(tmp_path / "result.json")], timeout=900)
     results = json.loads((tmp_path / "result.json").read_text())
     assert len(results) == 6  # THD and BSHD, each with p2p, a2a and all_gather
     for case, r in results.items():
@@ -42,8 +26,9 @@ def test_cp_logits_loss_and_gradients_match_no_cp(tmp_path):
 
 
 def cp_train(run_dir, *overrides, **env):
-    return run([*TORCHRUN, "train_fsdp2_cp.py", "--config-name", "L0_sanity_cp", "logger.frequency=1",
-                f"run_dir={run_dir}", *overrides], **env)  # fmt: skip
+    """One `train_fsdp2_cp.py` run on two GPUs (L0_sanity_cp)."""
+    return run_command([*TORCHRUN_2, "train_fsdp2_cp.py", "--config-name", "L0_sanity_cp", "logger.frequency=1",
+                        f"run_dir={run_dir}", *overrides], timeout=900, env=env)  # fmt: skip
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -53,9 +38,12 @@ def test_cp_trains_in_bf16(tmp_path, packing):
 
 
 def test_cp_fp8_resume_gives_the_same_losses(tmp_path):
-    """FP8 THD with cp=2; stopped at step 10 and resumed (model, optimizer, data loader, FP8 state): the same
-    losses, bit for bit. Under CP, TE's default attention backward is not deterministic (two uninterrupted runs
-    differed by 1.2e-3 relative at step 20 on 2 H200), so this test asks TE for its deterministic kernels."""
+    """FP8 THD with cp=2, stopped at step 10 and resumed: the same losses, bit for bit.
+
+    Resume restores model, optimizer, data loader and FP8 state. Under CP, TE's default attention backward
+    is not deterministic (two uninterrupted runs differed by 1.2e-3 relative at step 20 on 2 H200), so this
+    test asks TE for its deterministic kernels.
+    """
     common = ["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.DelayedScaling",
               "checkpoint.save_every_n_steps=10"]  # fmt: skip
     deterministic = {"NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
@@ -69,14 +57,14 @@ def test_cp_fp8_resume_gives_the_same_losses(tmp_path):
 
 
 def test_cp_with_two_data_parallel_groups(tmp_path):
-    """dp 2 x cp 2 on four GPUs: FSDP2 over all four, each CP pair on its own data."""
+    """Dp 2 x cp 2 on four GPUs: FSDP2 over all four, each CP pair on its own data."""
     import torch
 
     if torch.cuda.device_count() < 4:
         pytest.skip("needs four GPUs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train_fsdp2_cp.py",
+    cmd = [*TORCHRUN_2[:-1], "--nproc_per_node=4", "train_fsdp2_cp.py",
            "--config-name", "L0_sanity_cp", "logger.frequency=1", f"run_dir={tmp_path}", "num_train_steps=40",
            f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}", "checkpoint.save_every_n_steps=40"]  # fmt: skip
-    run(cmd)
+    run_command(cmd, timeout=900)
     assert losses(tmp_path)[40] < losses(tmp_path)[1] - 2.0
     assert len(list((tmp_path / "ckpt" / "step_40").glob("rank_*.pt"))) == 4

@@ -10,15 +10,9 @@ import torch
 from conftest import PARQUET, TOKENIZER
 
 from collator import IGNORE_INDEX, BshdCollator, ThdCollator, TokenPackingDataset, mask_genomic_labels
-from dataset import (
-    WindowTokenizer,
-    byte_token_ids,
-    create_bshd_dataloader,
-    create_thd_dataloader,
-    is_byte_tokenizer,
-    window_starts,
-)
+from dataset import create_bshd_dataloader, create_thd_dataloader
 from distributed_config import DistributedConfig
+from windowing import WindowTokenizer, byte_token_ids, is_byte_tokenizer, window_starts
 
 # ---- tokenizer ----
 
@@ -209,8 +203,10 @@ def _batches_equal(a, b):
 @pytest.mark.parametrize("streaming", [True, False])
 @pytest.mark.parametrize("make_loader", [create_bshd_dataloader, create_thd_dataloader])
 def test_loader_state_round_trip(make_loader, streaming, num_workers):
-    """Restoring a loader's state yields exactly the batches the uninterrupted loader yields next,
-    across an epoch boundary (the bundled data holds ~9,600 windows of 256; we take 60 batches)."""
+    """Restoring a loader's state yields exactly the batches the uninterrupted loader yields next.
+
+    Also across an epoch boundary (the bundled data holds ~9,600 windows of 256; we take 60 batches).
+    """
     kwargs = dict(LOADER_KW, num_workers=num_workers, load_dataset_kwargs={"path": PARQUET, "streaming": streaming})
     if make_loader is create_thd_dataloader:
         kwargs["pad_to_multiple_of"] = 16

@@ -4,7 +4,6 @@ Every run is a subprocess with the same environment, so "the same losses" means 
 Each test states the fault, what must survive, and the one-line error a user sees.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -16,17 +15,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PARQUET, RECIPE_DIR, poison_embedding_gradients
-from hydra import compose, initialize_config_dir
+from conftest import (
+    ENV,
+    FAST,
+    PARQUET,
+    RECIPE_DIR,
+    TORCHRUN_2,
+    losses,
+    make_cfg,
+    poison_embedding_gradients,
+    run_command,
+)
 
 import train_ddp
 from checkpoint import MARKER, complete_checkpoints
-from training_utils import NonFiniteGuard, validate_config, validate_cp_config
+from config_checks import validate_config, validate_cp_config
+from optimizer_step import NonFiniteGuard
 
-FAST = ["dataset.max_seq_length=256", "dataset.stride=16", "dataset.num_workers=0", "use_te=false",
-        "logger.frequency=1"]  # fmt: skip
-ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-ENV["OMP_NUM_THREADS"] = "1"
 SCRIPTS = {
     "ddp": ["train_ddp.py"],
     "fsdp2": ["train_fsdp2.py"],
@@ -36,18 +41,10 @@ SCRIPTS = {
 
 def train(run_dir, script: str, *overrides, env=None, check=True) -> subprocess.CompletedProcess:
     entry, *extra = SCRIPTS[script]
+    """One CPU run of `script` on L0_sanity; checkpoints go to `<run_dir>/../ckpt`."""
     cmd = [sys.executable, entry, "--config-name", "L0_sanity", *FAST, f"run_dir={run_dir}",
            f"checkpoint.ckpt_dir={run_dir.parent / 'ckpt'}", *extra, *overrides]  # fmt: skip
-    result = subprocess.run(cmd, cwd=RECIPE_DIR, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
-    if check:
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
-def losses(run_dir) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+    return run_command(cmd, check=check, env=env)
 
 
 def steps_of(ckpt_dir) -> list[int]:
@@ -59,8 +56,10 @@ def steps_of(ckpt_dir) -> list[int]:
 
 @pytest.mark.parametrize("script", ["ddp", "fsdp2", "fsdp2_async"])
 def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path, script):
-    """SIGKILL after every rank wrote step_8 but before its COMPLETE marker: step_4 survives, and resuming
-    from it gives the losses of a run that never crashed."""
+    """SIGKILL after every rank wrote step_8 but before its COMPLETE marker: step_4 survives.
+
+    Resuming from it gives the losses of a run that never crashed.
+    """
     common = ["num_train_steps=8", "checkpoint.save_every_n_steps=4"]
     straight = tmp_path / "straight" / "run"
     train(straight, script, *common)
@@ -171,11 +170,6 @@ def test_guard_skips_then_stops(fused):
         stop.check()
 
 
-def make_cfg(run_dir, *overrides):
-    with initialize_config_dir(config_dir=str(RECIPE_DIR / "hydra_config"), version_base="1.2"):
-        return compose(config_name="L0_sanity", overrides=[*FAST, f"run_dir={run_dir}", *overrides])
-
-
 @pytest.fixture(params=[False, True], ids=["checked-at-once", "fused-skip"])
 def nan_gradients(monkeypatch, request):
     """NaN gradients (on the embedding) in the steps listed in the returned set."""
@@ -273,8 +267,8 @@ def test_wrong_column_type_and_missing_column_are_named(tmp_path):
 
 
 def test_a_crashing_loader_worker_surfaces_its_error(tmp_path):
-    """Data pages corrupted behind a valid footer: the worker fails reading them and the run stops with the
-    worker's own error (no hang)."""
+    """Data pages corrupted behind a valid footer: the run stops with the worker's own error (no hang)."""
+    # The worker fails reading the pages; the loader re-raises its error in the main process.
     bad = tmp_path / "pages.parquet"
     pq.write_table(pq.read_table(PARQUET), bad, row_group_size=16)
     data = bytearray(bad.read_bytes())
@@ -289,10 +283,8 @@ def test_a_crashing_loader_worker_surfaces_its_error(tmp_path):
 def test_a_rank_without_data_fails_clearly_instead_of_hanging(tmp_path):
     one = tmp_path / "one.parquet"
     pq.write_table(pa.table({"sequence": ["ACGT" * 50]}), one)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_fsdp2.py",
-           "--config-name", "L0_sanity", *FAST, "num_train_steps=2", f"run_dir={tmp_path}",
-           f"dataset.load_dataset_kwargs.path={one}"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=RECIPE_DIR, env=ENV, capture_output=True, text=True, timeout=300)
+    result = run_command([*TORCHRUN_2, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, "num_train_steps=2",
+                          f"run_dir={tmp_path}", f"dataset.load_dataset_kwargs.path={one}"], check=False)  # fmt: skip
     assert result.returncode != 0
     assert "1 of 2 rank(s) got no data" in result.stderr + result.stdout
 

@@ -1,15 +1,12 @@
 """Training entrypoints on the CPU: configs, convergence, resume exactness, accumulation, LRs, checkpoints."""
 
-import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import RECIPE_DIR
+from conftest import CONFIG_DIR, FAST, RECIPE_DIR, TORCHRUN_2, losses, make_cfg, run_command
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -17,27 +14,8 @@ from safetensors.torch import load_file
 import train_ddp
 import train_fsdp2
 from checkpoint import MARKER, find_latest_checkpoint, prune_checkpoints
+from config_checks import DEFAULTS_YAML, check_keys_and_types
 from scheduler import get_cosine_annealing_schedule_with_warmup
-from training_utils import DEFAULTS_YAML, check_keys_and_types
-
-CONFIG_DIR = str(RECIPE_DIR / "hydra_config")
-FAST = [
-    "dataset.max_seq_length=256",
-    "dataset.stride=16",
-    "dataset.num_workers=0",
-    "use_te=false",
-    "logger.frequency=1",
-]
-
-
-def make_cfg(tmp_path, *overrides, name="L0_sanity"):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.2"):
-        return compose(config_name=name, overrides=[*FAST, f"run_dir={tmp_path}", *overrides])
-
-
-def losses(run_dir) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (RECIPE_DIR / "hydra_config").glob("*.yaml")))
@@ -112,16 +90,9 @@ def test_pruning_and_incomplete_checkpoints(tmp_path, caplog):
 
 @pytest.mark.parametrize("script", ["train_ddp.py", "train_fsdp2.py"])
 def test_torchrun_two_processes_on_gloo(tmp_path, script):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-        "--config-name", "L0_sanity", *FAST, "num_train_steps=4", f"run_dir={tmp_path}",
-        f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}", "checkpoint.save_every_n_steps=2",
-        "checkpoint.save_final_model=true",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(cmd, cwd=RECIPE_DIR, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_command([*TORCHRUN_2, script, "--config-name", "L0_sanity", *FAST, "num_train_steps=4", f"run_dir={tmp_path}",
+                 f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}", "checkpoint.save_every_n_steps=2",
+                 "checkpoint.save_final_model=true"])  # fmt: skip
     assert len(losses(tmp_path)) == 4
     assert {p.name for p in (tmp_path / "ckpt" / "step_4").glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
     assert (tmp_path / "ckpt" / "final_model" / "config.json").exists()
@@ -133,8 +104,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, script):
     single = [sys.executable, script, "--config-name", "L0_sanity", *FAST, "num_train_steps=4", f"run_dir={one}",
               f"checkpoint.ckpt_dir={one / 'ckpt'}", "checkpoint.save_final_model=true"]  # fmt: skip
     shutil.copytree(tmp_path / "ckpt" / "step_4", one / "ckpt" / "step_4")
-    result = subprocess.run(single, cwd=RECIPE_DIR, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    result = run_command(single)
     assert "was saved by 2 ranks and this run has 1" in result.stderr
     two_ranks = load_file(tmp_path / "ckpt" / "final_model" / "model.safetensors")
     one_rank = load_file(one / "ckpt" / "final_model" / "model.safetensors")

@@ -1,34 +1,24 @@
-"""L0_sanity with the TE model on the GPU: BF16 and every FP8 recipe the GPU runs, BSHD and THD, DDP
-and FSDP2, resume, and the final export loaded back; two-GPU runs through torchrun.
+"""L0_sanity with the TE model on the GPU.
+
+BF16 and every FP8 recipe the GPU runs, BSHD and THD, DDP and FSDP2, resume, and the final export loaded
+back; two-GPU runs through torchrun.
 
     python -m pytest -m "gpu or multi_gpu" tests/test_train_gpu.py
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import RECIPE_DIR, poison_embedding_gradients
-from hydra import compose, initialize_config_dir
+from conftest import TORCHRUN_2, losses, make_cfg, poison_embedding_gradients, run_command
 
 import train_ddp
 import train_fsdp2
 
-CONFIG_DIR = str(RECIPE_DIR / "hydra_config")
 GPU = ["use_te=true", "dataset.num_workers=1", "logger.frequency=10"]
 
 
-def make_cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.2"):
-        return compose(config_name="L0_sanity", overrides=[*GPU, f"run_dir={tmp_path}", *overrides])
-
-
-def losses(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+def gpu_cfg(run_dir, *overrides):
+    """L0_sanity with the TE model on the GPU."""
+    return make_cfg(run_dir, *overrides, base=GPU)
 
 
 def supported_recipes():
@@ -48,7 +38,7 @@ def supported_recipes():
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_l0_sanity_te_bf16(tmp_path, script, packing):
-    final = script.main(make_cfg(tmp_path, "num_train_steps=100", f"use_sequence_packing={packing}"))
+    final = script.main(gpu_cfg(tmp_path, "num_train_steps=100", f"use_sequence_packing={packing}"))
     assert losses(tmp_path)[1] > 4.5 and final < 1.5
 
 
@@ -56,13 +46,13 @@ def test_l0_sanity_te_bf16(tmp_path, script, packing):
 @pytest.mark.parametrize("packing", [False, True])
 def test_l0_sanity_te_fp8_every_recipe(tmp_path, packing):
     bf16 = tmp_path / "bf16"
-    train_fsdp2.main(make_cfg(bf16, "num_train_steps=10", f"use_sequence_packing={packing}"))
+    train_fsdp2.main(gpu_cfg(bf16, "num_train_steps=10", f"use_sequence_packing={packing}"))
     recipes = supported_recipes()
     assert recipes, "a Hopper GPU runs at least DelayedScaling and Float8CurrentScaling"
     for recipe in recipes:
         run = tmp_path / recipe
         overrides = ["num_train_steps=100", "fp8_config.enabled=true", f"fp8_config.fp8_recipe={recipe}"]
-        final = train_fsdp2.main(make_cfg(run, *overrides, f"use_sequence_packing={packing}"))
+        final = train_fsdp2.main(gpu_cfg(run, *overrides, f"use_sequence_packing={packing}"))
         assert final < 1.5, f"{recipe}: final loss {final}"
         # FP8 changes the numerics: identical losses to BF16 would mean the recipe never ran.
         assert losses(run)[10] != losses(bf16)[10], recipe
@@ -74,11 +64,11 @@ def test_resume_on_gpu_and_export(tmp_path, script):
     common = ["num_train_steps=20", "use_sequence_packing=true", "fp8_config.enabled=true",
               "checkpoint.save_every_n_steps=10", "logger.frequency=1"]  # fmt: skip
     straight = tmp_path / "straight"
-    script.main(make_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
+    script.main(gpu_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
     resumed = tmp_path / "resumed"
     ckpt = f"checkpoint.ckpt_dir={resumed / 'ckpt'}"
-    script.main(make_cfg(resumed, *common, ckpt, "num_train_steps=10"))
-    script.main(make_cfg(resumed, *common, ckpt, "checkpoint.save_final_model=true"))
+    script.main(gpu_cfg(resumed, *common, ckpt, "num_train_steps=10"))
+    script.main(gpu_cfg(resumed, *common, ckpt, "checkpoint.save_final_model=true"))
     a, b = losses(straight), losses(resumed)
     assert [b[s] for s in range(11, 21)] == [a[s] for s in range(11, 21)]
 
@@ -95,12 +85,10 @@ def test_resume_on_gpu_and_export(tmp_path, script):
 @pytest.mark.multi_gpu
 @pytest.mark.parametrize("script", ["train_ddp.py", "train_fsdp2.py"])
 def test_two_gpus_fp8_thd(tmp_path, script):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-           "--config-name", "L0_sanity",
-           *GPU, "num_train_steps=60", "fp8_config.enabled=true", "use_sequence_packing=true", f"run_dir={tmp_path}",
-           f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}", "checkpoint.save_every_n_steps=30"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=RECIPE_DIR, env=dict(os.environ), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    cmd = [*TORCHRUN_2, script, "--config-name", "L0_sanity", *GPU, "num_train_steps=60", "fp8_config.enabled=true",
+           "use_sequence_packing=true", f"run_dir={tmp_path}", f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}",
+           "checkpoint.save_every_n_steps=30"]  # fmt: skip
+    run_command(cmd, timeout=900)
     assert losses(tmp_path)[60] < 2.0
     assert len(list((tmp_path / "ckpt" / "step_60").glob("rank_*.pt"))) == 2
 
@@ -108,8 +96,10 @@ def test_two_gpus_fp8_thd(tmp_path, script):
 @pytest.mark.gpu
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_nan_steps_are_skipped_on_the_gpu(tmp_path, monkeypatch, script):
-    """The fused-AdamW skip (`found_inf`, read back one step late) with plain tensors (DDP) and DTensors
-    (FSDP2), under FP8: skipped updates leave no trace, and too many in a row stop the run."""
+    """The fused-AdamW skip under FP8: skipped updates leave no trace, and too many in a row stop the run.
+
+    The skip (`found_inf`, read back one step late) with plain tensors (DDP) and DTensors (FSDP2).
+    """
     poisoned_steps, created, make_model = set(), [], script.create_model
 
     def create_poisoned_model(*args, **kwargs):
@@ -121,8 +111,8 @@ def test_nan_steps_are_skipped_on_the_gpu(tmp_path, monkeypatch, script):
     monkeypatch.setattr(script, "create_model", create_poisoned_model)
     fp8 = ["fp8_config.enabled=true", "use_sequence_packing=true", "on_nonfinite.max_consecutive_skips=2"]
     poisoned_steps.update({3, 4})
-    final = script.main(make_cfg(tmp_path / "skip", *fp8, "num_train_steps=30"))
+    final = script.main(gpu_cfg(tmp_path / "skip", *fp8, "num_train_steps=30"))
     assert final < 4.0 and all(torch.isfinite(p.detach().float()).all() for p in created[0].parameters())
     poisoned_steps.add(5)
     with pytest.raises(FloatingPointError, match="step 5.*max_consecutive_skips=2"):
-        script.main(make_cfg(tmp_path / "stop", *fp8, "num_train_steps=30"))
+        script.main(gpu_cfg(tmp_path / "stop", *fp8, "num_train_steps=30"))

@@ -1,0 +1,165 @@
+"""Config checks, run before anything is built: every key known, every value of the right type and range.
+
+    use_te = resolve_use_te(cfg.use_te)
+    validate_config(cfg, use_te, entrypoint="fsdp2")   # or "ddp", "fsdp2_cp"
+
+Each error is a `ValueError` (or `FileNotFoundError`) that names the key, the value and the fix.
+"""
+
+import difflib
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data_sources import resolve_path
+
+logger = logging.getLogger(__name__)
+
+# Dictionaries passed on to a library as they are: any key is theirs to accept.
+FREE_FORM_KEYS = {"config_kwargs", "dataset.load_dataset_kwargs", "adamw_kwargs", "lr_scheduler_kwargs",
+                  "fp8_config.fp8_recipe_kwargs", "wandb_init_args", "hydra"}  # fmt: skip
+DEFAULTS_YAML = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
+ENTRYPOINTS = ("ddp", "fsdp2", "fsdp2_cp")
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+
+
+def te_available() -> bool:
+    """True where the TE model can run: TransformerEngine imports and a CUDA GPU is present."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_use_te(use_te) -> bool:
+    """`use_te: null` picks TE where it can run; `true` where it cannot is an error."""
+    if use_te is None:
+        return te_available()
+    if use_te and not te_available():
+        raise ValueError(
+            "use_te=true needs a CUDA GPU and TransformerEngine, and this machine lacks "
+            f"{'a CUDA GPU' if not torch.cuda.is_available() else 'TransformerEngine'}. "
+            "Run with use_te=false (the HF reference model) or install TE (see the Dockerfile)."
+        )
+    return bool(use_te)
+
+
+def check_keys_and_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
+    """Check that every key exists in defaults.yaml and every value has its default's type.
+
+    A typo in a tier file or a `+key=` would otherwise be ignored. Ints where floats are expected, and
+    null, are accepted.
+    """
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if name in FREE_FORM_KEYS:
+            continue
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ValueError(
+                f"Unknown config key {name!r}{hint} Every key is listed, with what it does, in "
+                "hydra_config/defaults.yaml."
+            )
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} must be a group of keys (like {sorted(default)}), not {value!r}.")
+            check_keys_and_types(value, default, f"{name}.")
+        elif default is not None and default != "???" and value is not None:
+            _check_type(name, value, default)
+
+
+def _check_type(name: str, value, default) -> None:
+    expected = type(default)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(expected, "a string")
+        example = str(default).lower() if isinstance(default, bool) else default
+        raise ValueError(
+            f"{name}={value!r} should be {kind} (the default is {example}); fix the YAML or the override, "
+            f"e.g. {name}={example}."
+        )
+
+
+def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") -> None:
+    """Reject bad values before anything is built; each error names the key and the fix.
+
+    `entrypoint` is the script that runs: "ddp", "fsdp2" or "fsdp2_cp" (some keys belong to one strategy).
+    """
+    assert entrypoint in ENTRYPOINTS, entrypoint
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ValueError(
+            f"Required config values are not set: {sorted(missing)}; set them in the YAML or as key=value."
+        )
+    defaults = OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False)
+    check_keys_and_types(OmegaConf.to_container(cfg, resolve=True), defaults)
+    positive = ("num_train_steps", "grad_acc_steps", "dataset.micro_batch_size", "dataset.max_seq_length",
+                "logger.frequency", "checkpoint.save_every_n_steps", "on_nonfinite.max_consecutive_skips")  # fmt: skip
+    for key in positive:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a positive integer.")
+    if cfg.dataset.num_workers < 0:
+        raise ValueError(
+            f"dataset.num_workers={cfg.dataset.num_workers} must be 0 (load in the main process) or more."
+        )
+    if not 0 <= cfg.dataset.stride < cfg.dataset.max_seq_length - 2:
+        raise ValueError(
+            f"dataset.stride={cfg.dataset.stride} must be at least 0 and below max_seq_length - 2 "
+            f"({cfg.dataset.max_seq_length - 2}), or windows would not advance."
+        )
+    _check_strategy_keys(cfg, entrypoint)
+    if cfg.on_nonfinite.action not in ("skip", "stop"):
+        raise ValueError(f"on_nonfinite.action={cfg.on_nonfinite.action!r} must be 'skip' or 'stop'.")
+    if cfg.fp8_config.enabled:
+        _check_fp8(cfg, use_te)
+    if not resolve_path(cfg.config_name_or_path).exists() and str(cfg.config_name_or_path).startswith((".", "/")):
+        raise FileNotFoundError(f"config_name_or_path={cfg.config_name_or_path!r} does not exist; fix the path.")
+
+
+def _check_strategy_keys(cfg: DictConfig, entrypoint: str) -> None:
+    if cfg.cp_size != 1 and entrypoint != "fsdp2_cp":
+        raise ValueError(f"cp_size={cfg.cp_size} needs train_fsdp2_cp.py; this entrypoint has no context parallelism.")
+    if cfg.fp32_master_weights and entrypoint == "ddp":
+        raise ValueError(
+            "fp32_master_weights=true is an FSDP2 option (fp32 parameters, bf16 compute through "
+            "MixedPrecisionPolicy); run train_fsdp2.py, or drop it for train_ddp.py."
+        )
+    if cfg.checkpoint.async_save and entrypoint == "ddp":  # upstream's default is true: a warning, not an error
+        logger.warning("checkpoint.async_save=true is an FSDP2 option (dcp.async_save); DDP saves synchronously.")
+
+
+def _check_fp8(cfg: DictConfig, use_te: bool) -> None:
+    if not use_te:
+        raise ValueError("fp8_config.enabled=true needs the TE model; drop it or set use_te=true on a GPU with TE.")
+    budget = cfg.dataset.token_micro_batch_size or cfg.dataset.micro_batch_size * cfg.dataset.max_seq_length
+    if cfg.use_sequence_packing and budget % 16:
+        raise ValueError(
+            f"FP8 needs micro-batches whose token count is a multiple of 16, but the THD budget is {budget}; "
+            "set dataset.token_micro_batch_size (or max_seq_length) to a multiple of 16."
+        )
+    from fp8 import build_fp8_recipe  # a recipe this GPU cannot run fails here, naming the GPU it needs
+
+    build_fp8_recipe(cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs))
+
+
+def validate_cp_config(cfg: DictConfig, use_te: bool, world_size: int) -> None:
+    """Check what `train_fsdp2_cp.py` needs: TE, and a world size made of whole context-parallel groups."""
+    if not use_te:
+        raise ValueError(
+            "train_fsdp2_cp.py needs the TE model (context parallelism lives in TE attention): run it on GPUs "
+            "with TransformerEngine, or use train_fsdp2.py."
+        )
+    if cfg.cp_comm_type not in CP_COMM_TYPES:
+        raise ValueError(f"cp_comm_type={cfg.cp_comm_type!r} must be one of {list(CP_COMM_TYPES)} (TE's exchanges).")
+    if not isinstance(cfg.cp_size, int) or cfg.cp_size < 1 or world_size % cfg.cp_size:
+        raise ValueError(
+            f"cp_size={cfg.cp_size!r} must be a positive integer that divides the number of ranks ({world_size}); "
+            "launch a multiple of cp_size processes (torchrun --nproc_per_node=...)."
+        )

@@ -1,0 +1,133 @@
+"""Where the data and the tokenizer come from: a parquet file, a folder of parquet files or an HF data set.
+
+    ds = load_raw_dataset({"path": "./test_genomic_sequences.parquet", "streaming": True}, "sequence")
+    tokenizer = load_tokenizer("./tokenizers/nucleotide_fast_tokenizer")
+
+A relative path is looked up in the working directory first, then in the recipe folder, so the tier
+configs' `./...` paths work from anywhere. Missing files, unreadable parquet, empty data sets and wrong
+columns are errors that name the file or column and the fix, raised before any loader worker starts.
+"""
+
+import logging
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+RECIPE_DIR = Path(__file__).resolve().parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is looked up in the working directory first, then in the recipe folder."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return RECIPE_DIR / path if (RECIPE_DIR / path).exists() else path
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.endswith(".parquet")
+
+
+def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
+    """Turn a local parquet file or folder into `load_dataset("parquet", data_files=...)` arguments.
+
+    Every local file is checked to exist, so a typo fails here and not deep inside `datasets`.
+    """
+    kwargs = dict(load_dataset_kwargs)
+    kwargs.setdefault("split", "train")
+    path = str(kwargs.get("path", ""))
+    if not path:
+        raise ValueError(
+            "dataset.load_dataset_kwargs.path is required: a parquet file or folder, or an HF dataset name."
+        )
+    local = resolve_path(path)
+    # A folder of parquet files; a folder with a README.md is a local copy of an HF dataset repo, which
+    # `load_dataset(path)` reads with its own split configuration.
+    if local.is_dir() and any(local.glob("**/*.parquet")) and not (local / "README.md").exists():
+        kwargs.update(path="parquet", data_files=sorted(str(p) for p in local.glob("**/*.parquet")))
+    elif local.is_file():
+        kwargs.update(path="parquet", data_files=str(local))
+    elif _looks_local(path) and path != "parquet":
+        raise FileNotFoundError(
+            f"dataset.load_dataset_kwargs.path={path!r} does not exist (looked in {Path.cwd()} and {RECIPE_DIR}). "
+            "Point it at a parquet file, a folder of parquet files, or an HF dataset name."
+        )
+    files = kwargs.get("data_files")
+    if isinstance(files, (str, Path)):
+        files = [files]
+    if isinstance(files, (list, tuple)):
+        resolved = []
+        for f in map(str, files):
+            if "://" in f or any(c in f for c in "*?["):  # remote or a glob: left to `datasets`
+                resolved.append(f)
+                continue
+            if not resolve_path(f).exists():
+                raise FileNotFoundError(
+                    f"dataset.load_dataset_kwargs.data_files entry {f!r} does not exist (looked in {Path.cwd()} "
+                    f"and {RECIPE_DIR}). Fix the path or override dataset.load_dataset_kwargs.data_files=..."
+                )
+            resolved.append(str(resolve_path(f)))
+        kwargs["data_files"] = resolved
+    return kwargs
+
+
+def load_tokenizer(tokenizer_name_or_path: str) -> PreTrainedTokenizerBase:
+    """An `AutoTokenizer` from a local folder (working directory or recipe folder) or a hub name."""
+    path = resolve_path(tokenizer_name_or_path)
+    return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer_name_or_path)
+
+
+def _check_parquet_files(files: list[str]) -> None:
+    """Read each local parquet footer: a corrupt or empty file is named here, before any worker starts."""
+    n_rows = 0
+    for f in files:
+        if "://" in f or any(c in f for c in "*?["):
+            return  # remote or glob: `datasets` reports its own errors
+        try:
+            n_rows += pq.read_metadata(f).num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(
+                f"{f} is not a readable parquet file ({e}); re-export it or drop it from data_files."
+            ) from e
+    if n_rows == 0:
+        raise ValueError(f"The data set {files} has no records; check dataset.load_dataset_kwargs.")
+
+
+def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Dataset | datasets.IterableDataset:
+    """`datasets.load_dataset(**load_dataset_kwargs)`, with a clear error for a missing, empty or wrong source."""
+    kwargs = normalize_load_kwargs(load_dataset_kwargs)
+    checked = kwargs["path"] == "parquet" and isinstance(kwargs.get("data_files"), list)
+    if checked:
+        _check_parquet_files(kwargs["data_files"])  # also rejects an empty data set
+    try:
+        ds = datasets.load_dataset(**kwargs)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise FileNotFoundError(
+            f"Could not load dataset.load_dataset_kwargs={load_dataset_kwargs}: {e}. "
+            "Point dataset.load_dataset_kwargs.path at a parquet file, a folder of parquet files or an HF dataset."
+        ) from e
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise ValueError(f"load_dataset returned splits {list(ds)}; set dataset.load_dataset_kwargs.split to one.")
+    columns = ds.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(
+            f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column to the one "
+            "holding the sequences."
+        )
+    feature = (ds.features or {}).get(text_column)
+    if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+        raise ValueError(
+            f"Column {text_column!r} holds {feature.dtype} values, not text; set dataset.text_column to the column "
+            "holding the sequences as strings."
+        )
+    if isinstance(ds, datasets.Dataset):
+        empty = len(ds) == 0
+    else:  # a remote stream: peek at one record (local parquet was checked from its footers)
+        empty = not checked and next(iter(ds.take(1)), None) is None
+    if empty:
+        raise ValueError(f"The data set {kwargs.get('data_files') or kwargs['path']} has no records; check the path.")
+    return ds

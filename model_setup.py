@@ -1,0 +1,113 @@
+"""The model the entrypoints train.
+
+Its config, the TE or HF model, activation checkpointing, per-layer `torch.compile`, and the FP8
+autocast context.
+
+    model = create_model(cfg, use_te, device, on_meta=use_te and cfg.use_meta_device)
+    fp8_autocast = fp8_autocast_factory(cfg, use_te)
+    with fp8_autocast():
+        loss = model(**batch).loss
+
+Order (torchtitan's): build -> activation checkpointing -> compile each decoder layer -> FSDP2/DDP wrapping
+(in the entrypoint) -> materialise meta weights.
+"""
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, LlamaForCausalLM
+
+from data_sources import resolve_path
+
+logger = logging.getLogger(__name__)
+
+
+def build_model_config(cfg: DictConfig, use_te: bool):
+    """The HF config from `config_name_or_path` + `config_kwargs`, turned into an `NVLlamaConfig` for TE."""
+    path = resolve_path(cfg.config_name_or_path)
+    kwargs = OmegaConf.to_container(cfg.config_kwargs, resolve=True)
+    # Parameters are bf16 on GPUs (TE or the HF reference) unless FSDP2 keeps fp32 master weights; fp32 on CPUs.
+    bf16 = torch.cuda.is_available() and not cfg.fp32_master_weights
+    kwargs.setdefault("dtype", torch.bfloat16 if bf16 else torch.float32)
+    hf_config = AutoConfig.from_pretrained(str(path) if path.exists() else cfg.config_name_or_path, **kwargs)
+    if not use_te:
+        if cfg.loss_chunk_size:
+            logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
+                           cfg.loss_chunk_size)  # fmt: skip
+        hf_config._attn_implementation = "sdpa"
+        return hf_config
+    from convert import te_config_from_hf
+
+    return te_config_from_hf(
+        hf_config,
+        attn_input_format="thd" if cfg.use_sequence_packing else "bshd",
+        loss_chunk_size=cfg.loss_chunk_size,
+    )
+
+
+def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: bool):
+    """The TE model (the product) or HF `LlamaForCausalLM` (the reference), on `device` or on meta.
+
+    With `use_gradient_checkpointing` its decoder layers recompute in backward; with `use_torch_compile`
+    each decoder layer is compiled. Wrapping (FSDP2, DDP) is the entrypoint's.
+    """
+    config = build_model_config(cfg, use_te)
+    if use_te:
+        from modeling_llama_te import NVLlamaForCausalLM
+
+        with torch.device("meta") if on_meta else nullcontext():
+            model = NVLlamaForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(config).to(device, dtype=config.dtype)  # the constructor ignores config.dtype
+    if cfg.use_gradient_checkpointing:
+        apply_activation_checkpointing(model, use_te)
+    if cfg.use_torch_compile:
+        compile_decoder_layers(model)
+    logger.info(
+        "Model: %s (%s), %.1fM parameters, %s%s",
+        type(model).__name__, "TransformerEngine" if use_te else "HF reference, no TE",
+        sum(p.numel() for p in model.parameters()) / 1e6, "meta device" if on_meta else device,
+        ", decoder layers compiled" if cfg.use_torch_compile else "",
+    )  # fmt: skip
+    return model
+
+
+def apply_activation_checkpointing(model, use_te: bool) -> None:
+    """Recompute each decoder layer in backward: `checkpoint_wrapper` around TE layers, HF's own switch."""
+    if not use_te:
+        model.gradient_checkpointing_enable()
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
+
+
+def compile_decoder_layers(model) -> None:
+    """`torch.compile` each decoder layer in place (`nn.Module.compile`).
+
+    In place, so parameter names stay as they are: checkpoints and exports never carry `_orig_mod.`.
+    Per layer (not the whole model), as torchtitan does: the layers share one compiled graph, and the
+    embedding, the LM head and the loss stay eager. Before FSDP2/DDP wrapping, after activation checkpointing.
+    """
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def fp8_autocast_factory(cfg: DictConfig, use_te: bool):
+    """A no-argument context factory: TE autocast with the configured recipe, or a null context."""
+    if not use_te:
+        return nullcontext
+    import transformer_engine.pytorch as te
+
+    from fp8 import build_fp8_recipe
+
+    recipe = None
+    if cfg.fp8_config.enabled:
+        recipe = build_fp8_recipe(
+            cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs)
+        )
+    return lambda: te.autocast(enabled=recipe is not None, recipe=recipe)

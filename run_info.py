@@ -1,0 +1,77 @@
+"""What made a run, written next to its results.
+
+The run folder, every `step_N/` and `final_model/` get a `run_info.yaml`: the resolved config, the git
+revision, the world size, library versions and the device.
+
+    info = describe_run(cfg, world_size, use_te, device)
+    write_run_info(run_dir_for(cfg), info)
+"""
+
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+RECIPE_DIR = Path(__file__).resolve().parent
+RUN_INFO_FILE = "run_info.yaml"
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """`run_dir`, else Hydra's output folder (`outputs/<date>/<time>`), else `outputs/run`; created."""
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:  # main(cfg) called without Hydra
+            path = Path("outputs") / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=RECIPE_DIR, capture_output=True, text=True, timeout=10)
+
+
+def git_revision() -> str:
+    """The recipe folder's commit (with "-dirty" if tracked files differ from it), or "unknown" outside git."""
+    try:
+        head = _git("rev-parse", "HEAD")
+        if head.returncode:
+            return "unknown"
+        dirty = _git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def describe_run(cfg: DictConfig, world_size: int, use_te: bool, device: torch.device) -> dict:
+    """The resolved config and what ran it, as a plain dict (computed once, on every rank)."""
+    import datasets
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__),
+                "transformers": transformers.__version__, "datasets": datasets.__version__}  # fmt: skip
+    if use_te:
+        import transformer_engine
+
+        versions["transformer_engine"] = transformer_engine.__version__
+    if device.type == "cuda":
+        versions["cuda"] = torch.version.cuda
+    return {
+        "git_revision": git_revision(),
+        "world_size": world_size,
+        "model": "TE" if use_te else "HF reference",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": versions,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def write_run_info(folder: Path, info: dict) -> None:
+    """Write `run_info.yaml` into `folder` (call on one rank)."""
+    (Path(folder) / RUN_INFO_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(info)))

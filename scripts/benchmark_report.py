@@ -1,0 +1,124 @@
+"""Tables, target ratios and plots of `benchmark_training.py` results (rows as its `summarize` returns them)."""
+
+from pathlib import Path
+
+
+def find(results, name):
+    """The successful row called `name`, or None."""
+    return next((r for r in results if r["name"] == name and "error" not in r), None)
+
+
+def ratio(results, numerator: str, denominator: str, key="tokens_per_s_per_gpu", scale=1):
+    """`key` of one row over another's (None if either is missing or failed)."""
+    a, b = find(results, numerator), find(results, denominator)
+    return a[key] * scale / b[key] if a and b else None
+
+
+def targets(results) -> list[tuple[str, float | None, float | None]]:
+    """(what, measured, target) for each of the recipe's speed targets; target None: context, not a goal."""
+    best_fp8_bshd = max(
+        (r for r in results if r["group"] == "model" and r["format"] == "BSHD" and "FP8" in r["precision"]
+         and "error" not in r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)  # fmt: skip
+    model_rows = [r for r in results if r["group"] in ("model", "scaling") and "error" not in r]
+    te_rows = [r for r in model_rows if not r["name"].startswith("HF")]
+    rows = [
+        ("TE BF16 / HF tokens/s (BSHD)", ratio(results, "TE BF16 BSHD", "HF BF16 BSHD"), 1.25),
+        (f"TE FP8 ({best_fp8_bshd['precision'] if best_fp8_bshd else '-'}) / HF tokens/s (BSHD)",
+         ratio(results, best_fp8_bshd["name"], "HF BF16 BSHD") if best_fp8_bshd else None, 1.6),
+        ("TE BF16 MFU, best row",
+         max((r["mfu"] for r in te_rows if r["precision"] == "BF16" and r.get("mfu")), default=None), 0.60),
+        ("TE FP8 best MFU (BF16-equivalent)",
+         max((r["mfu"] for r in te_rows if "FP8" in r["precision"] and r.get("mfu")), default=None), 0.76),
+        ("THD / BSHD real tokens/s (BF16)",
+         ratio(results, "TE BF16 THD", "TE BF16 BSHD", key="real_tokens_per_s_per_gpu"), 1.7),
+        ("FSDP2 2 GPUs / 1 GPU tokens/s (FP8 current)",
+         ratio(results, "fsdp2 FP8 current 2 GPU", "fsdp2 FP8 current 1 GPU", scale=2), 1.9),
+        ("FSDP2 8 GPUs / 1 GPU per-GPU efficiency (FP8 current)",
+         ratio(results, "fsdp2 FP8 current 8 GPU", "fsdp2 FP8 current 1 GPU"), 0.9),
+        *[(f"CP 2 GPUs at {2 * s}k / CP 1 GPU at {s}k, tokens/s/GPU",
+           ratio(results, f"CP 2 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), 0.9) for s in (4, 8)],
+        *[(f"CP 1 GPU at {2 * s}k / at {s}k: the most any CP can reach above (attention per token doubles)",
+           ratio(results, f"CP 1 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), None) for s in (4, 8)],
+        ("CP 2 GPUs at 16k / CP 1 GPU at 8k, MFU (counts the longer attention)",
+         ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k", key="mfu"), 0.9),
+        *[(f"CP 2 / DP 2 GPUs, both at {s}k, {comm} (the cost of CP itself)",
+           ratio(results, f"CP 2 GPU seq {s}k{suffix}", f"DP 2 GPU seq {s}k"), 0.9)
+          for s in (8, 16) for comm, suffix in (("p2p", ""), ("a2a", " a2a"))],
+        *[(f"use_torch_compile / eager tokens/s, {name}", ratio(results, f"TE {name} compiled", f"TE {name}"), None)
+          for name in ("BF16 THD", "FP8 delayed THD", "BF16 BSHD")],
+        ("data-loader wait, worst row (fraction of step time)",
+         max((r["data_wait_fraction"] for r in model_rows if r.get("data_wait_fraction") is not None),
+             default=None), 0.02),
+    ]  # fmt: skip
+    return rows
+
+
+def markdown(results, notes: str) -> str:
+    """The results table and the targets table, as Markdown."""
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    out = [notes, "", "| row | GPUs | tokens/s/GPU | real tokens/s/GPU | MFU | step time (ms) | peak memory (GiB) "
+           "| data wait | checkpoint save (s) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        if "error" in r:
+            failure = "out of memory" if "out of memory" in r["error"].lower() else "failed"
+            out.append(f"| {r['name']} | {r['gpus']} | {failure} | | | | | | |")
+            continue
+        out.append(
+            f"| {r['name']} | {r['gpus']} | {fmt(r['tokens_per_s_per_gpu'], ',.0f')} | "
+            f"{fmt(r['real_tokens_per_s_per_gpu'], ',.0f')} | {fmt(r['mfu'], '.1%')} | "
+            f"{fmt(r['step_time_s'] * 1000, '.0f')} | {fmt(r['peak_memory_gib'], '.1f')} | "
+            f"{fmt(r['data_wait_fraction'], '.2%')} | {fmt(r['checkpoint_save_s'], '.1f')} |"
+        )
+    out += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for what, measured, goal in targets(results):
+        lower_is_better = "wait" in what
+        met = None if None in (measured, goal) else (measured <= goal if lower_is_better else measured >= goal)
+        bound = "-" if goal is None else f"{'<=' if lower_is_better else '>='} {goal}"
+        out.append(f"| {what} | {fmt(measured, '.3f')} | {bound} | {'-' if met is None else 'yes' if met else 'no'} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(results, out: Path) -> None:
+    """Throughput bars per group and the loss curves of the model rows, as PNGs in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    for group, title in (("model", "1 H200, Llama-3.2-1B body, 8k windows"),
+                         ("scaling", "THD, FP8 current / BF16, per GPU"),
+                         ("cp", "Context parallelism, BF16, one long record")):  # fmt: skip
+        rows = [r for r in ok if r["group"] == group]
+        if not rows:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.5))
+        names = [r["name"] for r in rows]
+        axes[0].barh(names, [r["tokens_per_s_per_gpu"] / 1e3 for r in rows], label="padded")
+        axes[0].barh(names, [r["real_tokens_per_s_per_gpu"] / 1e3 for r in rows], label="real", alpha=0.7)
+        axes[0].set_xlabel("thousand tokens/s/GPU")
+        axes[0].legend()
+        axes[0].invert_yaxis()
+        axes[1].barh(names, [r["step_time_s"] * 1e3 for r in rows], color="gray")
+        axes[1].set_xlabel("step time (ms)")
+        axes[1].set_yticks([])
+        axes[1].invert_yaxis()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / f"throughput_{group}.png", dpi=80)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in ok:
+        if r["group"] == "model":
+            steps, losses = zip(*r["loss_curve"])
+            ax.plot(steps, losses, label=r["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.set_title("Training loss, 1 GPU, same data order")
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,240 @@
+"""Every key of hydra_config/defaults.yaml does what its comment says.
+
+Each test here would fail if its key were read nowhere. Keys whose effect needs a GPU (FP8 recipe keys,
+fused AdamW, meta-device init) are checked in tests/test_train_gpu.py; the meta-test below makes sure no
+key is left out.
+"""
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import ENV, FAST, RECIPE_DIR, losses, make_cfg
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+import train_ddp
+import train_fsdp2
+from batches import create_dataloader
+from config_checks import DEFAULTS_YAML, validate_config, validate_cp_config
+from data_sources import load_raw_dataset
+from distributed_config import DistributedConfig
+from model_setup import build_model_config, create_model
+from optimizer_step import create_optimizer
+
+CPU = torch.device("cpu")
+ONE_RANK = DistributedConfig(0, 0, 1)
+
+
+def _leaf_keys(group: dict, prefix: str = ""):
+    for key, value in group.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_default_key_is_named_in_a_test():
+    """A key that no test names is a key whose effect nobody checks."""
+    text = "".join(p.read_text() for p in Path(__file__).parent.glob("*.py") if p.name != Path(__file__).name)
+    text += Path(__file__).read_text().split("# --- Keys ---", 1)[1]  # this file, without the meta-test
+    keys = list(_leaf_keys(yaml.safe_load(DEFAULTS_YAML.read_text())))
+    assert len(keys) > 50
+    assert [k for k in keys if k not in text] == []
+
+
+# --- Keys ---
+
+
+def first_batch(cfg) -> dict:
+    loader, _ = create_dataloader(cfg, ONE_RANK)
+    return next(iter(loader))
+
+
+@pytest.mark.parametrize(
+    ("override", "check"),
+    [
+        ("+config_kwargs.num_hidden_layers=2", lambda m: len(m.model.layers) == 2),
+        ("use_gradient_checkpointing=true", lambda m: m.is_gradient_checkpointing),
+        ("use_torch_compile=true", lambda m: all(layer._compiled_call_impl is not None for layer in m.model.layers)),
+    ],
+)
+def test_model_keys(tmp_path, override, check):
+    default = create_model(make_cfg(tmp_path), use_te=False, device=CPU, on_meta=False)
+    changed = create_model(make_cfg(tmp_path, override), use_te=False, device=CPU, on_meta=False)
+    assert check(changed) and not check(default)
+
+
+def test_torch_compile_with_ddp_trains_like_eager_and_exports_plain_names(tmp_path):
+    """The compiled layers (inductor on the CPU) give eager's losses, and the export has no `_orig_mod.`."""
+    common = ["num_train_steps=2", "checkpoint.save_final_model=true", "checkpoint.save_every_n_steps=2"]
+    train_ddp.main(make_cfg(tmp_path / "eager", *common, f"checkpoint.ckpt_dir={tmp_path / 'eager' / 'ckpt'}"))
+    ckpt = tmp_path / "compiled" / "ckpt"
+    train_ddp.main(make_cfg(tmp_path / "compiled", *common, f"checkpoint.ckpt_dir={ckpt}", "use_torch_compile=true"))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    names = load_file(ckpt / "final_model" / "model.safetensors").keys()
+    assert names == load_file(tmp_path / "eager" / "ckpt" / "final_model" / "model.safetensors").keys()
+    assert not any("_orig_mod" in name for name in names)
+
+
+def test_config_name_or_path_picks_the_shape(tmp_path):
+    cfg = make_cfg(tmp_path, "config_name_or_path=./model_configs/meta-llama/Llama-3.2-1B")
+    assert build_model_config(cfg, use_te=False).hidden_size == 2048
+    assert build_model_config(make_cfg(tmp_path), use_te=False).hidden_size == 384
+
+
+def test_optimizer_keys(tmp_path):
+    model = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(4, 4), "proj": torch.nn.Linear(4, 4)})
+    overrides = ["adamw_kwargs.lr=0.5", "adamw_kwargs.betas=[0.8,0.9]", "adamw_kwargs.eps=0.25",
+                 "adamw_kwargs.weight_decay=0.3", "adamw_kwargs.fused=true"]  # fmt: skip
+    optimizer = create_optimizer(make_cfg(tmp_path, *overrides), model, CPU)
+    assert len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (0.5, (0.8, 0.9), 0.25, 0.3)
+    assert not group["fused"]  # fused AdamW is for GPUs (checked there: tests/test_train_gpu.py)
+
+    exempt = make_cfg(tmp_path, *overrides, "no_weight_decay_on_norms_biases_embeddings=true")
+    decay, no_decay = create_optimizer(exempt, model, CPU).param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == {id(model.embed_tokens.weight), id(model.proj.bias)}
+
+
+def test_lr_schedule_keys_reach_the_loop(tmp_path):
+    """Logged LR after step N is the schedule at N: warmup of 2, then decay over 1 step to min_lr_ratio."""
+    overrides = ["num_train_steps=3", "adamw_kwargs.lr=0.002", "lr_scheduler_kwargs.num_warmup_steps=2",
+                 "lr_scheduler_kwargs.num_decay_steps=1", "lr_scheduler_kwargs.min_lr_ratio=0.25"]  # fmt: skip
+    train_fsdp2.main(make_cfg(tmp_path, *overrides))
+    lrs = [m["lr"] for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in m]
+    assert lrs == pytest.approx([0.001, 0.002, 0.0005])
+
+
+@pytest.mark.parametrize("override", ["seed=7", "max_grad_norm=1e-12"])
+def test_seed_and_clipping_change_the_losses(tmp_path, override):
+    train_fsdp2.main(make_cfg(tmp_path / "default", "num_train_steps=3"))
+    train_fsdp2.main(make_cfg(tmp_path / "changed", "num_train_steps=3", override))
+    step = 1 if override.startswith("seed") else 3  # step 1 runs at LR 0 (warmup); its clipped update shows at 3
+    assert losses(tmp_path / "changed")[step] != losses(tmp_path / "default")[step]
+
+
+@pytest.mark.parametrize("fp32_master_weights", [False, True])
+def test_fp32_master_weights_keeps_fp32_parameters_and_computes_in_bf16(tmp_path, monkeypatch, fp32_master_weights):
+    """FSDP2 with fp32_master_weights: fp32 sharded parameters (what the optimizer updates), bf16 layer compute."""
+    seen, make = {}, train_fsdp2.create_model
+
+    def create_and_watch(*args, **kwargs):
+        model = make(*args, **kwargs)
+        model.model.layers[0].register_forward_hook(lambda m, i, out: seen.update(dtype=out.dtype))  # returns None
+        seen["model"] = model
+        return model
+
+    monkeypatch.setattr(train_fsdp2, "create_model", create_and_watch)
+    train_fsdp2.main(make_cfg(tmp_path, "num_train_steps=1", f"fp32_master_weights={fp32_master_weights}"))
+    assert {p.dtype for p in seen["model"].parameters()} == {torch.float32}
+    assert seen["dtype"] == (torch.bfloat16 if fp32_master_weights else torch.float32)
+    with pytest.raises(ValueError, match="fp32_master_weights=true is an FSDP2 option"):
+        validate_config(make_cfg(tmp_path, "fp32_master_weights=true"), use_te=False, entrypoint="ddp")
+
+
+def test_max_checkpoints_prunes_old_ones(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    overrides = ["num_train_steps=4", f"checkpoint.ckpt_dir={ckpt}", "checkpoint.save_every_n_steps=1"]
+    train_fsdp2.main(make_cfg(tmp_path, *overrides, "checkpoint.max_checkpoints=2"))
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_3", "step_4"]
+
+
+def test_wandb_init_args_reach_wandb(tmp_path, monkeypatch):
+    """With a mode other than disabled, wandb.init gets the arguments and every log line.
+
+    Disabled never imports wandb (not installed in CI), so a stand-in module records the calls.
+    """
+    calls = []
+    run = types.SimpleNamespace(log=lambda metrics, step: calls.append(("log", step)), finish=lambda: None)
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    overrides = ["wandb_init_args.mode=offline", "wandb_init_args.project=dna", "wandb_init_args.name=run-1"]
+    train_fsdp2.main(make_cfg(tmp_path, "num_train_steps=2", *overrides))
+    init = calls[0][1]
+    assert (init["mode"], init["project"], init["name"]) == ("offline", "dna", "run-1")
+    assert [c for c in calls if c[0] == "log"] == [("log", 1), ("log", 2)]
+
+
+# --- Data keys ---
+
+
+def test_dataset_tokenizer_name_or_path_is_used(tmp_path):
+    with pytest.raises(OSError, match="no_such_tokenizer"):
+        first_batch(make_cfg(tmp_path, "dataset.tokenizer_name_or_path=./no_such_tokenizer"))
+
+
+@pytest.mark.parametrize("override", ["dataset.seed=7", "dataset.buffer_size=1"])
+def test_shuffle_keys_change_the_order(tmp_path, override):
+    default = first_batch(make_cfg(tmp_path))["input_ids"]
+    assert not torch.equal(first_batch(make_cfg(tmp_path, override))["input_ids"], default)
+
+
+def test_genomic_label_keys(tmp_path):
+    data = tmp_path / "soft_masked.parquet"
+    pq.write_table(pa.table({"sequence": ["ACGTacgtNNRYacgt" * 4]}), data)
+    base = [f"dataset.load_dataset_kwargs.path={data}"]
+    plain = first_batch(make_cfg(tmp_path, *base))
+    upper = first_batch(make_cfg(tmp_path, *base, "dataset.uppercase_labels=true"))
+    masked = first_batch(make_cfg(tmp_path, *base, "dataset.mask_degenerate_bases=true"))
+    ids, lower = plain["input_ids"], (plain["input_ids"] >= ord("a")) & (plain["input_ids"] <= ord("z"))
+    assert torch.equal(plain["labels"], ids)
+    assert torch.equal(upper["labels"][lower], ids[lower] - 32)
+    assert (masked["labels"][(ids == ord("N")) | (ids == ord("R"))] == -100).all()
+    assert (masked["labels"][ids == ord("A")] == ord("A")).all()
+
+
+def test_split_samples_keeps_the_budget_exact(tmp_path):
+    packs = ["use_sequence_packing=true", "dataset.token_micro_batch_size=300"]  # 256-token windows
+    loader, _ = create_dataloader(make_cfg(tmp_path, *packs), ONE_RANK)
+    assert {b["input_ids"].shape[1] for b, _ in zip(loader, range(20))} == {300}
+    loader, _ = create_dataloader(make_cfg(tmp_path, *packs, "dataset.split_samples=false"), ONE_RANK)
+    sizes = [b["input_ids"].shape[1] for b, _ in zip(loader, range(20))]
+    assert max(sizes) < 300  # whole windows only: packs end short
+
+
+def test_use_stateful_dataloader(tmp_path):
+    assert type(create_dataloader(make_cfg(tmp_path), ONE_RANK)[0]) is StatefulDataLoader
+    loader, _ = create_dataloader(make_cfg(tmp_path, "dataset.use_stateful_dataloader=false"), ONE_RANK)
+    assert type(loader) is DataLoader
+
+
+def test_load_dataset_kwargs_split_and_streaming(tmp_path):
+    overrides = ["dataset.load_dataset_kwargs.streaming=false", "dataset.load_dataset_kwargs.split='train[:3]'"]
+    ds = load_raw_dataset(dict(make_cfg(tmp_path, *overrides).dataset.load_dataset_kwargs), "sequence")
+    assert len(ds) == 3  # map-style (not streamed), three records
+    streamed = load_raw_dataset(dict(make_cfg(tmp_path).dataset.load_dataset_kwargs), "sequence")
+    assert not hasattr(streamed, "__len__")
+
+
+def test_cp_comm_type_is_checked(tmp_path):
+    cfg = make_cfg(tmp_path, name="L0_sanity_cp", base=["cp_comm_type=ring"])
+    with pytest.raises(ValueError, match="cp_comm_type='ring' must be one of"):
+        validate_cp_config(cfg, use_te=True, world_size=2)
+
+
+@pytest.mark.parametrize("chdir", [False, True])
+def test_hydra_job_chdir(tmp_path, chdir):
+    """Hydra's own key: with chdir the run works in its output folder, so a relative run_dir lands there.
+
+    The recipe's relative paths (./model_configs, ./tokenizers, the bundled data) resolve either way.
+    """
+    out = tmp_path / "hydra_out"
+    cmd = [sys.executable, str(RECIPE_DIR / "train_fsdp2.py"), "--config-name", "L0_sanity", *FAST,
+           "num_train_steps=1", "run_dir=relative_run", f"hydra.run.dir={out}",
+           f"hydra.job.chdir={str(chdir).lower()}"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ((out if chdir else tmp_path) / "relative_run" / "metrics.jsonl").exists()
