@@ -242,6 +242,11 @@ def main():
         rows = [r for r in rows if r["name"] in args.only.split(",")]
     skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
     results = run_all([r for r in rows if r["gpus"] <= num_gpus], num_gpus, args)
+    for r in results:  # compiled rows keep their eager twin of this same run (results.json may mix runs)
+        twin = next((e for e in results if r["group"] == "compile" and e["name"] == r["name"].removesuffix(" compiled")
+                     and "error" not in e), None)  # fmt: skip
+        if twin:
+            r["eager_same_run_tokens_per_s_per_gpu"] = twin["tokens_per_s_per_gpu"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     notes = (f"{num_gpus} x {device}; `{' '.join(sys.argv)}`; {args.steps} steps per row, means after step "
              f"{args.warmup}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
