@@ -5,16 +5,16 @@ A checkpoint holds the model, optimizer, scheduler, step, RNG states, TE's FP8 s
 model and optimizer with `torch.save` on rank 0; FSDP2 writes them sharded with
 `torch.distributed.checkpoint` (optionally asynchronously, one save in flight).
 
-A `COMPLETE` marker is written last, after every rank has finished; resume only considers folders
-that have it, so a crash mid-save leaves the previous checkpoint as the one to resume from. Older
-complete checkpoints are pruned to `max_checkpoints` only after a newer one is complete.
+A `COMPLETE` marker is written last, after every rank has finished, with `run_info.yaml` (the run and
+the model shape); which folders count, resume, pruning and the folder checks are `checkpoint_folders.py`.
+Older complete checkpoints of the same run are pruned to `max_checkpoints` only after a newer one is
+complete.
 """
 
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,74 +29,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from checkpoint_folders import MARKER, prune_checkpoints, read_run_info
 from distributed_config import barrier
 from run_info import write_run_info
 
 logger = logging.getLogger(__name__)
-MARKER = "COMPLETE"
 _pending_async_save = None  # (future, folder) of the FSDP2 save in flight
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
-
-
-def complete_checkpoints(ckpt_dir) -> list[Path]:
-    """Complete `step_N` folders, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    found = [p for p in ckpt_dir.glob("step_*") if p.name.removeprefix("step_").isdigit()]
-    for p in found:
-        if not (p / MARKER).exists():
-            logger.warning("Ignoring incomplete checkpoint %s (no %s marker: the save did not finish).", p, MARKER)
-    return sorted((p for p in found if (p / MARKER).exists()), key=_step_of)
-
-
-def find_latest_checkpoint(ckpt_dir) -> Path | None:
-    """The newest complete `step_N` folder, or None."""
-    complete = complete_checkpoints(ckpt_dir) if ckpt_dir and Path(ckpt_dir).exists() else []
-    return complete[-1] if complete else None
-
-
-def resume_from_latest(ckpt_dir, load: Callable[[Path], int], device: torch.device) -> int:
-    """Load the newest complete checkpoint that every rank can read, with `load(path) -> step`; 0 if none.
-
-    A corrupt or truncated checkpoint (bad file, missing shard) is reported with a warning naming it,
-    and the previous complete one is tried. All ranks decide together, so a file that is bad on one
-    rank only never leaves the ranks at different steps. Nothing is deleted.
-    """
-    candidates = list(reversed(complete_checkpoints(ckpt_dir))) if ckpt_dir and Path(ckpt_dir).exists() else []
-    for path in candidates:
-        error = None
-        try:
-            step = load(path)
-        except (Exception, CheckpointException) as e:  # any unreadable part: fall back (DCP's is a BaseException)
-            error = e
-        failed = torch.tensor(float(error is not None), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if not failed.item():
-            logger.info("Resumed from %s at step %d", path, step)
-            return step
-        # DCP wraps the cause in a multi-line report: its last line is the cause itself.
-        cause = (str(error).strip().splitlines() or [type(error).__name__])[-1] if error else "failed on another rank"
-        logger.warning(
-            "Checkpoint %s could not be loaded (%s); falling back to the previous complete checkpoint.", path, cause
-        )
-    if candidates:
-        raise RuntimeError(
-            f"No checkpoint in {ckpt_dir} could be loaded (tried {[p.name for p in candidates]}; see the warnings "
-            "above). Move the damaged folders away, or start afresh with checkpoint.resume_from_checkpoint=false."
-        )
-    return 0
-
-
-def prune_checkpoints(ckpt_dir, max_checkpoints: int | None) -> None:
-    """Delete all but the newest `max_checkpoints` complete checkpoints (None or 0: keep all)."""
-    if not max_checkpoints:
-        return
-    for old in complete_checkpoints(ckpt_dir)[:-max_checkpoints]:
-        (old / MARKER).unlink()  # first make it incomplete, so a crash here never leaves a half-deleted "complete" one
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _rank_state(step: int, scheduler, dataloader, extra_model_state: dict) -> dict:
@@ -181,15 +118,18 @@ def _finish(path: Path, rank: int, ckpt_dir, max_checkpoints, run_info: dict | N
         if run_info is not None:
             write_run_info(path, run_info)
         (path / MARKER).write_text("ok\n")
-        prune_checkpoints(ckpt_dir, max_checkpoints)
+        prune_checkpoints(ckpt_dir, max_checkpoints, (run_info or {}).get("run_id"))
         logger.info("Saved checkpoint %s", path)
     barrier()
 
 
-def _prepare_folder(ckpt_dir, step: int, rank: int) -> Path:
+def _prepare_folder(ckpt_dir, step: int, rank: int, run_info: dict | None) -> Path:
     path = Path(ckpt_dir) / f"step_{step}"
+    saved = read_run_info(path) if (path / MARKER).exists() else None
+    if saved and run_info and saved.get("run_id") != run_info.get("run_id"):
+        raise RuntimeError(f"{path} is a complete checkpoint of another run; it is never overwritten.")
     if rank == 0 and path.exists():
-        shutil.rmtree(path)  # a leftover of a crashed save, or a damaged checkpoint that resume fell back from
+        shutil.rmtree(path)  # a leftover of a crashed save, or a damaged checkpoint of this run resume fell back from
     barrier()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -201,7 +141,7 @@ def _prepare_folder(ckpt_dir, step: int, rank: int) -> Path:
 def save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None,
                         run_info: dict | None = None):  # fmt: skip
     """Write `step_N/`: model and optimizer whole from rank 0, each rank's own state, then the marker."""
-    path = _prepare_folder(ckpt_dir, step, rank)
+    path = _prepare_folder(ckpt_dir, step, rank, run_info)
     module = model.module if hasattr(model, "module") else model
     weights, extra = _split_extra_state(module.state_dict())
     if rank == 0:
@@ -232,7 +172,7 @@ def save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloade
     it and only then writes the marker.
     """
     wait_for_async_save(ckpt_dir, max_checkpoints, rank)
-    path = _prepare_folder(ckpt_dir, step, rank)
+    path = _prepare_folder(ckpt_dir, step, rank, run_info)
     model_state, optim_state = get_state_dict(model, optimizer)
     weights, extra = _split_extra_state(model_state)
     torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")

@@ -114,6 +114,7 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"dataset.stride={cfg.dataset.stride} must be at least 0 and below max_seq_length - 2 "
             f"({cfg.dataset.max_seq_length - 2}), or windows would not advance."
         )
+    _check_optimizer_numbers(cfg)
     _check_strategy_keys(cfg, entrypoint)
     if cfg.on_nonfinite.action not in ("skip", "stop"):
         raise ValueError(f"on_nonfinite.action={cfg.on_nonfinite.action!r} must be 'skip' or 'stop'.")
@@ -121,6 +122,29 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         _check_fp8(cfg, use_te)
     if not resolve_path(cfg.config_name_or_path).exists() and str(cfg.config_name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"config_name_or_path={cfg.config_name_or_path!r} does not exist; fix the path.")
+
+
+def _check_optimizer_numbers(cfg: DictConfig) -> None:
+    """AdamW and schedule values are passed on as they are: check their types and ranges here."""
+    checks = [
+        ("adamw_kwargs.lr", lambda v: v > 0, "a positive number, e.g. 3e-4"),
+        ("adamw_kwargs.eps", lambda v: v >= 0, "a number >= 0, e.g. 1e-8"),
+        ("adamw_kwargs.weight_decay", lambda v: v >= 0, "a number >= 0, e.g. 0.1"),
+        ("lr_scheduler_kwargs.min_lr_ratio", lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+        ("lr_scheduler_kwargs.num_warmup_steps", lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+        ("lr_scheduler_kwargs.num_decay_steps", lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+    ]
+    for key, ok, expected in checks:
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(f"{key}={value!r} must be {expected}.")
+    betas = OmegaConf.select(cfg, "adamw_kwargs.betas")
+    if betas is not None and not (
+        len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    ):
+        raise ValueError(f"adamw_kwargs.betas={list(betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
 
 
 def _check_strategy_keys(cfg: DictConfig, entrypoint: str) -> None:

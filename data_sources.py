@@ -51,6 +51,12 @@ def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
         kwargs.update(path="parquet", data_files=sorted(str(p) for p in local.glob("**/*.parquet")))
     elif local.is_file():
         kwargs.update(path="parquet", data_files=str(local))
+    elif local.is_dir() and not (local / "README.md").exists():
+        found = sorted(p.name for p in local.iterdir())[:5]
+        raise FileNotFoundError(
+            f"dataset.load_dataset_kwargs.path={path!r} is a folder without parquet files (it holds "
+            f"{found or 'nothing'}). Point it at a parquet file, a folder of parquet files, or an HF dataset name."
+        )
     elif _looks_local(path) and path != "parquet":
         raise FileNotFoundError(
             f"dataset.load_dataset_kwargs.path={path!r} does not exist (looked in {Path.cwd()} and {RECIPE_DIR}). "
@@ -73,6 +79,30 @@ def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
             resolved.append(str(resolve_path(f)))
         kwargs["data_files"] = resolved
     return kwargs
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def describe_decode_error(load_dataset_kwargs: dict, text_column: str, error: UnicodeDecodeError) -> str:
+    """One line naming the file and row whose text is not UTF-8, and the fix (called only after a failure)."""
+    files = normalize_load_kwargs(load_dataset_kwargs).get("data_files") or []
+    for f in [files] if isinstance(files, str) else files:
+        try:
+            values = pq.read_table(f, columns=[text_column]).column(0).cast(pa.binary()).to_pylist()
+        except (OSError, pa.ArrowException):
+            continue
+        rows = [i for i, v in enumerate(values) if v is not None and not _is_utf8(v)]
+        if rows:
+            return (f"{f}, row {rows[0]} ({len(rows)} row(s) in all): column {text_column!r} is not valid UTF-8 "
+                    f"({error.reason}); re-encode the file as UTF-8 or drop those records.")  # fmt: skip
+    return (f"A record of dataset.load_dataset_kwargs={load_dataset_kwargs} is not valid UTF-8 ({error}); re-encode "
+            "the data as UTF-8.")  # fmt: skip
 
 
 def load_tokenizer(tokenizer_name_or_path: str) -> PreTrainedTokenizerBase:

@@ -24,6 +24,7 @@ Leading and trailing whitespace is stripped; records that are empty after that a
 counted in the log.
 """
 
+import functools
 import itertools
 import logging
 
@@ -36,8 +37,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from collator import BshdCollator, ContextParallelCollator, ThdCollator, TokenPackingDataset
-from data_sources import load_raw_dataset, load_tokenizer
+from data_sources import describe_decode_error, load_raw_dataset, load_tokenizer
 from distributed_config import DistributedConfig
+from preemption import loader_worker_init
 from windowing import WindowTokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,9 +82,11 @@ class WindowStream(IterableDataset):
     and the offset inside it; resuming re-reads that one block.
     """
 
-    def __init__(self, source: datasets.IterableDataset, buffer_size: int, seed: int, num_epochs: int | None = None):
+    def __init__(self, source: datasets.IterableDataset, buffer_size: int, seed: int, num_epochs: int | None = None,
+                 describe_decode_error=str):  # fmt: skip
         if buffer_size < 1:
             raise ValueError(f"dataset.buffer_size must be >= 1, got {buffer_size}.")
+        self.describe_decode_error = describe_decode_error
         self.source, self.buffer_size, self.seed, self.num_epochs = source, buffer_size, seed, num_epochs
         self.epoch, self._block, self._offset, self._block_state = 0, 0, 0, None
 
@@ -94,7 +98,7 @@ class WindowStream(IterableDataset):
                 self.source.load_state_dict(self._block_state)
             windows = iter(self.source)
             yielded_any = False
-            while block := list(itertools.islice(windows, self.buffer_size)):
+            while block := self._read_block(windows):
                 rng = np.random.default_rng([self.seed, worker, self.epoch, self._block])
                 order = rng.permutation(len(block))
                 for i in order[self._offset :]:
@@ -105,6 +109,12 @@ class WindowStream(IterableDataset):
             self.epoch, self._block, self._offset, self._block_state = self.epoch + 1, 0, 0, None
             if not yielded_any and self.num_epochs is None:
                 return  # this worker has no data at all: end rather than spin
+
+    def _read_block(self, windows) -> list:
+        try:
+            return list(itertools.islice(windows, self.buffer_size))
+        except UnicodeDecodeError as e:  # text that is not UTF-8: name the file and row, not a 24-frame trace
+            raise ValueError(self.describe_decode_error(e)) from None
 
     def state_dict(self) -> dict:
         """Epoch, block and offset in the block, and the source's position at the block's start."""
@@ -131,6 +141,7 @@ def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=loader_worker_init() if num_workers > 0 else None,  # workers ignore SIGTERM: the main saves
     )
 
 
@@ -140,7 +151,8 @@ def _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwarg
     source = create_tokenized_dataset(
         distributed_config, tokenizer, load_dataset_kwargs, max_seq_length, stride, text_column, num_workers
     )
-    return tokenizer, WindowStream(source, buffer_size, seed + distributed_config.rank, num_epochs)
+    explain = functools.partial(describe_decode_error, load_dataset_kwargs, text_column)
+    return tokenizer, WindowStream(source, buffer_size, seed + distributed_config.rank, num_epochs, explain)
 
 
 def create_bshd_dataloader(

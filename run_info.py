@@ -9,13 +9,18 @@ revision, the world size, library versions and the device.
 
 import platform
 import subprocess
+import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 RECIPE_DIR = Path(__file__).resolve().parent
 RUN_INFO_FILE = "run_info.yaml"
+# What a checkpoint's weights and optimizer state are shaped by; resume refuses a checkpoint that differs in any.
+MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "tie_word_embeddings")  # fmt: skip
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -49,8 +54,26 @@ def git_revision() -> str:
         return "unknown"
 
 
-def describe_run(cfg: DictConfig, world_size: int, use_te: bool, device: torch.device) -> dict:
-    """The resolved config and what ran it, as a plain dict (computed once, on every rank)."""
+def new_run_id() -> str:
+    """A fresh id, the same on every rank (rank 0 draws it)."""
+    run_id = [uuid.uuid4().hex[:12]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def model_shape(model_config) -> dict:
+    """The model class and the config values its weights are shaped by."""
+    shape = {k: getattr(model_config, k, None) for k in MODEL_SHAPE_KEYS}
+    shape["model_type"] = model_config.model_type  # "nvllama" (TE) or "llama" (HF): different weight names
+    return shape
+
+
+def describe_run(cfg: DictConfig, world_size: int, use_te: bool, device: torch.device, model_config=None) -> dict:
+    """The resolved config and what ran it, as a plain dict (computed once, on every rank, a collective).
+
+    `run_id` names this run in its checkpoints; a resumed run takes over the id of the checkpoint it loads.
+    """
     import datasets
     import transformers
 
@@ -63,6 +86,8 @@ def describe_run(cfg: DictConfig, world_size: int, use_te: bool, device: torch.d
     if device.type == "cuda":
         versions["cuda"] = torch.version.cuda
     return {
+        "run_id": new_run_id(),
+        "model_shape": model_shape(model_config) if model_config is not None else None,
         "git_revision": git_revision(),
         "world_size": world_size,
         "model": "TE" if use_te else "HF reference",

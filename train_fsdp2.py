@@ -12,7 +12,6 @@ only the lines that differ between the two strategies.
 """
 
 import logging
-import signal
 import time
 
 import hydra
@@ -25,16 +24,17 @@ from transformers import set_seed
 from batches import count_label_tokens, create_dataloader, iter_batches, to_device
 from checkpoint import (
     load_checkpoint_fsdp2,
-    resume_from_latest,
     save_checkpoint_fsdp2,
     save_final_model,
     wait_for_async_save,
 )
+from checkpoint_folders import prepare_checkpoint_dir, resume_from_latest
 from config_checks import resolve_use_te, validate_config
 from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
-from model_setup import create_model, fp8_autocast_factory
+from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
 from perf_logger import PerfLogger, model_flops_per_token
+from preemption import Preemption
 from run_info import describe_run, run_dir_for, write_run_info
 from scheduler import get_cosine_annealing_schedule_with_warmup
 
@@ -55,9 +55,15 @@ def main(cfg: DictConfig) -> float:
     )
     set_seed(cfg.seed)
 
+    # --- Checkpoint folder: checked before anything is built (emptied first with checkpoint.overwrite) ---
+    ckpt_dir = cfg.checkpoint.ckpt_dir
+    if ckpt_dir:
+        prepare_checkpoint_dir(cfg.checkpoint, checkpoint_bytes(cfg, use_te), dist_config.rank, device)
+
     # --- Model ---
     on_meta = use_te and cfg.use_meta_device
     model = create_model(cfg, use_te, device, on_meta=on_meta)  # compiles each decoder layer if use_torch_compile
+    run_info = describe_run(cfg, dist_config.world_size, use_te, device, model.config)  # goes into every checkpoint
 
     # --- FSDP2 wrapping: each decoder layer, then the root (embedding, final norm, LM head) ---
     mesh = dist.device_mesh.init_device_mesh(device.type, (dist_config.world_size,))
@@ -82,15 +88,12 @@ def main(cfg: DictConfig) -> float:
 
     # --- Resume ---
     step = 0
-    ckpt_dir = cfg.checkpoint.ckpt_dir
 
     def load(path):
         return load_checkpoint_fsdp2(path, model, optimizer, scheduler, dataloader, dist_config.rank)
 
     if ckpt_dir and cfg.checkpoint.resume_from_checkpoint:  # the newest complete one; a damaged one falls back
-        step = resume_from_latest(ckpt_dir, load, device)
-
-    run_info = describe_run(cfg, dist_config.world_size, use_te, device)  # travels with every checkpoint
+        step = resume_from_latest(ckpt_dir, load, device, run_info)  # refuses another shape or packing mode
 
     def save(step):
         save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
@@ -109,9 +112,7 @@ def main(cfg: DictConfig) -> float:
     perf = PerfLogger(
         dist_config, cfg, run_dir, model_flops_per_token(model.config, cfg.dataset.max_seq_length), device, step
     )
-    stop_requested = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: save and exit cleanly
-        signal.signal(sig, lambda *_: stop_requested.append(True))
+    preemption = Preemption()  # SIGTERM/SIGUSR1: save the current step and exit 0
     guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
     last_loss = float("nan")
@@ -129,19 +130,16 @@ def main(cfg: DictConfig) -> float:
             loss.backward()
             loss_sum += loss.detach() * num_tokens / dist_config.world_size
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
-        total_loss_sum = all_reduce_sum(loss_sum)
-        guard.step(step + 1, total_loss_sum, grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
+        totals = all_reduce_sum(torch.stack([loss_sum, preemption.flag(device)]))  # the stop flag rides along
+        guard.step(step + 1, totals[0], grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
+        stop = preemption.agreed_to_stop(totals[1])  # read one step late: the same step on every rank, no sync
         padded = sum(b["input_ids"].numel() for b in micro_batches)
-        # Preemption: all ranks must stop at the same step; they agree on log steps (which sync anyway).
-        stop = step % cfg.logger.frequency == 0 and bool(
-            all_reduce_sum(torch.tensor(float(bool(stop_requested)), device=device))
-        )
         lr = scheduler.get_last_lr()[0]
-        metrics = perf.log_step(step, total_loss_sum, num_tokens, padded, grad_norm, lr,
+        metrics = perf.log_step(step, totals[0], num_tokens, padded, grad_norm, lr,
                                 force=stop or step == cfg.num_train_steps)  # fmt: skip
         last_loss = metrics["loss"] if metrics else last_loss
         if ckpt_dir and (step % cfg.checkpoint.save_every_n_steps == 0 or stop):
@@ -149,7 +147,7 @@ def main(cfg: DictConfig) -> float:
             save(step)
             perf.log_event(step=step, checkpoint_save_s=time.perf_counter() - save_start)
         if stop:
-            logger.warning("Stop signal received: saved step %d, exiting.", step)
+            logger.warning("Preempted (%s): saved step %d, exiting.", preemption.received or "another rank", step)
             break
 
     # --- Cleanup ---

@@ -9,17 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import (
-    ENV,
     FAST,
     PARQUET,
-    RECIPE_DIR,
     TORCHRUN_2,
     losses,
     make_cfg,
@@ -28,7 +25,7 @@ from conftest import (
 )
 
 import train_ddp
-from checkpoint import MARKER, complete_checkpoints
+from checkpoint_folders import MARKER, complete_checkpoints
 from config_checks import validate_config, validate_cp_config
 from optimizer_step import NonFiniteGuard
 
@@ -76,34 +73,6 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path, script
     assert "Ignoring incomplete checkpoint" in result.stderr and "Resumed from" in result.stderr
     assert [losses(resumed)[s] for s in range(5, 9)] == [losses(straight)[s] for s in range(5, 9)]
     assert steps_of(ckpt) == [4, 8]  # the half-written step_8 was replaced by a complete one
-
-
-# --- SIGTERM (preemption) ---
-
-
-def test_sigterm_saves_exits_zero_and_the_resumed_run_continues(tmp_path):
-    run = tmp_path / "a" / "run"
-    cmd = [sys.executable, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, "num_train_steps=100000",
-           f"run_dir={run}", f"checkpoint.ckpt_dir={run.parent / 'ckpt'}",
-           "checkpoint.save_every_n_steps=100000"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=RECIPE_DIR, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for _ in range(600):  # wait for training to start
-        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-3000:]
-    stopped = max(losses(run))
-    assert steps_of(run.parent / "ckpt") == [stopped]
-
-    resumed = tmp_path / "a" / "resumed"
-    train(resumed, "fsdp2", f"num_train_steps={stopped + 2}")
-    straight = tmp_path / "b" / "run"
-    train(straight, "fsdp2", f"num_train_steps={stopped + 2}", "checkpoint.save_every_n_steps=100000")
-    assert [losses(resumed)[s] for s in (stopped + 1, stopped + 2)] == [
-        losses(straight)[s] for s in (stopped + 1, stopped + 2)
-    ]
 
 
 # --- Damaged checkpoints ---
@@ -223,6 +192,11 @@ BAD_CONFIGS = [
     (["cp_size=2"], "cp_size=2 needs train_fsdp2_cp.py"),
     (["fp8_config.enabled=true"], "fp8_config.enabled=true needs the TE model"),
     (["config_name_or_path=./model_configs/nope"], "config_name_or_path='./model_configs/nope' does not exist"),
+    (["adamw_kwargs.lr=fast"], "adamw_kwargs.lr='fast' must be a positive number, e.g. 3e-4"),
+    (["adamw_kwargs.lr=-1"], "adamw_kwargs.lr=-1 must be a positive number"),
+    (["adamw_kwargs.betas=[0.9,1.5]"], "adamw_kwargs.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    (["lr_scheduler_kwargs.num_warmup_steps=-10"], "lr_scheduler_kwargs.num_warmup_steps=-10 must be an integer >= 0"),
+    (["lr_scheduler_kwargs.min_lr_ratio=2"], "lr_scheduler_kwargs.min_lr_ratio=2 must be a number from 0 to 1"),
 ]
 
 
@@ -264,6 +238,25 @@ def test_wrong_column_type_and_missing_column_are_named(tmp_path):
     assert "Column 'sequence' holds int64 values, not text" in result.stderr
     result = train(tmp_path / "r" / "b", "fsdp2", "dataset.text_column=dna", "num_train_steps=2", check=False)
     assert "The data set has no column 'dna'" in result.stderr
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_text_that_is_not_utf8_is_named_with_file_and_row(tmp_path, num_workers):
+    bad = tmp_path / "latin1.parquet"
+    raw = pa.array([b"ACGT" * 100, b"ACGT" * 10 + b"\xff\xfe" + b"ACGT" * 10], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"sequence": raw}), bad)
+    result = train(tmp_path / "r" / "run", "fsdp2", f"dataset.load_dataset_kwargs.path={bad}", "num_train_steps=2",
+                   f"dataset.num_workers={num_workers}", check=False)  # fmt: skip
+    assert f"{bad}, row 1 (1 row(s) in all): column 'sequence' is not valid UTF-8" in result.stderr
+    assert "killed by signal" not in result.stderr  # loader workers end quietly after the error
+
+
+def test_a_folder_without_parquet_files_is_named_as_such(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("ACGT")
+    result = train(tmp_path / "r" / "run", "fsdp2", f"dataset.load_dataset_kwargs.path={tmp_path / 'data'}",
+                   "num_train_steps=2", check=False)  # fmt: skip
+    assert "is a folder without parquet files (it holds ['notes.txt'])" in result.stderr
 
 
 def test_a_crashing_loader_worker_surfaces_its_error(tmp_path):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train_ddp
 import train_fsdp2
-from checkpoint import MARKER, find_latest_checkpoint, prune_checkpoints
+from checkpoint_folders import MARKER, find_latest_checkpoint, prune_checkpoints
 from config_checks import DEFAULTS_YAML, check_keys_and_types
 from scheduler import get_cosine_annealing_schedule_with_warmup
 

@@ -1,0 +1,80 @@
+"""Preemption with real signals and real processes (CPU, gloo).
+
+SIGTERM or SIGUSR1 to the main process, to its whole process group (loader workers included, as
+schedulers send it) or to torchrun (which forwards it to both ranks' groups): every rank saves the
+current step and exits 0, within two steps of the signal, and resuming gives the losses of a run that
+never stopped, bit for bit.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ENV, FAST, RECIPE_DIR, TORCHRUN_2, losses, run_command
+
+from checkpoint_folders import complete_checkpoints
+
+# One loader worker, so that a signal to the process group reaches a worker too.
+PREEMPTIBLE = [*FAST, "dataset.num_workers=1", "checkpoint.save_every_n_steps=100000"]
+
+
+def command(run_dir, ranks: int, *overrides) -> list[str]:
+    """train_fsdp2.py on L0_sanity, one process or torchrun with two, checkpoints in `<run_dir>/../ckpt`."""
+    launcher = TORCHRUN_2 if ranks == 2 else [sys.executable]
+    return [*launcher, "train_fsdp2.py", "--config-name", "L0_sanity", *PREEMPTIBLE, f"run_dir={run_dir}",
+            f"checkpoint.ckpt_dir={run_dir.parent / 'ckpt'}", *overrides]  # fmt: skip
+
+
+def logged_steps(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(losses(run_dir)) if path.exists() else 0
+
+
+@pytest.mark.parametrize(
+    ("target", "sig", "ranks"),
+    [
+        ("main", signal.SIGTERM, 1),
+        ("main", signal.SIGUSR1, 1),
+        ("group", signal.SIGTERM, 1),
+        ("torchrun", signal.SIGTERM, 2),
+    ],  # fmt: skip
+    ids=["SIGTERM-main", "SIGUSR1-main", "SIGTERM-process-group", "SIGTERM-torchrun-2-ranks"],
+)
+def test_preemption_saves_the_current_step_and_resumes_exactly(tmp_path, target, sig, ranks):
+    run = tmp_path / "preempted" / "run"
+    proc = subprocess.Popen(command(run, ranks, "num_train_steps=100000"), cwd=RECIPE_DIR, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while logged_steps(run) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    at_signal = logged_steps(run)
+    sent = time.monotonic()
+    if target == "group":
+        os.killpg(proc.pid, sig)  # the main process and its loader worker
+    else:
+        proc.send_signal(sig)  # the main process, or torchrun (which forwards SIGTERM to each rank's group)
+    output, _ = proc.communicate(timeout=300)
+    latency = time.monotonic() - sent
+    stopped = max(losses(run))
+    # torchrun itself re-raises the signal it got (exit 1); its ranks exit 0, each after the save.
+    assert proc.returncode == (1 if target == "torchrun" else 0), output[-3000:]
+    message = f"Preempted ({signal.Signals(sig).name}): saved step {stopped}, exiting."
+    assert output.count(message) == ranks, output[-3000:]
+    assert "DataLoader worker" not in output and output.count("Traceback") == (1 if target == "torchrun" else 0)
+    assert at_signal <= stopped <= at_signal + 3  # the signal lands during step at_signal + 1 at the latest
+    assert latency < 30, latency  # torchrun's default --shutdown-timeout: it sends SIGKILL after 30 s
+    ckpt = run.parent / "ckpt"
+    assert [p.name for p in complete_checkpoints(ckpt)] == [f"step_{stopped}"]
+    assert len(list((ckpt / f"step_{stopped}").glob("rank_*.pt"))) == ranks
+    print(f"{target} {signal.Signals(sig).name}: signal after step {at_signal}, saved step {stopped}, "
+          f"exited {latency:.1f} s after the signal")  # fmt: skip
+
+    resumed = tmp_path / "preempted" / "resumed"
+    run_command(command(resumed, ranks, f"num_train_steps={stopped + 2}"))
+    straight = tmp_path / "straight" / "run"
+    run_command(command(straight, ranks, f"num_train_steps={stopped + 2}"))
+    steps = (stopped + 1, stopped + 2)
+    assert [losses(resumed)[s] for s in steps] == [losses(straight)[s] for s in steps]  # bitwise
