@@ -1,4 +1,4 @@
-"""Where the data and the tokenizer come from: a parquet file, a folder of parquet files or an HF data set.
+"""Where the data and the tokenizer come from: parquet or FASTA/FASTQ files or folders, or an HF data set.
 
     ds = load_raw_dataset({"path": "./test_genomic_sequences.parquet", "streaming": True}, "sequence")
     tokenizer = load_tokenizer("./tokenizers/nucleotide_fast_tokenizer")
@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fasta import fasta_files, is_fasta, load_fasta_dataset
+
 logger = logging.getLogger(__name__)
 RECIPE_DIR = Path(__file__).resolve().parent
 
@@ -29,7 +31,7 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.endswith(".parquet")
+    return path.startswith((".", "/", "~")) or path.endswith(".parquet") or is_fasta(Path(path))
 
 
 def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
@@ -54,8 +56,8 @@ def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
     elif local.is_dir() and not (local / "README.md").exists():
         found = sorted(p.name for p in local.iterdir())[:5]
         raise FileNotFoundError(
-            f"dataset.load_dataset_kwargs.path={path!r} is a folder without parquet files (it holds "
-            f"{found or 'nothing'}). Point it at a parquet file, a folder of parquet files, or an HF dataset name."
+            f"dataset.load_dataset_kwargs.path={path!r} is a folder without parquet or FASTA files (it holds "
+            f"{found or 'nothing'}). Point it at parquet or FASTA files (or a folder of them), or an HF dataset name."
         )
     elif _looks_local(path) and path != "parquet":
         raise FileNotFoundError(
@@ -127,8 +129,23 @@ def _check_parquet_files(files: list[str]) -> None:
         raise ValueError(f"The data set {files} has no records; check dataset.load_dataset_kwargs.")
 
 
+def local_fasta_files(load_dataset_kwargs: dict) -> list[str]:
+    """The FASTA/FASTQ files `path` names (a file or a folder holding them), or [] for any other source."""
+    path = str(load_dataset_kwargs.get("path", ""))
+    local = resolve_path(path) if path else None
+    if local is None or not local.exists() or not (local.is_dir() or is_fasta(local)):
+        return []
+    return fasta_files(local) if local.is_file() or not any(local.glob("**/*.parquet")) else []
+
+
 def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Dataset | datasets.IterableDataset:
-    """`datasets.load_dataset(**load_dataset_kwargs)`, with a clear error for a missing, empty or wrong source."""
+    """`datasets.load_dataset(**load_dataset_kwargs)`, with a clear error for a missing, empty or wrong source.
+
+    FASTA/FASTQ files (`fasta.py`) are read with dnaio into `{name, <text_column>}` records.
+    """
+    fasta = local_fasta_files(load_dataset_kwargs)
+    if fasta:
+        return load_fasta_dataset(fasta, text_column, streaming=load_dataset_kwargs.get("streaming", False))
     kwargs = normalize_load_kwargs(load_dataset_kwargs)
     checked = kwargs["path"] == "parquet" and isinstance(kwargs.get("data_files"), list)
     if checked:

@@ -256,7 +256,7 @@ def test_a_folder_without_parquet_files_is_named_as_such(tmp_path):
     (tmp_path / "data" / "notes.txt").write_text("ACGT")
     result = train(tmp_path / "r" / "run", "fsdp2", f"dataset.load_dataset_kwargs.path={tmp_path / 'data'}",
                    "num_train_steps=2", check=False)  # fmt: skip
-    assert "is a folder without parquet files (it holds ['notes.txt'])" in result.stderr
+    assert "is a folder without parquet or FASTA files (it holds ['notes.txt'])" in result.stderr
 
 
 def test_a_crashing_loader_worker_surfaces_its_error(tmp_path):
