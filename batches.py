@@ -28,6 +28,8 @@ def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: 
     """
     kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
     kwargs.update(cp_rank=cp_rank, cp_size=cp_size)
+    if cfg.validation.enabled and cfg.validation.load_dataset_kwargs is None:
+        kwargs["holdout_fraction"] = cfg.validation.fraction  # the validation records never reach training
     if cfg.fp8_config.enabled:
         kwargs["pad_to_multiple_of"] = 16
     if cp_size > 1:

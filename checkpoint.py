@@ -217,11 +217,17 @@ def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, r
 
 
 def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2: bool,
-                     run_info: dict | None = None) -> Path:  # fmt: skip
-    """Write `<ckpt_dir>/final_model`, a Hugging Face directory (`AutoModelForCausalLM` loads it)."""
+                     run_info: dict | None = None, name: str = "final_model") -> Path:  # fmt: skip
+    """Write `<ckpt_dir>/<name>`, a Hugging Face directory (`AutoModelForCausalLM` loads it).
+
+    Written next to it first and swapped in at the end, so an earlier export is never left half-replaced.
+    """
     from export import export_te_model
 
-    path = Path(ckpt_dir) / "final_model"
+    final = Path(ckpt_dir) / name
+    path = final.with_name(f"{name}.partial")
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
     module = model.module if hasattr(model, "module") else model
     if fsdp2:  # a collective: every rank takes part, rank 0 receives the full tensors
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -231,10 +237,17 @@ def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2:
         if use_te:
             export_te_model(path, state, module.config, tokenizer)
         else:
+            module.config.use_cache = True  # off for training only (see model_setup.build_model_config)
             module.save_pretrained(path, state_dict=state)
+            module.config.use_cache = False
             tokenizer.save_pretrained(path)
         if run_info is not None:
             write_run_info(path, run_info)
-        logger.info("Exported the final model to %s", path)
+        old = final.with_name(f"{name}.old")
+        if final.exists():
+            final.rename(old)
+        path.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("Exported the model to %s", final)
     barrier()
-    return path
+    return final

@@ -18,8 +18,8 @@ from data_sources import resolve_path
 logger = logging.getLogger(__name__)
 
 # Dictionaries passed on to a library as they are: any key is theirs to accept.
-FREE_FORM_KEYS = {"config_kwargs", "dataset.load_dataset_kwargs", "adamw_kwargs", "lr_scheduler_kwargs",
-                  "fp8_config.fp8_recipe_kwargs", "wandb_init_args", "hydra"}  # fmt: skip
+FREE_FORM_KEYS = {"config_kwargs", "dataset.load_dataset_kwargs", "validation.load_dataset_kwargs", "adamw_kwargs",
+                  "lr_scheduler_kwargs", "fp8_config.fp8_recipe_kwargs", "wandb_init_args", "hydra"}  # fmt: skip
 DEFAULTS_YAML = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
 ENTRYPOINTS = ("ddp", "fsdp2", "fsdp2_cp")
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
@@ -100,7 +100,8 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
     defaults = OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False)
     check_keys_and_types(OmegaConf.to_container(cfg, resolve=True), defaults)
     positive = ("num_train_steps", "grad_acc_steps", "dataset.micro_batch_size", "dataset.max_seq_length",
-                "logger.frequency", "checkpoint.save_every_n_steps", "on_nonfinite.max_consecutive_skips")  # fmt: skip
+                "logger.frequency", "checkpoint.save_every_n_steps", "on_nonfinite.max_consecutive_skips",
+                "validation.every_n_steps", "validation.num_windows")  # fmt: skip
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -115,6 +116,7 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"({cfg.dataset.max_seq_length - 2}), or windows would not advance."
         )
     _check_optimizer_numbers(cfg)
+    _check_validation(cfg, entrypoint)
     _check_strategy_keys(cfg, entrypoint)
     if cfg.on_nonfinite.action not in ("skip", "stop"):
         raise ValueError(f"on_nonfinite.action={cfg.on_nonfinite.action!r} must be 'skip' or 'stop'.")
@@ -122,6 +124,17 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         _check_fp8(cfg, use_te)
     if not resolve_path(cfg.config_name_or_path).exists() and str(cfg.config_name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"config_name_or_path={cfg.config_name_or_path!r} does not exist; fix the path.")
+
+
+def _check_validation(cfg: DictConfig, entrypoint: str) -> None:
+    if not cfg.validation.enabled:
+        if cfg.checkpoint.save_best_model:
+            raise ValueError("checkpoint.save_best_model=true needs validation.enabled=true (the best of what?).")
+        return
+    if entrypoint == "fsdp2_cp":
+        raise ValueError("validation.enabled=true is not supported by train_fsdp2_cp.py yet; validate the export.")
+    if cfg.validation.load_dataset_kwargs is None and not 0 < cfg.validation.fraction < 1:
+        raise ValueError(f"validation.fraction={cfg.validation.fraction} must be between 0 and 1 (e.g. 0.01).")
 
 
 def _check_optimizer_numbers(cfg: DictConfig) -> None:

@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from collator import BshdCollator, ContextParallelCollator, ThdCollator, TokenPackingDataset
 from data_sources import describe_decode_error, load_raw_dataset, load_tokenizer
 from distributed_config import DistributedConfig
+from holdout import held_out_filter
 from preemption import loader_worker_init
 from windowing import WindowTokenizer
 
@@ -53,9 +54,17 @@ def create_tokenized_dataset(
     stride: int,
     text_column: str = "sequence",
     num_workers: int = 0,
+    holdout_fraction: float = 0.0,
+    holdout_side: str = "train",
 ) -> datasets.IterableDataset:
-    """This rank's share of the data as an HF `IterableDataset` of `{"input_ids": window}`."""
+    """This rank's share of the data as an HF `IterableDataset` of `{"input_ids": window}`.
+
+    With `holdout_fraction`, records are split by `holdout.is_held_out` (by name, else by sequence): the
+    "train" side drops the held-out records, the "validation" side keeps only them.
+    """
     ds = load_raw_dataset(load_dataset_kwargs, text_column)
+    if holdout_fraction:
+        ds = ds.filter(held_out_filter(text_column, holdout_fraction, keep=holdout_side == "validation"), batched=True)
     world, rank = distributed_config.world_size, distributed_config.rank
     tokenize = WindowTokenizer(tokenizer, max_seq_length, stride, text_column)
     if isinstance(ds, datasets.IterableDataset):
@@ -146,11 +155,10 @@ def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful
 
 
 def _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length, stride,
-                  buffer_size, seed, text_column, num_workers, num_epochs):  # fmt: skip
+                  buffer_size, seed, text_column, num_workers, num_epochs, holdout_fraction):  # fmt: skip
     tokenizer = load_tokenizer(tokenizer_name_or_path)
-    source = create_tokenized_dataset(
-        distributed_config, tokenizer, load_dataset_kwargs, max_seq_length, stride, text_column, num_workers
-    )
+    source = create_tokenized_dataset(distributed_config, tokenizer, load_dataset_kwargs, max_seq_length, stride,
+                                      text_column, num_workers, holdout_fraction)  # fmt: skip
     explain = functools.partial(describe_decode_error, load_dataset_kwargs, text_column)
     return tokenizer, WindowStream(source, buffer_size, seed + distributed_config.rank, num_epochs, explain)
 
@@ -173,6 +181,7 @@ def create_bshd_dataloader(
     num_epochs: int | None = None,
     cp_rank: int | None = None,
     cp_size: int = 1,
+    holdout_fraction: float = 0.0,
     **unused,
 ):
     """Padded [micro_batch_size, L] batches; returns `(loader, tokenizer)`.
@@ -180,7 +189,8 @@ def create_bshd_dataloader(
     With `cp_rank` the loader yields that context-parallel rank's shard of each batch.
     """
     tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
-                                      stride, buffer_size, seed, text_column, num_workers, num_epochs)  # fmt: skip
+                                      stride, buffer_size, seed, text_column, num_workers, num_epochs,
+                                      holdout_fraction)  # fmt: skip
     collator = BshdCollator(
         tokenizer.pad_token_id, pad_to_multiple_of, uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id
     )
@@ -209,6 +219,7 @@ def create_thd_dataloader(
     num_epochs: int | None = None,
     cp_rank: int | None = None,
     cp_size: int = 1,
+    holdout_fraction: float = 0.0,
     **unused,
 ):
     """Packed [1, T] micro-batches of `token_micro_batch_size` tokens; returns `(loader, tokenizer)`.
@@ -217,7 +228,8 @@ def create_thd_dataloader(
     `cp_rank` the loader yields that context-parallel rank's shard of each micro-batch.
     """
     tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
-                                      stride, buffer_size, seed, text_column, num_workers, num_epochs)  # fmt: skip
+                                      stride, buffer_size, seed, text_column, num_workers, num_epochs,
+                                      holdout_fraction)  # fmt: skip
     packed = TokenPackingDataset(stream, token_micro_batch_size or micro_batch_size * max_seq_length, split_samples)
     collator = ThdCollator(tokenizer.pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by,
                            uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id)  # fmt: skip

@@ -37,6 +37,9 @@ def build_model_config(cfg: DictConfig, use_te: bool):
             logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
                            cfg.loss_chunk_size)  # fmt: skip
         hf_config._attn_implementation = "sdpa"
+        # Without a KV cache HF's sdpa path reads packed THD batches' position_ids as sequence boundaries; with
+        # one (its default), tokens attend across the packed sequences.
+        hf_config.use_cache = False
         return hf_config
     from convert import te_config_from_hf
 

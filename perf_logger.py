@@ -76,11 +76,13 @@ class PerfLogger:
         self.data_wait_s += seconds
 
     def log_event(self, **values) -> None:
-        """A one-off record (e.g. a checkpoint's save time) in metrics.jsonl and the log, rank 0."""
+        """A one-off record (a checkpoint's save time, validation figures) in metrics.jsonl, the log and W&B."""
         if self.is_main:
             tqdm.write(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(values) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in values.items() if k != "step"}, step=values.get("step"))
 
     def log_step(self, step: int, loss_sum, num_tokens, padded_tokens: int, grad_norm, lr: float, force=False):
         """Add one step; on log steps (or `force`) reduce the window, write the line and return its metrics.

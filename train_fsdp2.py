@@ -37,6 +37,7 @@ from perf_logger import PerfLogger, model_flops_per_token
 from preemption import Preemption
 from run_info import describe_run, run_dir_for, write_run_info
 from scheduler import get_cosine_annealing_schedule_with_warmup
+from validation import Validator, best_so_far
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def main(cfg: DictConfig) -> float:
 
     # --- Data ---
     dataloader, tokenizer = create_dataloader(cfg, dist_config)
+    validation = cfg.validation.enabled  # held-out windows, evaluated every validation.every_n_steps
+    validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir)) if validation else None
 
     # --- Resume ---
     step = 0
@@ -146,6 +149,12 @@ def main(cfg: DictConfig) -> float:
             save_start = time.perf_counter()
             save(step)
             perf.log_event(step=step, checkpoint_save_s=time.perf_counter() - save_start)
+        if validator and validator.due(step):  # held-out windows; the best one is exported if asked for
+            val = validator.run(model)
+            if val.pop("improved") and ckpt_dir and cfg.checkpoint.save_best_model:
+                save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True,
+                                 run_info={**run_info, "best": {"step": step, **val}}, name="best_model")  # fmt: skip
+            perf.log_event(step=step, **val)
         if stop:
             logger.warning("Preempted (%s): saved step %d, exiting.", preemption.received or "another rank", step)
             break

@@ -122,3 +122,25 @@ def test_fsdp2_async_save_resumes_identically(tmp_path):
     assert find_latest_checkpoint(resumed / "ckpt").name == "step_3"  # awaited at exit, marker written
     train_fsdp2.main(make_cfg(resumed, *common, ckpt))
     assert [losses(resumed)[s] for s in (4, 5, 6)] == [losses(straight)[s] for s in (4, 5, 6)]
+
+
+def test_hf_reference_keeps_packed_sequences_apart(tmp_path):
+    """THD on the HF reference (CPU): a packed row gives each sequence the logits it has alone.
+
+    HF's sdpa path reads the reset position_ids as boundaries only without a KV cache, which the recipe turns off.
+    """
+    import numpy as np
+
+    from collator import ThdCollator
+    from model_setup import create_model
+
+    torch.manual_seed(0)
+    model = create_model(make_cfg(tmp_path, "use_sequence_packing=true"), False, torch.device("cpu"), False).eval()
+    seqs = [np.random.default_rng(i).integers(4, 256, n) for i, n in enumerate((50, 40, 7))]
+    batch = ThdCollator(pad_token_id=1)([{"input_ids": s} for s in seqs])
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        starts = batch["cu_seq_lens_q"].tolist()
+        for seq, start in zip(seqs, starts):
+            alone = model(input_ids=torch.as_tensor(seq)[None]).logits[0]
+            torch.testing.assert_close(packed[start : start + len(seq)], alone, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,119 @@
+"""Validation during training: held-out records never trained on, a fixed window set, bits per base by hand."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOKENIZER, make_cfg
+from test_fasta import write_fasta
+
+import train_fsdp2
+from checkpoint_folders import read_run_info
+from data_sources import load_tokenizer
+from dataset import create_tokenized_dataset
+from distributed_config import DistributedConfig
+from model_setup import create_model
+from validation import Validator, validation_windows
+
+RNG = np.random.default_rng(0)
+# Random records: a window of one never occurs in another, so a window tells which record it came from.
+RECORDS = ["".join(RNG.choice(list("ACGT"), size=int(n))) for n in RNG.integers(300, 3000, size=60)]
+
+
+@pytest.fixture
+def genome(tmp_path):
+    path = tmp_path / "genome.fa"
+    write_fasta(path, RECORDS)
+    return path
+
+
+def record_of(window) -> int:
+    text = "".join(map(chr, window[1:-1]))
+    (index,) = [i for i, r in enumerate(RECORDS) if text in r]
+    return index
+
+
+def val_cfg(tmp_path, genome, *overrides):
+    return make_cfg(tmp_path, f"dataset.load_dataset_kwargs.path={genome}", "validation.enabled=true",
+                    "validation.fraction=0.2", "validation.num_windows=20", *overrides)  # fmt: skip
+
+
+def test_held_out_records_never_reach_training_on_any_rank(tmp_path, genome):
+    cfg = val_cfg(tmp_path, genome)
+    tokenizer = load_tokenizer(TOKENIZER)
+    validation = {record_of(w) for w in validation_windows(cfg, tokenizer)}
+    trained = set()
+    for rank in range(2):
+        ds = create_tokenized_dataset(DistributedConfig(rank, 0, 2), tokenizer, {"path": str(genome)}, 256, 16,
+                                      holdout_fraction=0.2)  # fmt: skip
+        trained |= {record_of(w["input_ids"]) for w in ds}
+    assert validation and not validation & trained
+    assert len(trained) + len(validation) <= len(RECORDS) and len(trained) > 0.6 * len(RECORDS)
+    # The same windows however many ranks evaluate them, and every time.
+    assert [list(w) for w in validation_windows(cfg, tokenizer)] == [
+        list(w) for w in validation_windows(cfg, tokenizer)
+    ]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_val_bits_per_base_equals_a_hand_computation(tmp_path, genome, packing):
+    cfg = val_cfg(tmp_path, genome, f"use_sequence_packing={packing}", "dataset.max_seq_length=256")
+    tokenizer = load_tokenizer(TOKENIZER)
+    torch.manual_seed(0)
+    model = create_model(cfg, use_te=False, device=torch.device("cpu"), on_meta=False)
+    metrics = Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device("cpu")).run(model)
+    nll_bases, n_bases, nll_all, n_all = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for window in validation_windows(cfg, tokenizer):  # one window at a time, no padding, no packing
+            ids = torch.as_tensor(np.asarray(window), dtype=torch.long)[None]
+            nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
+            bases = torch.isin(ids[0, 1:], torch.tensor([ord(c) for c in "ACGTacgt"]))
+            nll_bases, n_bases = nll_bases + nll[bases].sum().item(), n_bases + int(bases.sum())
+            nll_all, n_all = nll_all + nll.sum().item(), n_all + len(nll)
+    assert metrics["val_bits_per_base"] == pytest.approx(nll_bases / n_bases / math.log(2), rel=1e-5)
+    assert metrics["val_loss"] == pytest.approx(nll_all / n_all, rel=1e-5)
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
+    assert metrics["val_bases"] == n_bases and metrics["val_windows"] == 20
+
+
+def test_validation_in_training_exports_the_best_and_resumes_it(tmp_path, genome):
+    common = ["validation.every_n_steps=3", "checkpoint.save_best_model=true", "checkpoint.save_every_n_steps=3",
+              f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}"]  # fmt: skip
+    train_fsdp2.main(val_cfg(tmp_path / "a", genome, *common, "num_train_steps=6"))
+    train_fsdp2.main(val_cfg(tmp_path / "b", genome, *common, "num_train_steps=9"))  # resumes at 6
+    straight = tmp_path / "straight"
+    train_fsdp2.main(val_cfg(straight, genome, *common[:-1], f"checkpoint.ckpt_dir={straight / 'ckpt'}",
+                             "num_train_steps=9"))  # fmt: skip
+    events = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    resumed = {e["step"]: e["val_bits_per_base"] for e in events if "val_bits_per_base" in e}
+    events = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = {e["step"]: e["val_bits_per_base"] for e in events if "val_bits_per_base" in e}
+    assert resumed == {9: uninterrupted[9]}  # the same checkpoint gives the same figure
+    best = read_run_info(tmp_path / "ckpt" / "best_model")["best"]
+    assert best["val_bits_per_base"] == min(uninterrupted.values())
+    assert (tmp_path / "ckpt" / "best_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["checkpoint.save_best_model=true"], "checkpoint.save_best_model=true needs validation.enabled=true"),
+        (["validation.enabled=true", "validation.fraction=1.5"], "validation.fraction=1.5 must be between 0 and 1"),
+    ],  # fmt: skip
+)
+def test_validation_config_errors(tmp_path, overrides, message):
+    from config_checks import validate_config
+
+    with pytest.raises(ValueError, match=message):
+        validate_config(make_cfg(tmp_path, *overrides), use_te=False)
+
+
+def test_a_separate_validation_set(tmp_path, genome):
+    other = tmp_path / "other.fa"
+    write_fasta(other, RECORDS[:5])
+    cfg = val_cfg(tmp_path, genome, f"+validation.load_dataset_kwargs.path={other}")
+    windows = validation_windows(cfg, load_tokenizer(TOKENIZER))
+    assert {record_of(w) for w in windows} <= set(range(5))
