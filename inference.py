@@ -1,0 +1,141 @@
+"""Using a trained model: load it from wherever training left one, and score DNA with it.
+
+    model, tokenizer = load_model("ckpt/final_model")   # or ckpt/best_model, an HF directory, ckpt/step_500
+    logps = token_log_probs(model, [ids_a, ids_b])      # per sequence: log p(token t | tokens before t)
+
+On a GPU with TransformerEngine the TE model runs and sequences are packed into THD micro-batches (no
+padding, no attention across sequences); elsewhere, or with `use_te=False`, the same weights run as HF
+`LlamaForCausalLM`, one sequence at a time. `evaluate.py`, `score.py` and `generate.py` build on this.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+from checkpoint_folders import MARKER, read_run_info
+from config_checks import te_available
+from convert import hf_config_from_te, hf_to_te_state_dict, te_config_from_hf, te_to_hf_state_dict
+from data_sources import load_tokenizer
+
+BASES = np.frombuffer(b"ACGTacgt", dtype=np.uint8)
+
+
+def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat16):
+    """`(model, tokenizer)` from an exported directory or a `step_N` checkpoint, in eval mode on `device`.
+
+    Exported: `final_model`, `best_model`, any HF Llama directory. TE on a GPU with TE, else HF.
+    """
+    path = Path(path)
+    use_te = te_available() if use_te is None else use_te
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype if device.type == "cuda" else torch.float32
+    if (path / MARKER).exists():
+        hf_config, state, tokenizer = _from_checkpoint(path)
+    elif (path / "config.json").exists():
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        hf_config = hf_config_from_te(config) if config.model_type == "nvllama" else config
+        state = _read_weights(path)
+        if config.model_type != "nvllama":
+            state = hf_to_te_state_dict(state, hf_config)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        raise FileNotFoundError(
+            f"{path} is neither an exported model (config.json) nor a complete step_N checkpoint ({MARKER}); "
+            "point it at <ckpt_dir>/final_model, <ckpt_dir>/best_model, an HF directory or <ckpt_dir>/step_N."
+        )
+    if not hf_config.tie_word_embeddings and "lm_head.weight" not in state:
+        raise ValueError(f"{path} holds no lm_head.weight but its config says the embeddings are not tied.")
+    if use_te:
+        from modeling_llama_te import NVLlamaForCausalLM
+
+        config = te_config_from_hf(hf_config, attn_input_format="thd", dtype=dtype)
+        model = NVLlamaForCausalLM(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    else:
+        hf_config._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(hf_config)
+        missing, unexpected = model.load_state_dict(te_to_hf_state_dict(state, hf_config), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state") and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights.")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def _from_checkpoint(path: Path):
+    """The HF config, TE-named weights and tokenizer of a `step_N` checkpoint (DDP or FSDP2 DCP)."""
+    from model_setup import build_model_config
+
+    info = read_run_info(path)
+    if info is None:
+        raise ValueError(f"{path} has no run_info.yaml (written by this recipe since it records its config).")
+    cfg = OmegaConf.create(info["config"])
+    hf_config = build_model_config(cfg, use_te=False)
+    te_weights = info.get("model") == "TE"  # TE names (fused QKV) in the checkpoint, else HF names
+    if (path / "model_optimizer.pt").exists():  # DDP: one file
+        weights = torch.load(path / "model_optimizer.pt", map_location="cpu", weights_only=False)["model"]
+    else:  # FSDP2: DCP shards, read into tensors of the right shapes (no process group needed)
+        import torch.distributed.checkpoint as dcp
+
+        template = LlamaForCausalLM(hf_config).state_dict()
+        if hf_config.tie_word_embeddings:
+            template.pop("lm_head.weight")
+        if te_weights:
+            template = hf_to_te_state_dict(template, hf_config)
+        weights = {"model": template}
+        dcp.load(weights, checkpoint_id=str(path / "dcp"))
+        weights = weights["model"]
+    if not te_weights:
+        weights = hf_to_te_state_dict(weights, hf_config)
+    return hf_config, weights, load_tokenizer(cfg.dataset.tokenizer_name_or_path)
+
+
+def encode(tokenizer, sequence: str) -> np.ndarray:
+    """`<BOS>` + one id per character (no `<EOS>`: the sequence goes on), as int64."""
+    ids = tokenizer(sequence, add_special_tokens=False)["input_ids"]
+    return np.asarray([tokenizer.bos_token_id, *ids], dtype=np.int64)
+
+
+@torch.no_grad()
+def token_log_probs(model, sequences: list[np.ndarray], max_tokens: int = 16384) -> list[np.ndarray]:
+    """For each id sequence, log p(id_t | ids before t) for t = 1..n-1 (float64 on the CPU)."""
+    device = next(model.parameters()).device
+    if getattr(model.config, "attn_input_format", None) != "thd":
+        return [_log_probs(model(input_ids=torch.as_tensor(s, device=device)[None]).logits[0], s) for s in sequences]
+    out, group = [], []
+    for seq in [*sequences, None]:  # packed THD micro-batches of up to max_tokens tokens
+        if group and (seq is None or sum(map(len, group)) + len(seq) > max_tokens):
+            lengths = torch.tensor([0] + [len(s) for s in group], device=device).cumsum(0).to(torch.int32)
+            ids = torch.as_tensor(np.concatenate(group), device=device)[None]
+            longest = max(map(len, group))
+            logits = model(input_ids=ids, cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest,
+                           max_length_k=longest).logits[0]  # fmt: skip
+            out += [_log_probs(logits[a:b], s) for (a, b), s in zip(zip(lengths[:-1], lengths[1:]), group)]
+            group = []
+        if seq is not None:
+            group.append(seq)
+    return out
+
+
+def _log_probs(logits: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    targets = torch.as_tensor(ids[1:], device=logits.device)
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    return logp.double().cpu().numpy()
+
+
+def is_base(ids: np.ndarray) -> np.ndarray:
+    """Which ids are A, C, G or T (either case)."""
+    return np.isin(ids, BASES)

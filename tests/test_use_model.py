@@ -1,0 +1,149 @@
+"""Using a trained model on the CPU, each result checked against the model's own forward pass.
+
+Loading from each place training leaves a model, evaluate.py, score.py (sequences and variants), generate.py.
+"""
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import PARQUET, make_cfg
+
+import evaluate
+import generate
+import score
+import train_ddp
+import train_fsdp2
+from inference import encode, is_base, load_model, token_log_probs
+
+GENOME = pq.read_table(PARQUET).column("sequence").to_pylist()[:2]  # two real records as two "chromosomes"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few steps of L0_sanity with FSDP2 (DCP checkpoint + export) and DDP (one-file checkpoint)."""
+    root = tmp_path_factory.mktemp("trained")
+    common = ["num_train_steps=4", "checkpoint.save_every_n_steps=4", "checkpoint.save_final_model=true"]
+    train_fsdp2.main(make_cfg(root / "fsdp2", *common, f"checkpoint.ckpt_dir={root / 'fsdp2' / 'ckpt'}"))
+    train_ddp.main(make_cfg(root / "ddp", *common, f"checkpoint.ckpt_dir={root / 'ddp' / 'ckpt'}"))
+    return root
+
+
+def direct_log_probs(model, tokenizer, sequence: str) -> np.ndarray:
+    ids = torch.as_tensor(encode(tokenizer, sequence))[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+    return logp.gather(1, ids[0, 1:, None])[:, 0].numpy()
+
+
+def test_every_saved_form_loads_the_same_model(trained):
+    sequence = GENOME[0][:300]
+    scores = {}
+    for run in ("fsdp2", "ddp"):  # an export (safetensors) and a checkpoint (DCP shards, or one torch file)
+        for form in ("final_model", "step_4"):
+            model, tokenizer = load_model(trained / run / "ckpt" / form)
+            scores[run, form] = token_log_probs(model, [encode(tokenizer, sequence)])[0]
+        np.testing.assert_array_equal(scores[run, "final_model"], scores[run, "step_4"])  # the same weights
+    np.testing.assert_allclose(scores["ddp", "step_4"], scores["fsdp2", "step_4"], rtol=1e-4)  # same training
+    assert scores["fsdp2", "step_4"].mean() > -math.log(256)  # trained a little: better than a uniform guess
+
+
+def test_evaluate_matches_a_hand_computation(trained, tmp_path):
+    model_dir = trained / "fsdp2" / "ckpt" / "final_model"
+    out = tmp_path / "eval.tsv"
+    summary = evaluate.main(["--model", str(model_dir), "--data", PARQUET, "--window", "200", "--max-records", "2",
+                             "--out", str(out)])  # fmt: skip
+    model, tokenizer = load_model(model_dir)
+    nll, bases = 0.0, 0
+    for record in GENOME:
+        for i in range(0, len(record), 199):  # windows of <BOS> + 199 bases
+            chunk = record[i : i + 199]
+            base = is_base(np.frombuffer(chunk.encode(), dtype=np.uint8))
+            nll -= direct_log_probs(model, tokenizer, chunk)[base].sum()
+            bases += int(base.sum())
+    assert summary["bases"] == bases
+    assert summary["bits_per_base"] == pytest.approx(nll / bases / math.log(2), rel=1e-6)
+    assert out.read_text().splitlines()[0].split("\t") == ["name", "length", "bases", "nll_nats", "bits_per_base"]
+
+
+def test_score_sequences_matches_a_hand_computation(trained, tmp_path):
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    fasta = tmp_path / "seqs.fa"
+    fasta.write_text(">a\nACGTACGGTTCA\n>b\nGGGCCCAATTAACG\n")
+    score.main(["sequences", "--model", model_dir, "--input", str(fasta), "--out", str(tmp_path / "s.tsv")])
+    rows = [line.split("\t") for line in (tmp_path / "s.tsv").read_text().splitlines()[1:]]
+    model, tokenizer = load_model(model_dir)
+    for (_, _, ll, per_base), seq in zip(rows, ["ACGTACGGTTCA", "GGGCCCAATTAACG"]):
+        expected = direct_log_probs(model, tokenizer, seq).sum()
+        assert float(ll) == pytest.approx(expected, rel=1e-6) and float(per_base) == pytest.approx(expected / len(seq))
+
+
+def write_reference_and_vcf(tmp_path, variants):
+    reference = tmp_path / "ref.fa"
+    reference.write_text("".join(f">chr{i + 1}\n{seq}\n" for i, seq in enumerate(GENOME)))
+    header = ["##fileformat=VCFv4.2", *(f"##contig=<ID=chr{i + 1},length={len(s)}>" for i, s in enumerate(GENOME)),
+              "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"]  # fmt: skip
+    body = [f"{c}\t{p}\t{i}\t{r}\t{a}\t.\t.\t." for c, p, i, r, a in variants]
+    vcf = tmp_path / "calls.vcf"
+    vcf.write_text("\n".join(header + body) + "\n")
+    return reference, vcf
+
+
+def variant_cases():
+    chrom = GENOME[0]
+    snv_ref, ins_ref, del_ref = chrom[499], chrom[999], chrom[1499:1503]
+    snv_alt = "A" if snv_ref != "A" else "C"
+    return [("chr1", 500, "snv", snv_ref, snv_alt), ("chr1", 1000, "ins", ins_ref, ins_ref + "GATTACA"),
+            ("chr1", 1500, "del", del_ref, del_ref[0]), ("chr1", 10, "near_start", chrom[9], "T")]  # fmt: skip
+
+
+@pytest.mark.parametrize("both_strands", [False, True])
+def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands):
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    cases = variant_cases()
+    extra = [("chr2", 100, "mismatch", "N", "A"), ("chr2", 200, "symbolic", GENOME[1][199], "<DEL>")]
+    reference, vcf = write_reference_and_vcf(tmp_path, [*cases, *extra])
+    out = tmp_path / "scored.tsv"
+    argv = ["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf), "--window", "101",
+            "--out", str(out), *(["--both-strands"] if both_strands else [])]  # fmt: skip
+    summary = score.main(argv)
+    assert (summary["variants"], summary["ref_mismatch"], summary["symbolic"]) == (4, 1, 1)
+    model, tokenizer = load_model(model_dir)
+    rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+    for (_, pos, name, ref, alt), row in zip(cases, rows):
+        start = int(row[5])
+        ref_window = GENOME[0][start : start + 100]
+        assert len(ref_window) == 100 and ref_window[pos - 1 - start :].startswith(ref)
+        alt_window = ref_window[: pos - 1 - start] + alt + ref_window[pos - 1 - start + len(ref) :]
+        strands = (lambda s: s, score.reverse_complement) if both_strands else (lambda s: s,)
+        expected = np.mean([direct_log_probs(model, tokenizer, f(alt_window)).sum()
+                            - direct_log_probs(model, tokenizer, f(ref_window)).sum() for f in strands])  # fmt: skip
+        assert float(row[8]) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+
+
+def test_ref_mismatch_can_stop_and_vcf_output_carries_llr(trained, tmp_path):
+    import pysam
+
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    reference, vcf = write_reference_and_vcf(tmp_path, [*variant_cases(), ("chr2", 100, "mismatch", "N", "A")])
+    with pytest.raises(ValueError, match=r"chr2:100 has REF N but the reference reads"):
+        score.main(["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf),
+                    "--window", "101", "--out", str(tmp_path / "x.tsv"), "--on-ref-mismatch", "stop"])  # fmt: skip
+    score.main(["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf), "--window", "101",
+                "--out", str(tmp_path / "scored.vcf")])  # fmt: skip
+    with pysam.VariantFile(str(tmp_path / "scored.vcf")) as scored:
+        llr = {r.id: r.info.get("LLR") for r in scored}
+    assert all(llr[name] is not None for _, _, name, _, _ in variant_cases()) and llr["mismatch"] is None
+
+
+def test_generation_is_reproducible_and_stops_at_eos(trained, tmp_path):
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    sample = ["--model", model_dir, "--prompt", GENOME[0][:50], "--max-new-tokens", "40", "--top-k", "4"]
+    a, b = generate.main([*sample, "--seed", "5"]), generate.main([*sample, "--seed", "5"])
+    c = generate.main([*sample, "--seed", "6"])
+    assert a == b and a != c and set(a[0][1]) <= set("ACGT") and len(a[0][1]) == 40
+    stopped = generate.main([*sample, "--alphabet", "", "--out", str(tmp_path / "g.fa")])  # only <EOS> allowed
+    assert stopped == [("prompt_generated", "")] and (tmp_path / "g.fa").read_text() == ">prompt_generated\n\n"
+    assert generate.continuation([65, 67, 0, 71, 1], eos_id=0) == [65, 67]
