@@ -2,8 +2,10 @@
 
     python evaluate.py --model ckpt/final_model --data held_out.fa.gz --out held_out.tsv
     python evaluate.py --model ckpt/step_500 --data test_genomic_sequences.parquet --window 1024 --out eval.json
+    python evaluate.py --model markov:5 --train-data train.fa.gz --data held_out.fa.gz   # a k-mer baseline
 
-`--model`: `final_model`, `best_model`, any HF Llama directory, or a `step_N` checkpoint. Each record is cut
+`--model`: `final_model`, `best_model`, any HF Llama directory, a `step_N` checkpoint, or `markov:K` (an
+order-K Markov model fitted on `--train-data`, `baselines.py`; same windows, same code path). Each record is cut
 into consecutive windows of `--window` tokens (`<BOS>` and `window - 1` bases, no overlap, so every base
 is predicted once; the first base of a window only from `<BOS>`). Bits per base = natural-log loss / ln 2
 over predicted A, C, G or T (either case), as `val_bits_per_base` during training. On a GPU with TE the
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_sources import load_raw_dataset
+from baselines import MarkovModel
+from data_sources import load_raw_dataset, load_tokenizer
 from inference import encode, is_base, load_model, token_log_probs
 
 
@@ -30,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="final_model, best_model, an HF directory or a step_N checkpoint")
     p.add_argument("--data", required=True, help="a FASTA/FASTQ (.gz) or parquet file, or a folder of them")
     p.add_argument("--text-column", default="sequence", help="parquet: the column holding the sequences")
+    p.add_argument("--train-data", default=None, help="markov:K only: the records to count k-mers in")
     p.add_argument("--window", type=int, default=8192, help="tokens per window, <BOS> included")
     p.add_argument("--max-records", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens scored per call (packed on TE)")
@@ -49,7 +53,8 @@ def evaluate(model, tokenizer, records, window: int, batch_tokens: int) -> list[
 
     def flush():
         windows = [w for _, ws in pending for w in ws]
-        logps = iter(token_log_probs(model, windows))
+        logps = iter([model.log_probs(w) for w in windows] if isinstance(model, MarkovModel) else
+                     token_log_probs(model, windows))  # fmt: skip
         for row, ws in pending:
             for w in ws:
                 bases = is_base(w[1:])
@@ -80,13 +85,30 @@ def write_rows(rows: list[dict], out: Path, summary: dict) -> None:
         writer.writerows([*rows, {"name": "ALL", **summary}])
 
 
+def read_records(path: str, text_column: str):
+    """(name, sequence) of every record of a FASTA/FASTQ/parquet file or folder, streamed."""
+    data = load_raw_dataset({"path": path, "streaming": True}, text_column)
+    return ((r.get("name", str(i)), r[text_column]) for i, r in enumerate(data))
+
+
+def load_baseline(args):
+    """`markov:K` fitted on `--train-data`, and the nucleotide tokenizer."""
+    if not args.train_data:
+        raise ValueError(f"--model {args.model} needs --train-data (the records to count k-mers in).")
+    order = int(args.model.split(":", 1)[1])
+    model = MarkovModel(order).fit(seq for _, seq in tqdm(read_records(args.train_data, args.text_column),
+                                                           desc=f"counting {order}-mers", unit=" rec"))  # fmt: skip
+    return model, load_tokenizer(str(Path(__file__).resolve().parent / "tokenizers" / "nucleotide_fast_tokenizer"))
+
+
 def main(argv=None) -> dict:
     """Evaluate, write `--out`, print a one-line summary; returns the overall figures."""
     args = parse_args(argv)
     use_te = None if args.use_te == "auto" else args.use_te == "true"
-    model, tokenizer = load_model(args.model, use_te=use_te)
-    data = load_raw_dataset({"path": args.data, "streaming": True}, args.text_column)
-    records = ((r.get("name", str(i)), r[args.text_column]) for i, r in enumerate(data))
+    model, tokenizer = (
+        load_baseline(args) if args.model.startswith("markov:") else load_model(args.model, use_te=use_te)
+    )
+    records = read_records(args.data, args.text_column)
     if args.max_records:
         records = (r for r, _ in zip(records, range(args.max_records)))
     start = time.perf_counter()

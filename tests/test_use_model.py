@@ -147,3 +147,20 @@ def test_generation_is_reproducible_and_stops_at_eos(trained, tmp_path):
     stopped = generate.main([*sample, "--alphabet", "", "--out", str(tmp_path / "g.fa")])  # only <EOS> allowed
     assert stopped == [("prompt_generated", "")] and (tmp_path / "g.fa").read_text() == ">prompt_generated\n\n"
     assert generate.continuation([65, 67, 0, 71, 1], eos_id=0) == [65, 67]
+
+
+def test_markov_baseline_probabilities_and_evaluate_path(tmp_path):
+    from baselines import MarkovModel
+
+    model = MarkovModel(order=1, alpha=1.0).fit(["AACAGT", "acgN"])  # lowercase counts; N breaks a context
+    counts_after_a = {"A": 1, "C": 2, "G": 1, "T": 0}  # AA, AC, AG (from AACAGT) and ac (from acgN)
+    ids = np.frombuffer(b"\x02AT", dtype=np.uint8).astype(np.int64)  # <BOS> A T
+    logp = model.log_probs(ids)
+    order0 = (model.counts[0][0, 0] + 1) / (model.counts[0][0].sum() + 4)  # A after <BOS>: base composition
+    assert logp[0] == pytest.approx(math.log(order0))
+    assert logp[1] == pytest.approx(math.log((counts_after_a["T"] + 1) / (sum(counts_after_a.values()) + 4)))
+
+    fasta = tmp_path / "train.fa"
+    fasta.write_text("".join(f">r{i}\n{s}\n" for i, s in enumerate(GENOME)))
+    summary = evaluate.main(["--model", "markov:0", "--train-data", str(fasta), "--data", str(fasta)])
+    assert 1.8 < summary["bits_per_base"] < 2.0  # base composition: under 2 bits (these records are GC-rich)

@@ -1,0 +1,67 @@
+"""Baselines for bits per base: k-mer Markov models fitted on training records, scored like a language model.
+
+    python evaluate.py --model markov:5 --train-data train.fa.gz --data held_out.fa.gz    # order 5
+    python evaluate.py --model markov:0 --train-data train.fa.gz --data held_out.fa.gz    # base composition
+
+A Markov model of order k predicts each base from the k before it: p(b | context) = (count(context b) +
+alpha) / (count(context) + 4 alpha) over A, C, G, T (contexts read case-insensitively; a context with a
+non-ACGT character, or shorter than k at a window's start, backs off to the longest clean suffix). It
+gives log-probabilities for exactly the targets `evaluate.py` scores, through the same code path as a
+model (`token_log_probs`), so the figures compare on the same windows. Order 0 is base composition
+(about 2 bits per base).
+"""
+
+import numpy as np
+
+BASE_INDEX = np.full(256, -1, dtype=np.int64)
+for _i, _b in enumerate("ACGT"):
+    BASE_INDEX[ord(_b)] = BASE_INDEX[ord(_b.lower())] = _i
+
+
+class MarkovModel:
+    """Base counts per context for every order up to `order` (lower orders back off a context's start)."""
+
+    def __init__(self, order: int, alpha: float = 1.0):
+        self.order, self.alpha = order, alpha
+        self.counts = [np.zeros((4**k, 4), dtype=np.float64) for k in range(order + 1)]
+
+    def fit(self, sequences) -> "MarkovModel":
+        """Count (context, next base) pairs of every order in `sequences` (strings)."""
+        for sequence in sequences:
+            idx = BASE_INDEX[np.frombuffer(sequence.encode("latin-1", "replace"), dtype=np.uint8)]
+            for k in range(self.order + 1):
+                contexts, valid = _context_codes(idx, k)
+                ok = valid & (idx >= 0)
+                np.add.at(self.counts[k], (contexts[ok], idx[ok]), 1)
+        return self
+
+    def log_probs(self, ids: np.ndarray) -> np.ndarray:
+        """Log p(ids[t] | ids[:t]) for t = 1..n-1, as a language model's `token_log_probs` gives them.
+
+        Non-ACGT targets get log(1/256) (they do not count in bits per base).
+        """
+        idx = BASE_INDEX[ids]
+        out = np.full(len(ids) - 1, np.log(1 / 256))
+        targets = idx[1:]
+        done = np.zeros(len(targets), dtype=bool)
+        for k in range(self.order, -1, -1):  # the longest clean context first
+            contexts, valid = _context_codes(idx, k)
+            use = valid[1:] & (targets >= 0) & ~done
+            table = self.counts[k][contexts[1:][use]]
+            probs = (table[np.arange(use.sum()), targets[use]] + self.alpha) / (table.sum(1) + 4 * self.alpha)
+            out[use] = np.log(probs)
+            done |= use
+        return out
+
+
+def _context_codes(idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each position t, the code of bases t-k..t-1 (base 4) and whether all k are A/C/G/T."""
+    n = len(idx)
+    codes = np.zeros(n, dtype=np.int64)
+    valid = np.ones(n, dtype=bool)
+    for j in range(1, k + 1):
+        shifted = np.full(n, -1, dtype=np.int64)
+        shifted[j:] = idx[:-j]
+        codes += np.where(shifted >= 0, shifted, 0) * 4 ** (j - 1)
+        valid &= shifted >= 0
+    return codes, valid
