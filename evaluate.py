@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - start
     bases, nll = sum(r["bases"] for r in rows), sum(r["nll_nats"] for r in rows)
     summary = {"length": sum(r["length"] for r in rows), "bases": bases, "nll_nats": nll,
-               "bits_per_base": nll / max(bases, 1) / math.log(2)}  # fmt: skip
+               "bits_per_base": nll / max(bases, 1) / math.log(2), "seconds": seconds}  # fmt: skip
     if args.out:
         write_rows(rows, Path(args.out), summary)
     print(f"{len(rows)} records, {bases:,} bases: {summary['bits_per_base']:.4f} bits per base "

@@ -13,6 +13,7 @@ comes from resampling ORFs (bootstrap).
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -100,7 +101,9 @@ def main():
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    if args.plot:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    elif args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
