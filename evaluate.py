@@ -80,7 +80,9 @@ def write_rows(rows: list[dict], out: Path, summary: dict) -> None:
         out.write_text(json.dumps({"records": rows, "overall": summary}, indent=1))
         return
     with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="," if out.suffix == ".csv" else "\t")
+        writer = csv.DictWriter(
+            f, fieldnames=list(rows[0]), delimiter="," if out.suffix == ".csv" else "\t", extrasaction="ignore"
+        )  # the summary's timing is not a column
         writer.writeheader()
         writer.writerows([*rows, {"name": "ALL", **summary}])
 
