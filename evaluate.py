@@ -49,7 +49,7 @@ def record_windows(tokenizer, sequence: str, window: int) -> list[np.ndarray]:
 
 def evaluate(model, tokenizer, records, window: int, batch_tokens: int) -> list[dict]:
     """Per record: name, predicted bases, their summed natural-log loss and bits per base."""
-    rows, pending = [], []  # pending: (row, windows) not yet scored
+    rows, pending, pending_tokens = [], [], 0  # pending: (row, windows) not yet scored
 
     def flush():
         windows = [w for _, ws in pending for w in ws]
@@ -66,8 +66,10 @@ def evaluate(model, tokenizer, records, window: int, batch_tokens: int) -> list[
         row = {"name": name, "length": len(sequence), "bases": 0, "nll_nats": 0.0}
         rows.append(row)
         pending.append((row, record_windows(tokenizer, sequence, window)))
-        if sum(len(w) for _, ws in pending for w in ws) >= batch_tokens:
+        pending_tokens += len(sequence) + len(pending[-1][1])  # bases and one <BOS> per window
+        if pending_tokens >= batch_tokens:
             flush()
+            pending_tokens = 0
     flush()
     for row in rows:
         row["bits_per_base"] = row["nll_nats"] / max(row["bases"], 1) / math.log(2)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, LlamaForCausalLM
 
 from data_sources import resolve_path
+from perf_logger import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,7 @@ def build_model_config(cfg: DictConfig, use_te: bool):
 def checkpoint_bytes(cfg: DictConfig, use_te: bool) -> int:
     """About the bytes of one checkpoint: parameters and AdamW's two moments, in the parameters' dtype."""
     config = build_model_config(cfg, use_te)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    layer = attention + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size
-    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    n_params = config.num_hidden_layers * layer + embeddings + config.hidden_size
-    return 3 * n_params * (2 if config.dtype == torch.bfloat16 else 4)
+    return 3 * count_parameters(config) * (2 if config.dtype == torch.bfloat16 else 4)
 
 
 def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: bool):

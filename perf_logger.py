@@ -24,14 +24,27 @@ logger = logging.getLogger(__name__)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "GB200": 2500e12, "A100": 312e12}
 
 
+def head_dim_of(config) -> int:
+    """The attention head size (`head_dim`, else hidden size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def count_parameters(config, with_embedding: bool = True) -> int:
+    """Parameters of a Llama of this config: layers (norms included), final norm, LM head, embedding."""
+    hidden, head_dim = config.hidden_size, head_dim_of(config)
+    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o, k, v
+    layer = attention + 3 * hidden * config.intermediate_size + 2 * hidden
+    lm_head = 0 if config.tie_word_embeddings and with_embedding else config.vocab_size * hidden
+    return config.num_hidden_layers * layer + hidden + lm_head + (config.vocab_size * hidden if with_embedding else 0)
+
+
 def model_flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token, 6 N + 12 L H D S (the convention in the module docstring)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    hidden, layers, ffn = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    q_kv = hidden * head_dim * (config.num_attention_heads + 2 * config.num_key_value_heads)
-    per_layer = q_kv + config.num_attention_heads * head_dim * hidden + 3 * hidden * ffn
-    n_params = layers * per_layer + hidden * config.vocab_size  # the LM head counts; the embedding lookup does not
-    return 6 * n_params + 12 * layers * config.num_attention_heads * head_dim * seq_len
+    """Training FLOPs per token, 6 N + 12 L H D S (the convention in the module docstring).
+
+    N counts the LM head and the norms (0.007% of N for the 1B body) but not the embedding lookup (no matmul).
+    """
+    n_params = count_parameters(config, with_embedding=False)
+    return 6 * n_params + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config) * seq_len
 
 
 def peak_flops(device: torch.device) -> float | None:

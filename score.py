@@ -61,7 +61,7 @@ def log_likelihood(logps) -> float:
 
 def score_sequences(model, tokenizer, records, window: int, batch_windows: int):
     """Yield (name, bases, summed log-likelihood) per record."""
-    batch = []
+    batch, windows = [], 0
 
     def flush():
         flat = [w for _, _, ws in batch for w in ws]
@@ -72,8 +72,10 @@ def score_sequences(model, tokenizer, records, window: int, batch_windows: int):
 
     for name, sequence in records:
         batch.append((name, len(sequence), record_windows(tokenizer, sequence, window)))
-        if sum(len(ws) for _, _, ws in batch) >= batch_windows:
+        windows += len(batch[-1][2])
+        if windows >= batch_windows:
             yield from flush()
+            windows = 0
     yield from flush()
 
 

@@ -84,10 +84,9 @@ class Validator:
                  best: float = math.inf):  # fmt: skip
         self.every_n_steps = cfg.validation.every_n_steps
         self.last_step = cfg.num_train_steps
-        batches = micro_batches(cfg, validation_windows(cfg, tokenizer), tokenizer)
-        self.batches = batches[dist_config.rank :: dist_config.world_size]
-        self.num_windows = sum(int((b["cu_seq_lens_q"].numel() - 1) if "cu_seq_lens_q" in b else len(b["input_ids"]))
-                               for b in batches)  # fmt: skip
+        windows = validation_windows(cfg, tokenizer)
+        self.num_windows = len(windows)
+        self.batches = micro_batches(cfg, windows, tokenizer)[dist_config.rank :: dist_config.world_size]
         self.device = device
         self.best = best
 

@@ -6,6 +6,7 @@ by `checkpoint.overwrite=true` (asked for) or pruning by the run that wrote it.
 
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,13 +88,16 @@ def test_resume_continues_the_run_and_prunes_only_its_own(tmp_path, saved):
 
 
 def test_a_complete_checkpoint_of_another_run_is_never_pruned(tmp_path, saved):
-    ckpt, before = saved
+    ckpt, _ = saved
+    ours = read_run_info(ckpt / "step_2")["run_id"]
     foreign = ckpt / "step_1"
-    (ckpt / "step_2").rename(foreign)  # another run's checkpoint, older than anything this run writes
+    shutil.copytree(ckpt / "step_2", foreign)  # another run's checkpoint, older than this run's step_2
     info = foreign / "run_info.yaml"
     info.write_text(info.read_text().replace("run_id: ", "run_id: other-"))
-    checkpoint_folders.prune_checkpoints(ckpt, 1, run_id="mine")
-    assert foreign.exists()
+    (ckpt / "step_0").mkdir()  # an older one of this run: pruned
+    shutil.copytree(ckpt / "step_2", ckpt / "step_0", dirs_exist_ok=True)
+    checkpoint_folders.prune_checkpoints(ckpt, 1, run_id=ours)
+    assert [p.name for p in complete_checkpoints(ckpt)] == ["step_1", "step_2"]
 
 
 BAD_FOLDERS = {

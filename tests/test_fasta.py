@@ -11,7 +11,6 @@ import train_fsdp2
 from data_sources import load_raw_dataset
 from dataset import create_thd_dataloader, create_tokenized_dataset
 from distributed_config import DistributedConfig
-from windowing import WindowTokenizer  # noqa: F401  (the windows compared below come from it)
 
 RECORDS = pq.read_table(PARQUET).column("sequence").to_pylist()[:40]
 ONE_RANK = DistributedConfig(0, 0, 1)

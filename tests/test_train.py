@@ -144,3 +144,16 @@ def test_hf_reference_keeps_packed_sequences_apart(tmp_path):
         for seq, start in zip(seqs, starts):
             alone = model(input_ids=torch.as_tensor(seq)[None]).logits[0]
             torch.testing.assert_close(packed[start : start + len(seq)], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_count_behind_mfu_and_checkpoint_size(tie):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perf_logger import count_parameters
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(config, with_embedding=False) == count_parameters(config) - (0 if tie else 256 * 64)

@@ -91,6 +91,7 @@ def test_validation_in_training_exports_the_best_and_resumes_it(tmp_path, genome
     resumed = {e["step"]: e["val_bits_per_base"] for e in events if "val_bits_per_base" in e}
     events = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     uninterrupted = {e["step"]: e["val_bits_per_base"] for e in events if "val_bits_per_base" in e}
+    assert sorted(uninterrupted) == [3, 6, 9]  # every validation.every_n_steps, and at the end
     assert resumed == {9: uninterrupted[9]}  # the same checkpoint gives the same figure
     best = read_run_info(tmp_path / "ckpt" / "best_model")["best"]
     assert best["val_bits_per_base"] == min(uninterrupted.values())
