@@ -32,7 +32,8 @@ class MarkovModel:
             for k in range(self.order + 1):
                 contexts, valid = _context_codes(idx, k)
                 ok = valid & (idx >= 0)
-                np.add.at(self.counts[k], (contexts[ok], idx[ok]), 1)
+                pairs = contexts[ok] * 4 + idx[ok]  # bincount, not np.add.at: the same counts, far faster
+                self.counts[k] += np.bincount(pairs, minlength=4 ** (k + 1)).reshape(-1, 4)
         return self
 
     def log_probs(self, ids: np.ndarray) -> np.ndarray:

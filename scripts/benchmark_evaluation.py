@@ -14,9 +14,11 @@ Writes `evaluation.{md,json}` and `evaluation_*.png` to `--out`.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RECIPE_DIR = Path(__file__).resolve().parents[1]
@@ -26,7 +28,7 @@ TRAIN_SPECIES, HELD_OUT_SPECIES = ("E.Coli", "S.Aureus", "V.Cholerae"), ("H.Pylo
 def parse_args():
     """Command-line options (see --help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ragout", type=Path, required=True, help="where ragout-examples was unpacked")
+    p.add_argument("--ragout", type=Path, default=None, help="where ragout-examples was unpacked (required)")
     p.add_argument("--work", type=Path, default=Path("/tmp/benchmark_evaluation"))
     p.add_argument("--config-name", default="L1_genomic_1b")
     p.add_argument("--steps", type=int, default=600)
@@ -38,7 +40,11 @@ def parse_args():
     p.add_argument("--no-throughput", action="store_true", help="skip TE vs HF scoring speed (needs a GPU)")
     p.add_argument("--codon-args", default="", help="extra codon_position_check.py options, e.g. '--max-orfs 50'")
     p.add_argument("--out", type=Path, default=RECIPE_DIR / "benchmarks")
-    return p.parse_args()
+    p.add_argument("--plot-only", type=Path, default=None, help="re-plot an existing evaluation.json into --out")
+    args = p.parse_args()
+    if args.ragout is None and args.plot_only is None:
+        p.error("--ragout is required: apt-get download ragout-examples && dpkg -x ragout-examples_*_all.deb DIR")
+    return args
 
 
 def genomes(ragout: Path, species) -> list[Path]:
@@ -53,7 +59,7 @@ def link_folder(folder: Path, files: list[Path]) -> Path:
     for f in files:
         link = folder / f"{f.parent.parent.name}_{f.name}"
         if not link.exists():
-            link.symlink_to(f)
+            link.symlink_to(f.resolve())  # absolute: a relative --ragout would leave a dangling link
     return folder
 
 
@@ -83,6 +89,10 @@ def truncated(folder: Path, files: list[Path], bases: int) -> Path:
 def main():
     """Prepare, train, evaluate, check, time; then write the evidence table and plots."""
     args = parse_args()
+    if args.plot_only:
+        saved = json.loads(args.plot_only.read_text())
+        table = {tuple(k.split(" | ")): v for k, v in saved["bits_per_base"].items()}
+        return plot(args.out, table, saved["validation_curve"])
     sys.path.insert(0, str(RECIPE_DIR))
     work = args.work
     train_files, held_files = genomes(args.ragout, TRAIN_SPECIES), genomes(args.ragout, HELD_OUT_SPECIES)
@@ -101,13 +111,16 @@ def main():
             "trained species (in-sample)": truncated(work / "eval_train", train_files, args.eval_bases)}  # fmt: skip
     models = {"trained model": str(ckpt / "final_model"), **{f"Markov order {k}": f"markov:{k}"
                                                              for k in args.markov_orders.split(",")}}  # fmt: skip
-    table = {}
+    jobs = {}  # (set, model) -> (command, log, out); the baselines run side by side on the CPU cores
     for set_name, data in sets.items():
         for model_name, model in models.items():
-            out = work / f"eval_{len(table)}.json"
-            run([sys.executable, "evaluate.py", "--model", model, "--data", str(data), "--window", str(args.window),
-                 "--train-data", str(train), "--out", str(out)], work / f"eval_{len(table)}.log")  # fmt: skip
-            table[set_name, model_name] = json.loads(out.read_text())["overall"]["bits_per_base"]
+            out = work / f"eval_{len(jobs)}.json"
+            jobs[set_name, model_name] = ([sys.executable, "evaluate.py", "--model", model, "--data", str(data),
+                                           "--window", str(args.window), "--train-data", str(train), "--out",
+                                           str(out)], work / f"eval_{len(jobs)}.log", out)  # fmt: skip
+    with ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2)) as pool:
+        list(pool.map(lambda job: run(*job[:2]), jobs.values()))
+    table = {key: json.loads(out.read_text())["overall"]["bits_per_base"] for key, (_, _, out) in jobs.items()}
     codon_out = work / "codon.json"
     run([sys.executable, "scripts/codon_position_check.py", "--model", str(ckpt / "final_model"), "--genome",
          str(held_files[0]), "--out", str(codon_out), "--plot", str(args.out / "evaluation_codon.png"),
@@ -153,6 +166,11 @@ def write_report(args, table: dict, codon: dict, throughput: dict, run_dir: Path
         {"bits_per_base": {f"{s} | {m}": v for (s, m), v in table.items()}, "validation_curve": curve,
          "codon": codon, "throughput": throughput, "command": " ".join(sys.argv)}, indent=1))  # fmt: skip
     print("\n".join(lines))
+    plot(args.out, table, curve)
+
+
+def plot(out: Path, table: dict, curve: list) -> None:
+    """evaluation_bits_per_base.png: the table as bars (y axis around the values) and the validation curve."""
     try:
         import matplotlib
     except ImportError:
@@ -161,9 +179,12 @@ def write_report(args, table: dict, codon: dict, throughput: dict, run_dir: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sets = sorted({s for s, _ in table})
+    models = list(dict.fromkeys(m for _, m in table))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for i, s in enumerate(sets):
         axes[0].bar([x + 0.4 * i for x in range(len(models))], [table[s, m] for m in models], width=0.4, label=s)
+    axes[0].set_ylim(min(table.values()) - 0.02, max(table.values()) + 0.02)  # differences are hundredths
     axes[0].set_xticks([x + 0.2 for x in range(len(models))], models, rotation=20)
     axes[0].set_ylabel("bits per base")
     axes[0].legend(fontsize=8)
@@ -172,7 +193,7 @@ def write_report(args, table: dict, codon: dict, throughput: dict, run_dir: Path
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("val_bits_per_base (held-out species)")
     fig.tight_layout()
-    fig.savefig(args.out / "evaluation_bits_per_base.png", dpi=80)
+    fig.savefig(out / "evaluation_bits_per_base.png", dpi=80)
 
 
 if __name__ == "__main__":
