@@ -118,3 +118,39 @@ def test_a_separate_validation_set(tmp_path, genome):
     cfg = val_cfg(tmp_path, genome, f"+validation.load_dataset_kwargs.path={other}")
     windows = validation_windows(cfg, load_tokenizer(TOKENIZER))
     assert {record_of(w) for w in windows} <= set(range(5))
+
+
+def validation_on_two_ranks_equals_one_process(tmp_path, genome, *overrides, use_te=False, device="cpu", rel=1e-5,
+                                               dtype=torch.float32):  # fmt: skip
+    """Train on two ranks with validation at the end; one process re-validates the export: the same figure."""
+    from conftest import FAST, TORCHRUN_2, run_command
+
+    from inference import load_model
+
+    args = [f"dataset.load_dataset_kwargs.path={genome}", "validation.enabled=true", "validation.fraction=0.2",
+            "validation.num_windows=20", "validation.every_n_steps=100", "num_train_steps=4",
+            "checkpoint.save_final_model=true", *overrides]  # fmt: skip
+    base = [o for o in FAST if not o.startswith("use_te=")] + [f"use_te={str(use_te).lower()}"]
+    run = tmp_path / "run"
+    run_command([*TORCHRUN_2, "train_fsdp2.py", "--config-name", "L0_sanity", *base, *args, f"run_dir={run}",
+                 f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}"])  # fmt: skip
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (two_ranks,) = [e["val_bits_per_base"] for e in events if "val_bits_per_base" in e]
+    model, tokenizer = load_model(tmp_path / "ckpt" / "final_model", use_te=use_te, device=device, dtype=dtype)
+    cfg = make_cfg(tmp_path / "one", *args, base=base)
+    one = Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device(device)).run(model)
+    assert one["val_windows"] == 20
+    assert two_ranks == pytest.approx(one["val_bits_per_base"], rel=rel)
+
+
+def test_validation_on_two_ranks_equals_one_process(tmp_path, genome):
+    validation_on_two_ranks_equals_one_process(tmp_path, genome)
+
+
+@pytest.mark.multi_gpu
+def test_validation_on_two_gpus_fsdp2_fp8_thd(tmp_path, genome):
+    """Validation in an FSDP2 FP8 THD run on two GPUs; the export re-validated on one (bf16: rel 1e-3)."""
+    validation_on_two_ranks_equals_one_process(
+        tmp_path, genome, "use_sequence_packing=true", "fp8_config.enabled=true", "dataset.num_workers=1",
+        use_te=True, device="cuda", rel=1e-3, dtype=torch.bfloat16,
+    )  # fmt: skip
