@@ -8,19 +8,17 @@ Each error is a `ValueError` (or `FileNotFoundError`) that names the key, the va
 
 import difflib
 import logging
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from command_line import DEFAULTS_YAML, FREE_FORM_GROUPS, upstream_hint
 from data_sources import resolve_path
 
 logger = logging.getLogger(__name__)
 
 # Dictionaries passed on to a library as they are: any key is theirs to accept.
-FREE_FORM_KEYS = {"config_kwargs", "dataset.load_dataset_kwargs", "validation.load_dataset_kwargs", "adamw_kwargs",
-                  "lr_scheduler_kwargs", "fp8_config.fp8_recipe_kwargs", "wandb_init_args", "hydra"}  # fmt: skip
-DEFAULTS_YAML = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
+FREE_FORM_KEYS = {*FREE_FORM_GROUPS, "hydra"}
 ENTRYPOINTS = ("ddp", "fsdp2", "fsdp2_cp")
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
 
@@ -58,6 +56,8 @@ def check_keys_and_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
         if name in FREE_FORM_KEYS:
             continue
         if key not in defaults:
+            if upstream_hint(name):
+                raise ValueError(upstream_hint(name))
             close = difflib.get_close_matches(key, list(defaults), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             raise ValueError(
@@ -104,17 +104,26 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
                 "validation.every_n_steps", "validation.num_windows")  # fmt: skip
     for key in positive:
         value = OmegaConf.select(cfg, key)
+        if key == "checkpoint.save_every_n_steps" and value is None:
+            continue  # no interval saves, as upstream
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer.")
     if cfg.dataset.num_workers < 0:
         raise ValueError(
             f"dataset.num_workers={cfg.dataset.num_workers} must be 0 (load in the main process) or more."
         )
+    if cfg.dataset.max_seq_length < 3:
+        raise ValueError(
+            f"dataset.max_seq_length={cfg.dataset.max_seq_length} leaves no room for a base between <BOS> and "
+            "<EOS>; use a window of at least 3 tokens (8192 in the tier configs)."
+        )
     if not 0 <= cfg.dataset.stride < cfg.dataset.max_seq_length - 2:
         raise ValueError(
-            f"dataset.stride={cfg.dataset.stride} must be at least 0 and below max_seq_length - 2 "
-            f"({cfg.dataset.max_seq_length - 2}), or windows would not advance."
+            f"dataset.stride={cfg.dataset.stride} must be at least 0 and below dataset.max_seq_length - 2 "
+            f"({cfg.dataset.max_seq_length} - 2), or windows would not advance: lower dataset.stride or raise "
+            "dataset.max_seq_length."
         )
+    _check_attention_kwargs(cfg)
     _check_optimizer_numbers(cfg)
     _check_validation(cfg, entrypoint)
     _check_strategy_keys(cfg, entrypoint)
@@ -199,4 +208,26 @@ def validate_cp_config(cfg: DictConfig, use_te: bool, world_size: int) -> None:
         raise ValueError(
             f"cp_size={cfg.cp_size!r} must be a positive integer that divides the number of ranks ({world_size}); "
             "launch a multiple of cp_size processes (torchrun --nproc_per_node=...)."
+        )
+
+
+def _check_attention_kwargs(cfg: DictConfig) -> None:
+    """Upstream's `config_kwargs.attn_input_format` and `self_attn_mask_type`: honoured or refused, never ignored.
+
+    The layout follows `use_sequence_packing` (thd when packing, else bshd); the mask must be causal.
+    """
+    layout = OmegaConf.select(cfg, "config_kwargs.attn_input_format")
+    packing_layout = "thd" if cfg.use_sequence_packing else "bshd"
+    if layout is not None and layout != packing_layout:
+        raise ValueError(
+            f"config_kwargs.attn_input_format={layout!r} disagrees with use_sequence_packing="
+            f"{str(cfg.use_sequence_packing).lower()}: here use_sequence_packing decides the layout (true: thd, "
+            f"false: bshd); set use_sequence_packing={str(layout == 'thd').lower()} or drop the key."
+        )
+    mask = OmegaConf.select(cfg, "config_kwargs.self_attn_mask_type")
+    causal = ("causal", "padding_causal", "causal_bottom_right", "padding_causal_bottom_right")
+    if mask is not None and mask not in causal:
+        raise ValueError(
+            f"config_kwargs.self_attn_mask_type={mask!r} is not causal; a language model needs one of {causal} "
+            "(or drop the key: padding_causal)."
         )

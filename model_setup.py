@@ -23,6 +23,12 @@ from data_sources import resolve_path
 from perf_logger import count_parameters
 
 logger = logging.getLogger(__name__)
+# config_kwargs that only the TE model's config has (HF's LlamaConfig would drop them).
+TE_CONFIG_KEYS = ("attn_input_format", "self_attn_mask_type")
+UNSUPPORTED_HINT = (
+    "Upstream's fp8_first_last_bf16, layer_precision and use_quantized_model_init (per-layer precision, FP8 "
+    "primary weights) are not available here yet."
+)
 
 
 def build_model_config(cfg: DictConfig, use_te: bool):
@@ -32,7 +38,14 @@ def build_model_config(cfg: DictConfig, use_te: bool):
     # Parameters are bf16 on GPUs (TE or the HF reference) unless FSDP2 keeps fp32 master weights; fp32 on CPUs.
     bf16 = torch.cuda.is_available() and not cfg.fp32_master_weights
     kwargs.setdefault("dtype", torch.bfloat16 if bf16 else torch.float32)
-    hf_config = AutoConfig.from_pretrained(str(path) if path.exists() else cfg.config_name_or_path, **kwargs)
+    te_only = {k: kwargs.pop(k) for k in TE_CONFIG_KEYS if k in kwargs}  # checked by config_checks
+    hf_config, unused = AutoConfig.from_pretrained(str(path) if path.exists() else cfg.config_name_or_path,
+                                                   return_unused_kwargs=True, **kwargs)  # fmt: skip
+    if unused:  # from_pretrained drops what the config class lacks: say so instead
+        raise ValueError(
+            f"config_kwargs {sorted(unused)} are not fields of {type(hf_config).__name__} and would do nothing; "
+            f"drop them (model fields: e.g. num_hidden_layers, hidden_size, vocab_size). {UNSUPPORTED_HINT}"
+        )
     if not use_te:
         if cfg.loss_chunk_size:
             logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
@@ -48,6 +61,7 @@ def build_model_config(cfg: DictConfig, use_te: bool):
         hf_config,
         attn_input_format="thd" if cfg.use_sequence_packing else "bshd",
         loss_chunk_size=cfg.loss_chunk_size,
+        **{k: v for k, v in te_only.items() if k != "attn_input_format"},  # the layout follows the packing
     )
 
 

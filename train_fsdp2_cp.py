@@ -12,6 +12,7 @@ train_fsdp2_cp.py` shows only the context-parallel lines.
 """
 
 import logging
+import sys
 import time
 
 import hydra
@@ -29,6 +30,7 @@ from checkpoint import (
     wait_for_async_save,
 )
 from checkpoint_folders import prepare_checkpoint_dir, resume_from_latest
+from command_line import normalize_command_line
 from config_checks import resolve_use_te, validate_config, validate_cp_config
 from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
 from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory
@@ -111,6 +113,8 @@ def main(cfg: DictConfig) -> float:
     if ckpt_dir and cfg.checkpoint.resume_from_checkpoint:  # the newest complete one; a damaged one falls back
         step = resume_from_latest(ckpt_dir, load, device, run_info)  # refuses another shape or packing mode
 
+    save_every = cfg.checkpoint.save_every_n_steps  # null: no interval saves (a preempted run still saves)
+
     def save(step):
         save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
                               cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save, run_info)  # fmt: skip
@@ -160,7 +164,7 @@ def main(cfg: DictConfig) -> float:
         metrics = perf.log_step(step, totals[0], num_tokens, padded, grad_norm, lr,
                                 force=stop or step == cfg.num_train_steps)  # fmt: skip
         last_loss = metrics["loss"] if metrics else last_loss
-        if ckpt_dir and (step % cfg.checkpoint.save_every_n_steps == 0 or stop):
+        if ckpt_dir and (stop or (save_every and step % save_every == 0)):
             save_start = time.perf_counter()
             save(step)
             perf.log_event(step=step, checkpoint_save_s=time.perf_counter() - save_start)
@@ -186,4 +190,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = normalize_command_line(sys.argv)  # upstream keys, free-form groups without +, typos
     main()

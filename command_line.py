@@ -1,0 +1,148 @@
+"""The command line, before Hydra parses it: upstream spellings, free-form groups without `+`, typos.
+
+    if __name__ == "__main__":
+        sys.argv = normalize_command_line(sys.argv)   # exits with one line naming the key and the fix
+        main()
+
+Users of NVIDIA's upstream `llama3_native_te` recipe bring its keys. Each is either renamed to ours (same
+meaning, logged), or refused with a line that says what to use instead: never silently ignored. Keys of
+the groups handed to a library as they are (`config_kwargs.*`, `adamw_kwargs.*`, ...) need no `+`, as
+upstream's tier files list them. Any other unknown key gets our suggestion instead of Hydra's advice to
+add it with `+` (which would only defer the error to the config check).
+"""
+
+import difflib
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+DEFAULTS_YAML = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
+# Groups passed on to a library as they are: any key inside is theirs to accept (config_checks.py too).
+FREE_FORM_GROUPS = (
+    "config_kwargs",
+    "dataset.load_dataset_kwargs",
+    "validation.load_dataset_kwargs",
+    "adamw_kwargs",
+    "lr_scheduler_kwargs",
+    "fp8_config.fp8_recipe_kwargs",
+    "wandb_init_args",
+)
+
+# Upstream key (or group, ending in ".") -> ours, with the same meaning.
+UPSTREAM_RENAMES = {
+    "use_fp32_master_weights": "fp32_master_weights",
+    "dataset.split_samples_in_token_packing": "dataset.split_samples",
+    "dataset.sequence_column": "dataset.text_column",
+    "validation.eval_interval": "validation.every_n_steps",
+    "validation.data_path": "validation.load_dataset_kwargs.path",
+    "wandb.": "wandb_init_args.",  # wandb.name, wandb.project, wandb.mode, wandb.tags, wandb.dir, ...
+}
+# Upstream key (or group) -> why it does not apply here and what to use.
+UPSTREAM_REFUSED = {
+    "use_megatron_loss": "the loss here is always the per-token mean over all micro-batches and ranks "
+    "(Megatron's reduction); drop the key",
+    "use_weight_decay_grouping": "use no_weight_decay_on_norms_biases_embeddings=true (norms, biases and "
+    "embeddings without weight decay)",
+    "skip_embedding_weight_decay": "use no_weight_decay_on_norms_biases_embeddings=true (norms, biases and "
+    "embeddings without weight decay)",
+    "spike_no_more_embedding_init": "initialisation variants are not implemented here; drop the key",
+    "use_megatron_scaled_init": "initialisation variants are not implemented here; drop the key",
+    "use_sharded_eden": "the SQLite window databases are not read here; point dataset.load_dataset_kwargs.path "
+    "at parquet or FASTA",
+    "sharded_eden.": "the SQLite window databases are not read here; point dataset.load_dataset_kwargs.path at "
+    "parquet or FASTA",
+    "dataset.shuffle_sequences": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
+    "dataset.shuffle_windows": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
+    "dataset.interleaved_shuffle": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
+    "dataset.interleave_chunks": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
+    "dataset.interleave_skip": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
+    "validation.num_batches": "use validation.num_windows (a fixed set of windows, not batches)",
+    "lr_scheduler_kwargs.num_training_steps": "use lr_scheduler_kwargs.num_decay_steps = num_training_steps - "
+    "num_warmup_steps (warmup, then cosine decay over num_decay_steps)",
+    "fp8_config.fp8_model_init_kwargs.": "FP8 primary weights (TE quantized init) are not available yet; drop "
+    "the key (FP8 compute still runs with fp8_config.enabled=true)",
+    "fp8_stats_config.": "FP8 tensor statistics logging is not available yet; drop the key",
+    "profiler.": "the built-in profiler is not available yet; wrap the run in nsys or torch.profiler instead",
+}
+
+
+def known_keys() -> set[str]:
+    """Every dotted key of defaults.yaml (groups included)."""
+    keys = set()
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            keys.add(prefix + key)
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False), "")
+    return keys
+
+
+def _matches(key: str, table: dict) -> str | None:
+    """The table entry for `key`: an exact key, or a group ("name.") that holds it or is it."""
+    for name in table:
+        if key == name or (name.endswith(".") and (key.startswith(name) or key == name[:-1])):
+            return name
+    return None
+
+
+def upstream_hint(key: str) -> str | None:
+    """For an upstream key: what to use here instead (None for keys upstream does not have)."""
+    name = _matches(key, UPSTREAM_REFUSED)
+    if name:
+        return f"{key!r} is a key of the upstream recipe: {UPSTREAM_REFUSED[name]}."
+    ours = _renamed(key)
+    return f"{key!r} is spelled {ours} here." if ours else None
+
+
+def _renamed(key: str) -> str | None:
+    """Our name for an upstream key of the same meaning, else None."""
+    name = _matches(key, UPSTREAM_RENAMES)
+    if name is None:
+        return None
+    return UPSTREAM_RENAMES[name] + key[len(name) :] if name.endswith(".") else UPSTREAM_RENAMES[name]
+
+
+OVERRIDE = re.compile(r"^(\+\+|\+|~)?([A-Za-z_][\w.\-]*)(=.*)?$", re.S)
+
+
+def normalize_command_line(argv: list[str]) -> list[str]:
+    """`argv` with upstream keys renamed and free-form keys made addable; exits on an unknown key."""
+    keys = known_keys()
+    out = argv[:1]
+    for arg in argv[1:]:
+        match = OVERRIDE.match(arg)
+        if arg.startswith("-") or not match or "=" not in arg and not match.group(1):
+            out.append(arg)  # a flag, a flag's value, or not an override
+            continue
+        op, key, value = match.group(1) or "", match.group(2), match.group(3) or ""
+        if key == "hydra" or key.startswith("hydra."):
+            out.append(arg)
+            continue
+        ours = _renamed(key)
+        if ours:
+            print(f"Upstream key {key} -> {ours}", file=sys.stderr)
+            if key == "validation.data_path" and value in ("=null", "=None", "="):
+                continue  # no separate validation set: the default
+            key = ours
+        if _matches(key, UPSTREAM_REFUSED):
+            _exit(upstream_hint(key))
+        free_form = any(key.startswith(group + ".") for group in FREE_FORM_GROUPS)
+        if free_form and op == "":
+            op = "++"  # add or replace, whether or not the tier file lists the key
+        elif key not in keys and op == "" and not free_form:
+            close = difflib.get_close_matches(key, sorted(keys), n=1)
+            hint = f"; did you mean {close[0]}?" if close else "."
+            _exit(f"Unknown config key {key!r}{hint} Every key is listed, with what it does, in "
+                  "hydra_config/defaults.yaml.")  # fmt: skip
+        out.append(f"{op}{key}{value}")
+    return out
+
+
+def _exit(message: str) -> None:
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(2)

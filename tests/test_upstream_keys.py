@@ -1,0 +1,129 @@
+"""Upstream users' keys and commands: renamed with the same meaning, or refused with the replacement named.
+
+The command line is rewritten before Hydra sees it (`command_line.normalize_command_line`); typos get our
+suggestion, from the real command line, as one line and exit code 2.
+"""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ENV, FAST, RECIPE_DIR, make_cfg
+
+from checkpoint_folders import read_run_info
+from command_line import normalize_command_line
+from config_checks import validate_config
+from model_setup import build_model_config
+
+
+def normalized(*args):
+    return normalize_command_line(["train_fsdp2.py", *args])[1:]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("config_kwargs.num_hidden_layers=2", "++config_kwargs.num_hidden_layers=2"),  # no + needed
+        ("adamw_kwargs.amsgrad=true", "++adamw_kwargs.amsgrad=true"),
+        ("use_fp32_master_weights=true", "fp32_master_weights=true"),
+        ("dataset.split_samples_in_token_packing=false", "dataset.split_samples=false"),
+        ("dataset.sequence_column=text", "dataset.text_column=text"),
+        ("validation.eval_interval=500", "validation.every_n_steps=500"),
+        ("validation.data_path=/data/val.fa", "++validation.load_dataset_kwargs.path=/data/val.fa"),
+        ("wandb.project=dna", "++wandb_init_args.project=dna"),
+        ("wandb.tags=[a,b]", "++wandb_init_args.tags=[a,b]"),
+        ("+config_kwargs.num_hidden_layers=2", "+config_kwargs.num_hidden_layers=2"),  # Hydra's own forms stay
+        ("num_train_steps=3", "num_train_steps=3"),
+        ("hydra.run.dir=/tmp/x", "hydra.run.dir=/tmp/x"),
+    ],  # fmt: skip
+)
+def test_upstream_spellings_are_rewritten(given, expected):
+    assert normalized("--config-name", "L0_sanity", given) == ["--config-name", "L0_sanity", expected]
+
+
+def test_no_separate_validation_set_is_the_default():
+    assert normalized("validation.data_path=null") == []
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("num_train_step=3", "Unknown config key 'num_train_step'; did you mean num_train_steps?"),
+        ("dataset.micro_batchsize=4", "did you mean dataset.micro_batch_size?"),
+        ("use_megatron_loss=true", "always the per-token mean over all micro-batches and ranks"),
+        ("use_weight_decay_grouping=true", "no_weight_decay_on_norms_biases_embeddings=true"),
+        ("profiler.enabled=true", "profiler is not available yet"),
+        ("fp8_stats_config.enabled=true", "FP8 tensor statistics logging is not available yet"),
+        ("fp8_config.fp8_model_init_kwargs.enabled=true", "FP8 primary weights"),
+        ("lr_scheduler_kwargs.num_training_steps=1000", "num_decay_steps = num_training_steps - num_warmup_steps"),
+        ("dataset.shuffle_windows=true", "dataset.buffer_size"),
+        ("use_sharded_eden=true", "parquet or FASTA"),
+    ],  # fmt: skip
+)
+def test_unknown_and_refused_keys_exit_with_one_line(given, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        normalized(given)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_typo_on_the_real_command_line_gets_our_suggestion():
+    result = subprocess.run([sys.executable, "train_fsdp2.py", "--config-name", "L0_sanity", "num_train_step=3"],
+                            cwd=RECIPE_DIR, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: Unknown config key 'num_train_step'; did you mean num_train_steps?"), last
+    assert "Traceback" not in result.stderr and "+num_train_step" not in result.stderr
+
+
+def test_an_upstream_command_line_trains_with_the_same_meaning(tmp_path):
+    """Upstream spellings, `config_kwargs.*` without `+`, and save_every_n_steps=null (never)."""
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, "num_train_steps=3",
+               "config_kwargs.num_hidden_layers=1", "use_fp32_master_weights=false", "wandb.mode=disabled",
+               "dataset.split_samples_in_token_packing=false", "checkpoint.save_every_n_steps=null",
+               f"checkpoint.ckpt_dir={ckpt}", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    result = subprocess.run(command, cwd=RECIPE_DIR, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = read_run_info(tmp_path / "run")
+    assert info["model_shape"]["num_hidden_layers"] == 1  # reached the model, not just the config
+    assert info["config"]["dataset"]["split_samples"] is False
+    assert info["config"]["wandb_init_args"]["mode"] == "disabled"
+    assert not list(ckpt.glob("step_*"))  # null: no interval saves
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["use_sequence_packing=false", "+config_kwargs.attn_input_format=thd"],
+            "here use_sequence_packing decides the layout",
+        ),
+        (["use_sequence_packing=true", "+config_kwargs.attn_input_format=bshd"], "set use_sequence_packing=false"),
+        (["+config_kwargs.self_attn_mask_type=no_mask"], "is not causal"),
+        (["dataset.max_seq_length=2"], "dataset.max_seq_length=2 leaves no room"),
+        (["dataset.max_seq_length=128", "dataset.stride=200"], "lower dataset.stride or raise dataset.max_seq_length"),
+        (["+use_megatron_loss=true"], "'use_megatron_loss' is a key of the upstream recipe"),
+    ],  # fmt: skip
+)
+def test_config_errors_for_upstream_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate_config(make_cfg(tmp_path, *overrides), use_te=False)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_matching_attn_input_format_is_accepted(tmp_path, packing):
+    layout = "thd" if packing else "bshd"
+    cfg = make_cfg(tmp_path, f"use_sequence_packing={packing}", f"+config_kwargs.attn_input_format={layout}",
+                   "+config_kwargs.self_attn_mask_type=causal", "checkpoint.save_every_n_steps=null")  # fmt: skip
+    validate_config(cfg, use_te=False)
+    te_config = build_model_config(cfg, use_te=True)  # what the TE model is built from
+    assert te_config.attn_input_format == layout and te_config.self_attn_mask_type == "causal"
+
+
+def test_config_kwargs_the_model_config_lacks_are_refused(tmp_path):
+    from model_setup import build_model_config
+
+    cfg = make_cfg(tmp_path, "+config_kwargs.fp8_first_last_bf16=true")
+    with pytest.raises(ValueError, match=r"config_kwargs \['fp8_first_last_bf16'\] are not fields of LlamaConfig"):
+        build_model_config(cfg, use_te=False)
