@@ -77,14 +77,20 @@ def test_a_typo_on_the_real_command_line_gets_our_suggestion():
 
 
 def test_an_upstream_command_line_trains_with_the_same_meaning(tmp_path):
-    """Upstream spellings, `config_kwargs.*` without `+`, and save_every_n_steps=null (never)."""
-    ckpt = tmp_path / "ckpt"
-    command = [sys.executable, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, "num_train_steps=3",
-               "config_kwargs.num_hidden_layers=1", "use_fp32_master_weights=false", "wandb.mode=disabled",
-               "dataset.split_samples_in_token_packing=false", "checkpoint.save_every_n_steps=null",
+    """Upstream spellings, `config_kwargs.*` without `+`, save_every_n_steps=null (never); a clean run folder."""
+    ckpt, cwd = tmp_path / "ckpt", tmp_path / "cwd"
+    cwd.mkdir()
+    command = [sys.executable, str(RECIPE_DIR / "train_fsdp2.py"), "--config-name", "L0_sanity", *FAST,
+               "num_train_steps=3", "config_kwargs.num_hidden_layers=1", "use_fp32_master_weights=false",
+               "wandb.mode=disabled", "dataset.split_samples_in_token_packing=false",
+               "checkpoint.save_every_n_steps=null",
                f"checkpoint.ckpt_dir={ckpt}", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
-    result = subprocess.run(command, cwd=RECIPE_DIR, env=ENV, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The run folder holds what the run wrote, and nothing else appears: no outputs/<date> (hydra.run.dir follows
+    # run_dir), no .hydra (hydra.output_subdir: null), no empty <script>.log (hydra/job_logging: none).
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "metrics.jsonl", "run_info.yaml"]
+    assert not list(cwd.iterdir())
     info = read_run_info(tmp_path / "run")
     assert info["model_shape"]["num_hidden_layers"] == 1  # reached the model, not just the config
     assert info["config"]["dataset"]["split_samples"] is False
