@@ -12,6 +12,8 @@ add it with `+` (which would only defer the error to the config check).
 """
 
 import difflib
+import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -148,3 +150,26 @@ def normalize_command_line(argv: list[str]) -> list[str]:
 def _exit(message: str) -> None:
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def exit_on_user_error(main):
+    """Decorate a Hydra task: a bad key, value, path or data ends the run in one line, exit code 2.
+
+    A `ValueError`/`FileNotFoundError` prints its message instead of Hydra's traceback; only when Hydra
+    launched the run from the command line (`main(cfg)` called in code raises as usual).
+    `HYDRA_FULL_ERROR=1` shows the traceback (for an error that is not the user's).
+    """
+
+    @functools.wraps(main)
+    def run(cfg):
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return main(cfg)
+        try:
+            return main(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback.)", file=sys.stderr)
+            sys.exit(2)
+
+    return run

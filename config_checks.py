@@ -231,3 +231,23 @@ def _check_attention_kwargs(cfg: DictConfig) -> None:
             f"config_kwargs.self_attn_mask_type={mask!r} is not causal; a language model needs one of {causal} "
             "(or drop the key: padding_causal)."
         )
+
+
+def check_inputs(cfg: DictConfig, use_te: bool) -> None:
+    """Fail in seconds what would fail after the model is built: data paths, tokenizer, model config.
+
+    Reads the tokenizer and the model config (small files) and checks that local data paths exist; the
+    data itself is read later, by the loader.
+    """
+    from data_sources import load_tokenizer, local_fasta_files, normalize_load_kwargs
+    from model_setup import build_model_config
+
+    sources = [cfg.dataset.load_dataset_kwargs]
+    if cfg.validation.enabled and cfg.validation.load_dataset_kwargs is not None:
+        sources.append(cfg.validation.load_dataset_kwargs)
+    for source in sources:
+        kwargs = OmegaConf.to_container(source, resolve=True)
+        if not local_fasta_files(kwargs):
+            normalize_load_kwargs(kwargs)  # a missing local file or folder is an error here
+    load_tokenizer(cfg.dataset.tokenizer_name_or_path)
+    build_model_config(cfg, use_te)

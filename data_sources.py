@@ -110,7 +110,14 @@ def describe_decode_error(load_dataset_kwargs: dict, text_column: str, error: Un
 def load_tokenizer(tokenizer_name_or_path: str) -> PreTrainedTokenizerBase:
     """An `AutoTokenizer` from a local folder (working directory or recipe folder) or a hub name."""
     path = resolve_path(tokenizer_name_or_path)
-    return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer_name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer_name_or_path)
+    except OSError as e:  # neither a local folder nor a hub name that can be fetched (offline, typo, private)
+        raise FileNotFoundError(
+            f"dataset.tokenizer_name_or_path={tokenizer_name_or_path!r} is not a tokenizer folder here (looked in "
+            f"{Path.cwd()} and {RECIPE_DIR}) and could not be fetched from the hub ({str(e).splitlines()[0]}). "
+            "Use ./tokenizers/nucleotide_fast_tokenizer or a folder holding tokenizer.json."
+        ) from e
 
 
 def _check_parquet_files(files: list[str]) -> None:

@@ -39,8 +39,14 @@ def build_model_config(cfg: DictConfig, use_te: bool):
     bf16 = torch.cuda.is_available() and not cfg.fp32_master_weights
     kwargs.setdefault("dtype", torch.bfloat16 if bf16 else torch.float32)
     te_only = {k: kwargs.pop(k) for k in TE_CONFIG_KEYS if k in kwargs}  # checked by config_checks
-    hf_config, unused = AutoConfig.from_pretrained(str(path) if path.exists() else cfg.config_name_or_path,
-                                                   return_unused_kwargs=True, **kwargs)  # fmt: skip
+    try:
+        hf_config, unused = AutoConfig.from_pretrained(str(path) if path.exists() else cfg.config_name_or_path,
+                                                       return_unused_kwargs=True, **kwargs)  # fmt: skip
+    except OSError as e:  # neither a local folder nor a hub name that can be fetched
+        raise FileNotFoundError(
+            f"config_name_or_path={cfg.config_name_or_path!r} is not a model config folder here and could not be "
+            f"fetched from the hub ({str(e).splitlines()[0]}). Use e.g. ./model_configs/meta-llama/Llama-3.2-1B."
+        ) from e
     if unused:  # from_pretrained drops what the config class lacks: say so instead
         raise ValueError(
             f"config_kwargs {sorted(unused)} are not fields of {type(hf_config).__name__} and would do nothing; "

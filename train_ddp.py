@@ -29,8 +29,8 @@ from checkpoint import (
     save_final_model,
 )
 from checkpoint_folders import prepare_checkpoint_dir, resume_from_latest
-from command_line import normalize_command_line
-from config_checks import resolve_use_te, validate_config
+from command_line import exit_on_user_error, normalize_command_line
+from config_checks import check_inputs, resolve_use_te, validate_config
 from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
 from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
@@ -44,11 +44,13 @@ logger = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.2")
+@exit_on_user_error  # a bad key, value, path or data: one line, exit code 2
 def main(cfg: DictConfig) -> float:
     """Train as `cfg` says; returns the last logged loss."""
     # --- Config and distributed setup ---
     use_te = resolve_use_te(cfg.use_te)
     validate_config(cfg, use_te, entrypoint="ddp")
+    check_inputs(cfg, use_te)  # data paths, tokenizer and model config, before anything heavy
     dist_config = DistributedConfig()
     device = init_distributed(dist_config)
     logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)

@@ -133,3 +133,27 @@ def test_config_kwargs_the_model_config_lacks_are_refused(tmp_path):
     cfg = make_cfg(tmp_path, "+config_kwargs.fp8_first_last_bf16=true")
     with pytest.raises(ValueError, match=r"config_kwargs \['fp8_first_last_bf16'\] are not fields of LlamaConfig"):
         build_model_config(cfg, use_te=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["grad_acc_steps=0"], "Error: grad_acc_steps=0 must be a positive integer."),
+        (
+            ["dataset.load_dataset_kwargs.path=/no/such.parquet"],
+            "Error: dataset.load_dataset_kwargs.path='/no/such.parquet' does not exist",
+        ),
+        (
+            ["dataset.tokenizer_name_or_path=no-such/tokenizer"],
+            "Error: dataset.tokenizer_name_or_path='no-such/tokenizer' is not a tokenizer folder here",
+        ),
+    ],  # fmt: skip
+)
+def test_user_errors_are_one_line_before_the_model_is_built(tmp_path, args, message):
+    """What the user got wrong: one line, exit code 2, no traceback; paths and tokenizer checked before the model."""
+    command = [sys.executable, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, f"run_dir={tmp_path}", *args]
+    result = subprocess.run(command, cwd=RECIPE_DIR, env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "Model:" not in result.stderr + result.stdout  # nothing heavy was built first
