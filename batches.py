@@ -9,6 +9,7 @@ their prediction targets.
 """
 
 import itertools
+import math
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: 
     if cp_size > 1:
         divisor = 2 * cp_size * (8 if cfg.fp8_config.enabled else 1)
         if cfg.use_sequence_packing:
+            divisor = math.lcm(divisor, cfg.dataset.pad_sequences_to_be_divisible_by or 1)  # a user's value too
             kwargs.update(pad_sequences_to_be_divisible_by=divisor, pad_to_multiple_of=None)
         else:
             kwargs["pad_to_multiple_of"] = divisor

@@ -124,6 +124,14 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             "dataset.max_seq_length."
         )
     _check_attention_kwargs(cfg)
+    divisible_by = cfg.dataset.pad_sequences_to_be_divisible_by
+    if divisible_by is not None and (not cfg.use_sequence_packing or divisible_by < 1):
+        raise ValueError(
+            f"dataset.pad_sequences_to_be_divisible_by={divisible_by} pads packed (THD) sequences: it needs "
+            "use_sequence_packing=true and a positive integer (or null)."
+        )
+    if cfg.dataset.prefetch_factor < 1:
+        raise ValueError(f"dataset.prefetch_factor={cfg.dataset.prefetch_factor} must be a positive integer.")
     _check_optimizer_numbers(cfg)
     _check_validation(cfg, entrypoint)
     _check_strategy_keys(cfg, entrypoint)

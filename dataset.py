@@ -139,7 +139,8 @@ class WindowStream(IterableDataset):
         )
 
 
-def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful_dataloader: bool, cp_rank, cp_size):
+def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful_dataloader: bool, cp_rank, cp_size,
+                 prefetch_factor: int):  # fmt: skip
     if cp_rank is not None:  # context parallelism: the loader yields this rank's part of every sequence
         collate_fn = ContextParallelCollator(collate_fn, cp_size, cp_rank)
     loader_cls = StatefulDataLoader if use_stateful_dataloader else DataLoader
@@ -149,7 +150,7 @@ def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful
         collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         worker_init_fn=loader_worker_init() if num_workers > 0 else None,  # workers ignore SIGTERM: the main saves
     )
 
@@ -178,6 +179,7 @@ def create_bshd_dataloader(
     uppercase_labels: bool = False,
     mask_degenerate_bases: bool = False,
     use_stateful_dataloader: bool = True,
+    prefetch_factor: int = 4,
     num_epochs: int | None = None,
     cp_rank: int | None = None,
     cp_size: int = 1,
@@ -194,7 +196,8 @@ def create_bshd_dataloader(
     collator = BshdCollator(
         tokenizer.pad_token_id, pad_to_multiple_of, uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id
     )
-    loader = _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader, cp_rank, cp_size)
+    loader = _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader, cp_rank, cp_size,
+                          prefetch_factor)  # fmt: skip
     return loader, tokenizer
 
 
@@ -216,6 +219,7 @@ def create_thd_dataloader(
     uppercase_labels: bool = False,
     mask_degenerate_bases: bool = False,
     use_stateful_dataloader: bool = True,
+    prefetch_factor: int = 4,
     num_epochs: int | None = None,
     cp_rank: int | None = None,
     cp_size: int = 1,
@@ -233,4 +237,6 @@ def create_thd_dataloader(
     packed = TokenPackingDataset(stream, token_micro_batch_size or micro_batch_size * max_seq_length, split_samples)
     collator = ThdCollator(tokenizer.pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by,
                            uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id)  # fmt: skip
-    return _make_loader(packed, collator, None, num_workers, use_stateful_dataloader, cp_rank, cp_size), tokenizer
+    loader = _make_loader(packed, collator, None, num_workers, use_stateful_dataloader, cp_rank, cp_size,
+                          prefetch_factor)  # fmt: skip
+    return loader, tokenizer

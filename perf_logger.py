@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,31 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+# metrics.jsonl names -> W&B names, as the upstream recipe logs them (dashboards carry over).
+WANDB_NAMES = {
+    "loss": "train/loss",
+    "grad_norm": "train/grad_norm",
+    "lr": "train/learning_rate",
+    "step_time_s": "train/step_time",
+    "tokens_per_s_per_gpu": "train/tokens_per_second_per_gpu",
+    "real_tokens_per_s_per_gpu": "train/unpadded_tokens_per_second_per_gpu",
+    "peak_memory_gib": "train/gpu_memory_allocated_max_gb",
+    "mfu": "train/mfu",
+    "data_wait_fraction": "train/data_wait_fraction",
+    "val_loss": "val/loss",
+    "val_perplexity": "val/ppl",
+    "val_bits_per_base": "val/bits_per_base",
+}
+
+
+def wandb_metrics(values: dict) -> dict:
+    """`values` under their W&B names (`train/...`, `val/...`; others as they are), with `train/global_step`."""
+    out = {WANDB_NAMES.get(k, k): v for k, v in values.items() if k != "step"}
+    if "step" in values:
+        out["train/global_step"] = values["step"]
+    return out
+
+
 class PerfLogger:
     """Accumulates per-step values on the device and writes one line per `logger.frequency` steps."""
 
@@ -72,7 +98,8 @@ class PerfLogger:
         if self.is_main and cfg.wandb_init_args.get("mode", "disabled") != "disabled":
             import wandb  # only imported when asked for
 
-            self.wandb = wandb.init(**cfg.wandb_init_args, dir=str(run_dir))
+            config = OmegaConf.to_container(cfg, resolve=True)  # the resolved config travels with the W&B run
+            self.wandb = wandb.init(**cfg.wandb_init_args, dir=str(run_dir), config=config)
 
     def _reset(self):
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -95,7 +122,7 @@ class PerfLogger:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(values) + "\n")
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in values.items() if k != "step"}, step=values.get("step"))
+                self.wandb.log(wandb_metrics(values), step=values.get("step"))
 
     def log_step(self, step: int, loss_sum, num_tokens, padded_tokens: int, grad_norm, lr: float, force=False):
         """Add one step; on log steps (or `force`) reduce the window, write the line and return its metrics.
@@ -134,7 +161,7 @@ class PerfLogger:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if self.wandb is not None:
-                self.wandb.log(metrics, step=step)
+                self.wandb.log(wandb_metrics(metrics), step=step)
         self._reset()
         return metrics
 

@@ -157,7 +157,7 @@ def test_wandb_init_args_reach_wandb(tmp_path, monkeypatch):
     Disabled never imports wandb (not installed in CI), so a stand-in module records the calls.
     """
     calls = []
-    run = types.SimpleNamespace(log=lambda metrics, step: calls.append(("log", step)), finish=lambda: None)
+    run = types.SimpleNamespace(log=lambda metrics, step: calls.append(("log", step, metrics)), finish=lambda: None)
     fake = types.ModuleType("wandb")
     fake.init = lambda **kwargs: calls.append(("init", kwargs)) or run
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -165,10 +165,30 @@ def test_wandb_init_args_reach_wandb(tmp_path, monkeypatch):
     train_fsdp2.main(make_cfg(tmp_path, "num_train_steps=2", *overrides))
     init = calls[0][1]
     assert (init["mode"], init["project"], init["name"]) == ("offline", "dna", "run-1")
-    assert [c for c in calls if c[0] == "log"] == [("log", 1), ("log", 2)]
+    assert init["config"]["num_train_steps"] == 2  # the resolved config travels with the run
+    logs = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logs] == [1, 2]
+    # The upstream recipe's metric names, so its dashboards carry over.
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/step_time",
+            "train/tokens_per_second_per_gpu", "train/global_step"} <= set(logs[-1][2])  # fmt: skip
+    assert logs[-1][2]["train/global_step"] == 2
 
 
 # --- Data keys ---
+
+
+def test_dataset_prefetch_factor_reaches_the_loader(tmp_path):
+    loader, _ = create_dataloader(make_cfg(tmp_path, "dataset.num_workers=1", "dataset.prefetch_factor=2"), ONE_RANK)
+    assert loader.prefetch_factor == 2
+
+
+def test_dataset_pad_sequences_to_be_divisible_by_pads_each_packed_sequence(tmp_path):
+    assert "cu_seq_lens_q_padded" not in first_batch(make_cfg(tmp_path, "use_sequence_packing=true"))
+    batch = first_batch(make_cfg(tmp_path, "use_sequence_packing=true", "dataset.pad_sequences_to_be_divisible_by=96"))
+    offsets = batch["cu_seq_lens_q_padded"]
+    assert batch["pad_between_seqs"] and all(n % 96 == 0 for n in (offsets[1:] - offsets[:-1]).tolist())
+    with pytest.raises(ValueError, match="needs use_sequence_packing=true"):
+        validate_config(make_cfg(tmp_path, "dataset.pad_sequences_to_be_divisible_by=64"), use_te=False)
 
 
 def test_dataset_tokenizer_name_or_path_is_used(tmp_path):
