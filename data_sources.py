@@ -20,6 +20,8 @@ from fasta import fasta_files, is_fasta, load_fasta_dataset
 
 logger = logging.getLogger(__name__)
 RECIPE_DIR = Path(__file__).resolve().parent
+# Local files read by another `datasets` builder than parquet, by suffix (optionally .gz).
+TEXT_TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -52,7 +54,11 @@ def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
     if local.is_dir() and any(local.glob("**/*.parquet")) and not (local / "README.md").exists():
         kwargs.update(path="parquet", data_files=sorted(str(p) for p in local.glob("**/*.parquet")))
     elif local.is_file():
-        kwargs.update(path="parquet", data_files=str(local))
+        name = local.name.lower().removesuffix(".gz")
+        builder = next((b for suffix, b in TEXT_TABLE_BUILDERS.items() if name.endswith(suffix)), "parquet")
+        kwargs.update(path=builder, data_files=str(local))
+        if name.endswith(".tsv"):
+            kwargs.setdefault("delimiter", "\t")
     elif local.is_dir() and not (local / "README.md").exists():
         found = sorted(p.name for p in local.iterdir())[:5]
         raise FileNotFoundError(
@@ -166,12 +172,7 @@ def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Da
         ) from e
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         raise ValueError(f"load_dataset returned splits {list(ds)}; set dataset.load_dataset_kwargs.split to one.")
-    columns = ds.column_names
-    if columns is not None and text_column not in columns:
-        raise ValueError(
-            f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column to the one "
-            "holding the sequences."
-        )
+    ds = _select_text_column(ds, text_column)
     feature = (ds.features or {}).get(text_column)
     if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
         raise ValueError(
@@ -185,3 +186,34 @@ def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Da
     if empty:
         raise ValueError(f"The data set {kwargs.get('data_files') or kwargs['path']} has no records; check the path.")
     return ds
+
+
+def _select_text_column(ds, text_column: str):
+    """Keep `text_column` (and `name`) only, falling back to the data's text column if it is missing.
+
+    Other columns are not needed, and a stream's unknown columns would break the tokenizing map. A missing
+    `text_column` falls back to a column named `text`, or to the only text column, with a warning.
+    """
+    columns, first = ds.column_names, None
+    if columns is None:  # a CSV/JSON stream: its columns are known only from a record
+        first = next(iter(ds.take(1)), None)
+        columns = list(first) if first is not None else [text_column]
+    if text_column not in columns:
+        if ds.features is not None:
+            texts = [c for c, f in ds.features.items() if isinstance(f, datasets.Value) and "string" in f.dtype]
+        else:
+            texts = [c for c, v in first.items() if isinstance(v, str)]
+        found = "text" if "text" in columns else texts[0] if len(texts) == 1 else None
+        if found is None:
+            raise ValueError(
+                f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column to the "
+                "one holding the sequences."
+            )
+        logger.warning("dataset.text_column=%r is not a column of the data set; using its text column %r.",
+                       text_column, found)  # fmt: skip
+        ds = ds.rename_column(found, text_column)
+        columns = [text_column if c == found else c for c in columns]
+    keep = [c for c in (text_column, "name") if c in columns]
+    if ds.column_names is None:
+        return ds.select_columns(keep).cast(datasets.Features({c: datasets.Value("string") for c in keep}))
+    return ds.select_columns(keep) if keep != columns else ds

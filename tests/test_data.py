@@ -264,9 +264,40 @@ def test_missing_file_names_the_path():
 
 def test_missing_column_names_the_column(tmp_path):
     path = tmp_path / "wrong.parquet"
-    pq.write_table(pa.table({"text": ["ACGT"]}), path)
+    pq.write_table(pa.table({"dna": ["ACGT"], "species": ["E. coli"]}), path)  # two text columns: which one?
     with pytest.raises(ValueError, match="no column 'sequence'.*dataset.text_column"):
         create_bshd_dataloader(DistributedConfig(), **LOADER_KW, load_dataset_kwargs={"path": str(path)})
+
+
+def _windows(load_dataset_kwargs) -> list[list[int]]:
+    kwargs = dict(LOADER_KW, micro_batch_size=1, num_workers=0, num_epochs=1, max_seq_length=100_000, buffer_size=1)
+    loader, _ = create_bshd_dataloader(DistributedConfig(), **kwargs, load_dataset_kwargs=load_dataset_kwargs)
+    return [b["input_ids"][0].tolist() for b in loader]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "csv-builder"])
+def test_csv_tsv_json_with_extra_columns_give_the_parquet_windows(tmp_path, kind, streaming, caplog):
+    """The same windows as the parquet of the same records, whatever else the file holds.
+
+    Other columns are dropped (a stream's unknown columns once broke the map: "Column lengths mismatch"); a
+    file without `sequence` but with a `text` column uses it, with a warning.
+    """
+    table = pq.read_table(PARQUET).slice(0, 12)
+    records = table.column("sequence").to_pylist()
+    column = "text" if kind == "jsonl" else "sequence"
+    frame = pa.table({"id": list(range(len(records))), column: records, "length": [len(r) for r in records]})
+    path = tmp_path / f"data.{kind.split('-')[0]}"
+    if kind == "jsonl":
+        frame.to_pandas().to_json(path, orient="records", lines=True)
+    else:
+        frame.to_pandas().to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
+    source = {"path": "csv", "data_files": str(path)} if kind == "csv-builder" else {"path": str(path)}
+    expected = {"path": str(tmp_path / "same.parquet"), "streaming": streaming}
+    pq.write_table(pa.table({"sequence": records}), expected["path"])
+    with caplog.at_level(logging.WARNING):
+        assert _windows({**source, "streaming": streaming}) == _windows(expected)
+    assert ("using its text column 'text'" in caplog.text) == (kind == "jsonl")
 
 
 @pytest.mark.parametrize("streaming", [True, False])
