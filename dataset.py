@@ -27,6 +27,7 @@ counted in the log.
 import functools
 import itertools
 import logging
+import warnings
 
 import datasets
 import numpy as np
@@ -44,6 +45,9 @@ from preemption import loader_worker_init
 from windowing import WindowTokenizer
 
 logger = logging.getLogger(__name__)
+# torchdata 0.11's StatefulDataLoader calls torch.set_vital, which newer torch deprecates: a warning per
+# loader that tells users nothing.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 def create_tokenized_dataset(

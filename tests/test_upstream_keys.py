@@ -4,6 +4,7 @@ The command line is rewritten before Hydra sees it (`command_line.normalize_comm
 suggestion, from the real command line, as one line and exit code 2.
 """
 
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,7 @@ def test_an_upstream_command_line_trains_with_the_same_meaning(tmp_path):
     # run_dir), no .hydra (hydra.output_subdir: null), no empty <script>.log (hydra/job_logging: none).
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "metrics.jsonl", "run_info.yaml"]
     assert not list(cwd.iterdir())
+    assert "set_vital" not in result.stderr  # no deprecation noise from the loader
     info = read_run_info(tmp_path / "run")
     assert info["model_shape"]["num_hidden_layers"] == 1  # reached the model, not just the config
     assert info["config"]["dataset"]["split_samples"] is False
@@ -157,3 +159,16 @@ def test_user_errors_are_one_line_before_the_model_is_built(tmp_path, args, mess
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "Model:" not in result.stderr + result.stdout  # nothing heavy was built first
+
+
+def test_the_run_and_the_tests_install_the_same_library_versions():
+    """requirements-dev.txt adds test tools only: the versions a run installs are the ones tested."""
+
+    def names(path):
+        lines = (RECIPE_DIR / path).read_text().splitlines()
+        return {re.split(r"[<>=!~\[ ]", x.strip())[0].lower() for x in lines if x.strip() and x[0] not in "#-"}
+
+    assert "-c constraints.txt" in (RECIPE_DIR / "requirements.txt").read_text()
+    assert "-r requirements.txt" in (RECIPE_DIR / "requirements-dev.txt").read_text()
+    assert not names("requirements-dev.txt") & (names("requirements.txt") | names("constraints.txt"))
+    assert names("constraints.txt") <= names("requirements.txt")
