@@ -42,6 +42,14 @@ def test_upstream_spellings_are_rewritten(given, expected):
     assert normalized("--config-name", "L0_sanity", given) == ["--config-name", "L0_sanity", expected]
 
 
+def test_rewritten_overrides_compose():
+    """`++` adds into groups whether the tier file lists the key or the group is null."""
+    overrides = normalized("validation.data_path=/data/val.fa", "config_kwargs.num_hidden_layers=2", "wandb.tags=[a]")
+    cfg = make_cfg(RECIPE_DIR / "unused", *overrides)
+    assert cfg.validation.load_dataset_kwargs.path == "/data/val.fa" and cfg.config_kwargs.num_hidden_layers == 2
+    assert list(cfg.wandb_init_args.tags) == ["a"]
+
+
 def test_no_separate_validation_set_is_the_default():
     assert normalized("validation.data_path=null") == []
 
