@@ -12,6 +12,7 @@ FP8 runs are measured against the BF16 peak, so FP8 MFU is "BF16-equivalent").
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -93,7 +94,10 @@ class PerfLogger:
         self.peak = peak_flops(device)
         self.metrics_path = run_dir / "metrics.jsonl"
         self._reset()
-        self.bar = tqdm(total=cfg.num_train_steps, initial=start_step, disable=not self.is_main, dynamic_ncols=True)
+        # The bar only in a terminal: in a log file its carriage-return updates would glue onto the log lines.
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=cfg.num_train_steps, initial=start_step, disable=not (self.is_main and interactive),
+                        dynamic_ncols=True)  # fmt: skip
         self.wandb = None
         if self.is_main and cfg.wandb_init_args.get("mode", "disabled") != "disabled":
             import wandb  # only imported when asked for

@@ -101,6 +101,9 @@ def test_an_upstream_command_line_trains_with_the_same_meaning(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "metrics.jsonl", "run_info.yaml"]
     assert not list(cwd.iterdir())
     assert "set_vital" not in result.stderr  # no deprecation noise from the loader
+    # Not a terminal: no progress bar, so every log line stands on its own line.
+    assert "it/s" not in result.stderr
+    assert [x[:7] for x in result.stdout.splitlines()] == ["step=1 ", "step=2 ", "step=3 "]
     info = read_run_info(tmp_path / "run")
     assert info["model_shape"]["num_hidden_layers"] == 1  # reached the model, not just the config
     assert info["config"]["dataset"]["split_samples"] is False
