@@ -13,9 +13,11 @@ add it with `+` (which would only defer the error to the config check).
 
 import difflib
 import functools
+import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -170,6 +172,18 @@ def exit_on_user_error(main):
             return main(cfg)
         except (ValueError, FileNotFoundError) as e:
             print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback.)", file=sys.stderr)
+            _tell_torchrun(f"Error: {e}")
             sys.exit(2)
 
     return run
+
+
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, put `message` in this rank's error file.
+
+    torchrun's closing failure report, the last thing on screen, then quotes it in place of a traceback.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+        Path(path).write_text(json.dumps({"message": record}))

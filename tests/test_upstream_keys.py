@@ -183,3 +183,15 @@ def test_the_run_and_the_tests_install_the_same_library_versions():
     assert "-r requirements.txt" in (RECIPE_DIR / "requirements-dev.txt").read_text()
     assert not names("requirements-dev.txt") & (names("requirements.txt") | names("constraints.txt"))
     assert names("constraints.txt") <= names("requirements.txt")
+
+
+def test_under_torchrun_the_error_is_the_last_thing_on_screen(tmp_path):
+    """The closing failure report of torchrun quotes the rank's one-line error instead of a traceback."""
+    from conftest import TORCHRUN_2
+
+    command = [*TORCHRUN_2, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, f"run_dir={tmp_path}",
+               "grad_acc_steps=0"]  # fmt: skip
+    result = subprocess.run(command, cwd=RECIPE_DIR, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [x.strip() for x in (result.stdout + result.stderr).splitlines() if x.strip().strip("=")]
+    assert result.returncode != 0
+    assert lines[-1] == "traceback : Error: grad_acc_steps=0 must be a positive integer.", lines[-12:]
