@@ -124,6 +124,9 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             "dataset.max_seq_length."
         )
     _check_attention_kwargs(cfg)
+    if cfg.loss_chunk_size and not use_te:  # here, once: the model config is built twice (check_inputs, the model)
+        logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
+                       cfg.loss_chunk_size)  # fmt: skip
     divisible_by = cfg.dataset.pad_sequences_to_be_divisible_by
     if divisible_by is not None and (not cfg.use_sequence_packing or divisible_by < 1):
         raise ValueError(

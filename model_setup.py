@@ -53,9 +53,6 @@ def build_model_config(cfg: DictConfig, use_te: bool):
             f"drop them (model fields: e.g. num_hidden_layers, hidden_size, vocab_size). {UNSUPPORTED_HINT}"
         )
     if not use_te:
-        if cfg.loss_chunk_size:
-            logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
-                           cfg.loss_chunk_size)  # fmt: skip
         hf_config._attn_implementation = "sdpa"
         # Without a KV cache HF's sdpa path reads packed THD batches' position_ids as sequence boundaries; with
         # one (its default), tokens attend across the packed sequences.

@@ -121,6 +121,10 @@ def main(cfg: DictConfig) -> float:
         save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
                               cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save, run_info)  # fmt: skip
 
+    def export(name="final_model", **info):  # an HF directory of the current weights (all ranks take part)
+        save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True,
+                         run_info={**run_info, **info}, name=name)  # fmt: skip
+
     # --- Training loop ---
     # Loss normalisation: each micro-step's loss is its summed token losses divided by the target tokens of
     # the whole optimizer step on all ranks (times world size, because gradient reduction averages over
@@ -173,8 +177,7 @@ def main(cfg: DictConfig) -> float:
         if validator and validator.due(step):  # held-out windows; the best one is exported if asked for
             val = validator.run(model)
             if val.pop("improved") and ckpt_dir and cfg.checkpoint.save_best_model:
-                save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True,
-                                 run_info={**run_info, "best": {"step": step, **val}}, name="best_model")  # fmt: skip
+                export("best_model", best={"step": step, **val})
             perf.log_event(step=step, **val)
         if stop:
             logger.warning("Preempted (%s): saved step %d, exiting.", preemption.received or "another rank", step)
@@ -185,7 +188,7 @@ def main(cfg: DictConfig) -> float:
     if ckpt_dir:
         wait_for_async_save(ckpt_dir, cfg.checkpoint.max_checkpoints, dist_config.rank)
     if ckpt_dir and cfg.checkpoint.save_final_model:
-        save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True, run_info=run_info)
+        export()
     perf.finish()
     dist.destroy_process_group()
     return last_loss
