@@ -384,6 +384,16 @@ class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
 
+    def generate(self, *args, past_key_values=None, **kwargs):
+        """HF `generate`; a plain TE `InferenceParams` cache (upstream's README snippet) is accepted as is.
+
+        HF asks its cache for methods TE's class lacks (`is_compileable`, `get_seq_length`): such an object
+        is given them in place (its class becomes `HFInferenceParams`, which only adds methods).
+        """
+        if te is not None and type(past_key_values) is InferenceParams:
+            past_key_values.__class__ = HFInferenceParams
+        return super().generate(*args, past_key_values=past_key_values, **kwargs)
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, one chunk of tokens at a time.
@@ -434,3 +444,10 @@ def chunked_cross_entropy(
     loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size)
     denominator = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return loss / denominator
+
+
+# `save_pretrained` then copies this file next to the weights and writes `auto_map` into config.json, so
+# `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads what any TE model saves.
+NVLlamaConfig.register_for_auto_class()
+NVLlamaModel.register_for_auto_class("AutoModel")
+NVLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -39,6 +39,7 @@ from perf_logger import PerfLogger, model_flops_per_token
 from preemption import Preemption
 from run_info import describe_run, run_dir_for, write_run_info
 from scheduler import get_cosine_annealing_schedule_with_warmup
+from upstream_checkpoint import resume_from_upstream
 from validation import Validator, best_so_far
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def main(cfg: DictConfig) -> float:
 
     if ckpt_dir and cfg.checkpoint.resume_from_checkpoint:  # the newest complete one; a damaged one falls back
         step = resume_from_latest(ckpt_dir, load, device, run_info)  # refuses another shape or packing mode
+        # none of ours: the newest of upstream's <ckpt_dir>/train_fsdp2/step_N folders, if any
+        step = step or resume_from_upstream(ckpt_dir, "train_fsdp2", model, optimizer, scheduler)
 
     save_every = cfg.checkpoint.save_every_n_steps  # null: no interval saves (a preempted run still saves)
 
