@@ -70,7 +70,6 @@ UPSTREAM_REFUSED = {
     "fp8_config.fp8_model_init_kwargs.": "FP8 primary weights (TE quantized init) are not available yet; drop "
     "the key (FP8 compute still runs with fp8_config.enabled=true)",
     "fp8_stats_config.": "FP8 tensor statistics logging is not available yet; drop the key",
-    "profiler.": "the built-in profiler is not available yet; wrap the run in nsys or torch.profiler instead",
     "fp4_config.": "NVFP4 training is not available yet (it needs a Blackwell GPU); use fp8_config",
 }
 

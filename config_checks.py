@@ -135,6 +135,11 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         )
     if cfg.dataset.prefetch_factor < 1:
         raise ValueError(f"dataset.prefetch_factor={cfg.dataset.prefetch_factor} must be a positive integer.")
+    if cfg.profiler.enabled and not 1 <= cfg.profiler.start_step <= cfg.profiler.end_step:
+        raise ValueError(
+            f"profiler.start_step={cfg.profiler.start_step} and profiler.end_step={cfg.profiler.end_step} must "
+            "satisfy 1 <= start_step <= end_step (steps count from 1)."
+        )
     _check_optimizer_numbers(cfg)
     _check_validation(cfg, entrypoint)
     _check_strategy_keys(cfg, entrypoint)

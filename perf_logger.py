@@ -139,7 +139,10 @@ class PerfLogger:
         self.padded_tokens += padded_tokens
         self.steps += 1
         self.bar.update(1)
-        if step % self.frequency and step != 1 and not force:
+        # Step 1 also gets a line on the console (early feedback), but it is not an event: the first event
+        # still covers steps 1..frequency, and metrics.jsonl and W&B see one record per `frequency` steps.
+        first_look = step == 1 and self.frequency > 1 and not force
+        if step % self.frequency and not first_look and not force:
             return None
         elapsed = time.perf_counter() - self.window_start
         real_tokens = self.tokens.item()
@@ -162,6 +165,9 @@ class PerfLogger:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
             tqdm.write(" | ".join(parts))
+        if first_look:
+            return metrics
+        if self.is_main:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if self.wandb is not None:

@@ -36,6 +36,7 @@ from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
 from perf_logger import PerfLogger, model_flops_per_token
 from preemption import Preemption
+from profiling import StepProfiler
 from run_info import describe_run, run_dir_for, write_run_info
 from scheduler import get_cosine_annealing_schedule_with_warmup
 from upstream_checkpoint import resume_from_upstream
@@ -120,11 +121,13 @@ def main(cfg: DictConfig) -> float:
         dist_config, cfg, run_dir, model_flops_per_token(model.module.config, cfg.dataset.max_seq_length), device, step
     )
     preemption = Preemption()  # SIGTERM/SIGUSR1: save the current step and exit 0
+    profiler = StepProfiler(cfg.profiler, run_dir, dist_config.rank)  # profiler.enabled: trace chosen steps
     guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
     last_loss = float("nan")
     model.train()
     while step < cfg.num_train_steps:
+        profiler.step_begins(step + 1)
         wait_start = time.perf_counter()
         micro_batches = [to_device(next(batches), device) for _ in range(cfg.grad_acc_steps)]
         perf.add_data_wait(time.perf_counter() - wait_start)
@@ -142,6 +145,7 @@ def main(cfg: DictConfig) -> float:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        profiler.step_ends(step)
 
         stop = preemption.agreed_to_stop(totals[1])  # read one step late: the same step on every rank, no sync
         padded = sum(b["input_ids"].numel() for b in micro_batches)
@@ -164,6 +168,7 @@ def main(cfg: DictConfig) -> float:
 
     # --- Cleanup ---
     guard.check()  # the last step's NaN/Inf verdict
+    profiler.close()  # if the run stopped before profiler.end_step
     if ckpt_dir and cfg.checkpoint.save_final_model:
         export()
     perf.finish()

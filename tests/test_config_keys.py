@@ -258,3 +258,28 @@ def test_hydra_job_chdir(tmp_path, chdir):
     result = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ((out if chdir else tmp_path) / "relative_run" / "metrics.jsonl").exists()
+
+
+def test_logger_frequency_makes_one_event_per_window(tmp_path, capsys):
+    """logger.frequency=4: records at steps 4 and 8, each the mean over its 4 steps; step 1 only on the console."""
+    common = ["num_train_steps=8", "use_sequence_packing=true"]
+    train_fsdp2.main(make_cfg(tmp_path / "every", *common))  # FAST: logger.frequency=1
+    capsys.readouterr()
+    train_fsdp2.main(make_cfg(tmp_path / "windows", *common, "logger.frequency=4"))
+    assert "step=1 |" in capsys.readouterr().out
+    every, windows = losses(tmp_path / "every"), losses(tmp_path / "windows")
+    assert sorted(windows) == [4, 8]
+    for end in (4, 8):  # packed steps hold almost the same number of target tokens: ~ the plain mean
+        assert windows[end] == pytest.approx(sum(every[s] for s in range(end - 3, end + 1)) / 4, rel=2e-3)
+
+
+def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path):
+    cfg = make_cfg(tmp_path, "num_train_steps=4", "profiler.enabled=true", "profiler.start_step=2",
+                   "profiler.end_step=3")  # fmt: skip
+    train_fsdp2.main(cfg)
+    trace = json.loads((tmp_path / "profiler" / "rank0.json").read_text())
+    optimizer_steps = [e for e in trace["traceEvents"] if e.get("name") == "Optimizer.step#AdamW.step"]
+    assert len(optimizer_steps) == 2  # steps 2 and 3, nothing else
+    bad = make_cfg(tmp_path, "profiler.enabled=true", "profiler.start_step=5", "profiler.end_step=3")
+    with pytest.raises(ValueError, match="profiler.start_step=5 and profiler.end_step=3"):
+        validate_config(bad, use_te=False)

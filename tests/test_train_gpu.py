@@ -38,7 +38,8 @@ def supported_recipes():
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_l0_sanity_te_bf16(tmp_path, script, packing):
-    final = script.main(gpu_cfg(tmp_path, "num_train_steps=100", f"use_sequence_packing={packing}"))
+    cfg = gpu_cfg(tmp_path, "num_train_steps=100", f"use_sequence_packing={packing}", "logger.frequency=1")
+    final = script.main(cfg)
     assert losses(tmp_path)[1] > 4.5 and final < 1.5
 
 
