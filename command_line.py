@@ -44,6 +44,9 @@ UPSTREAM_RENAMES = {
     "validation.eval_interval": "validation.every_n_steps",
     "validation.data_path": "validation.load_dataset_kwargs.path",
     "wandb.": "wandb_init_args.",  # wandb.name, wandb.project, wandb.mode, wandb.tags, wandb.dir, ...
+    # FP8 primary weights, as upstream's recipe versions spelled the switch over time
+    "fp8_config.quantized_model_init_kwargs.enabled": "config_kwargs.use_quantized_model_init",
+    "fp8_config.fp8_model_init_kwargs.enabled": "config_kwargs.use_quantized_model_init",
 }
 # Upstream key (or group) -> why it does not apply here and what to use.
 UPSTREAM_REFUSED = {
@@ -67,8 +70,10 @@ UPSTREAM_REFUSED = {
     "validation.num_batches": "use validation.num_windows (a fixed set of windows, not batches)",
     "lr_scheduler_kwargs.num_training_steps": "use lr_scheduler_kwargs.num_decay_steps = num_training_steps - "
     "num_warmup_steps (warmup, then cosine decay over num_decay_steps)",
-    "fp8_config.fp8_model_init_kwargs.": "FP8 primary weights (TE quantized init) are not available yet; drop "
-    "the key (FP8 compute still runs with fp8_config.enabled=true)",
+    "fp8_config.fp8_model_init_kwargs.": "of its quantized-init options only `enabled` applies here "
+    "(config_kwargs.use_quantized_model_init)",
+    "fp8_config.quantized_model_init_kwargs.": "of its quantized-init options only `enabled` applies here "
+    "(config_kwargs.use_quantized_model_init)",
     "fp8_stats_config.": "FP8 tensor statistics logging is not available yet; drop the key",
     "fp4_config.": "NVFP4 training is not available yet (it needs a Blackwell GPU); use fp8_config",
 }

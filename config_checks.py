@@ -124,6 +124,7 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             "dataset.max_seq_length."
         )
     _check_attention_kwargs(cfg)
+    _check_precision_kwargs(cfg, use_te)
     if cfg.loss_chunk_size and not use_te:  # here, once: the model config is built twice (check_inputs, the model)
         logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
                        cfg.loss_chunk_size)  # fmt: skip
@@ -224,6 +225,28 @@ def validate_cp_config(cfg: DictConfig, use_te: bool, world_size: int) -> None:
         raise ValueError(
             f"cp_size={cfg.cp_size!r} must be a positive integer that divides the number of ranks ({world_size}); "
             "launch a multiple of cp_size processes (torchrun --nproc_per_node=...)."
+        )
+
+
+def _check_precision_kwargs(cfg: DictConfig, use_te: bool) -> None:
+    """Upstream's `config_kwargs.layer_precision` and `use_quantized_model_init`: TE and FP8 options."""
+    precision = OmegaConf.select(cfg, "config_kwargs.layer_precision")
+    quantized = OmegaConf.select(cfg, "config_kwargs.use_quantized_model_init")
+    if precision is None and not quantized:
+        return
+    keys = "config_kwargs.layer_precision" if precision is not None else "config_kwargs.use_quantized_model_init"
+    if not use_te:
+        raise ValueError(f"{keys} is a TE-model option; drop it or set use_te=true on a GPU with TE.")
+    values = list(precision) if precision is not None else []
+    if "fp4" in values:
+        raise ValueError(
+            f"config_kwargs.layer_precision={values} asks for FP4 layers: NVFP4 needs a Blackwell GPU and "
+            "fp4_config, which this recipe does not have yet; use 'fp8' or null per layer."
+        )
+    if ("fp8" in values or quantized) and not cfg.fp8_config.enabled:
+        raise ValueError(
+            f"{'config_kwargs.use_quantized_model_init=true' if quantized else keys} needs fp8_config.enabled=true "
+            "(its FP8 recipe is what the FP8 layers and weights use)."
         )
 
 

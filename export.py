@@ -19,8 +19,13 @@ from modeling_llama_te import AUTO_MAP, NVLlamaConfig
 MODELING_FILE = Path(__file__).resolve().parent / "modeling_llama_te.py"
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A TE FP8 weight (`config_kwargs.use_quantized_model_init`) as a BF16 tensor; others as they are."""
+    return tensor.dequantize() if type(tensor).__module__.startswith("transformer_engine") else tensor
+
+
 def _save_weights(state_dict: dict[str, torch.Tensor], path: Path, tied: bool) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if not k.endswith("_extra_state")}
+    state = {k: _plain(v).detach().cpu().contiguous() for k, v in state_dict.items() if not k.endswith("_extra_state")}
     if tied:
         state.pop("lm_head.weight", None)  # shared with the embedding; transformers re-ties it on load
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
@@ -33,6 +38,7 @@ def export_te_model(out_dir, state_dict: dict[str, torch.Tensor], config: NVLlam
     _save_weights(state_dict, out_dir, config.tie_word_embeddings)
     config = NVLlamaConfig.from_dict(config.to_dict())  # a copy: the training model's config is left alone
     config.auto_map, config.architectures = dict(AUTO_MAP), ["NVLlamaForCausalLM"]
+    config.use_quantized_model_init = False  # the exported weights are BF16
     config.save_pretrained(out_dir)
     shutil.copy(MODELING_FILE, out_dir / MODELING_FILE.name)
     if tokenizer is not None:

@@ -24,10 +24,9 @@ from perf_logger import count_parameters
 
 logger = logging.getLogger(__name__)
 # config_kwargs that only the TE model's config has (HF's LlamaConfig would drop them).
-TE_CONFIG_KEYS = ("attn_input_format", "self_attn_mask_type")
+TE_CONFIG_KEYS = ("attn_input_format", "self_attn_mask_type", "layer_precision", "use_quantized_model_init")
 UNSUPPORTED_HINT = (
-    "Upstream's fp8_first_last_bf16, layer_precision and use_quantized_model_init (per-layer precision, FP8 "
-    "primary weights) are not available here yet."
+    "Upstream's fp8_first_last_bf16 is spelled config_kwargs.layer_precision here (null for a BF16 layer)."
 )
 
 
@@ -84,7 +83,7 @@ def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: b
     if use_te:
         from modeling_llama_te import NVLlamaForCausalLM
 
-        with torch.device("meta") if on_meta else nullcontext():
+        with torch.device("meta") if on_meta else nullcontext(), quantized_init(cfg, config):
             model = NVLlamaForCausalLM(config)
     else:
         model = LlamaForCausalLM(config).to(device, dtype=config.dtype)  # the constructor ignores config.dtype
@@ -99,6 +98,24 @@ def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: b
         ", decoder layers compiled" if cfg.use_torch_compile else "",
     )  # fmt: skip
     return model
+
+
+def quantized_init(cfg: DictConfig, config):
+    """TE's `quantized_model_init` with the run's FP8 recipe when `config_kwargs.use_quantized_model_init`.
+
+    The weights of the FP8 layers are then created as FP8 tensors (no BF16 copy is kept); the model keeps
+    the layers that `layer_precision` leaves in BF16 out of it.
+    """
+    if not config.use_quantized_model_init:
+        return nullcontext()
+    import transformer_engine.pytorch as te
+
+    from fp8 import build_fp8_recipe
+
+    recipe = build_fp8_recipe(
+        cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs)
+    )
+    return te.quantized_model_init(enabled=True, recipe=recipe)
 
 
 def apply_activation_checkpointing(model, use_te: bool) -> None:

@@ -22,6 +22,7 @@ This file is copied into exported checkpoints, so it imports nothing from the re
 """
 
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,10 @@ class NVLlamaConfig(LlamaConfig):
         return no logits (`chunked_cross_entropy`); None: full logits and HF's loss.
     self_attn_mask_type: TE mask type for BSHD input with padding ("padding_causal"); unpadded
         BSHD batches use plain "causal" and THD always uses "padding_causal".
+    layer_precision: per decoder layer "fp8" (runs under the caller's FP8 autocast) or None (kept in BF16
+        even inside it); None for the whole list: every layer follows the caller's autocast.
+    use_quantized_model_init: the weights of "fp8" layers are created as FP8 tensors (TE's
+        `quantized_model_init`, entered by the caller with its recipe around construction): no BF16 copy.
     """
 
     model_type = "nvllama"
@@ -64,6 +69,8 @@ class NVLlamaConfig(LlamaConfig):
         attn_input_format: str = "thd",
         self_attn_mask_type: str = "padding_causal",
         loss_chunk_size: int | None = None,
+        layer_precision: list[str | None] | None = None,
+        use_quantized_model_init: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -72,6 +79,19 @@ class NVLlamaConfig(LlamaConfig):
         self.attn_input_format = attn_input_format
         self.self_attn_mask_type = self_attn_mask_type
         self.loss_chunk_size = loss_chunk_size
+        if layer_precision is not None and (
+            len(layer_precision) != self.num_hidden_layers or any(p not in ("fp8", None) for p in layer_precision)
+        ):
+            raise ValueError(
+                f"layer_precision={list(layer_precision)!r} must list 'fp8' or null for each of the "
+                f"{self.num_hidden_layers} layers."
+            )
+        self.layer_precision = list(layer_precision) if layer_precision is not None else None
+        self.use_quantized_model_init = use_quantized_model_init
+
+    def keeps_bf16(self, layer_index: int) -> bool:
+        """Whether decoder layer `layer_index` (from 0) stays in BF16 under an FP8 autocast."""
+        return self.layer_precision is not None and self.layer_precision[layer_index] is None
 
 
 class HFInferenceParams(InferenceParams):
@@ -140,7 +160,8 @@ class NVLlamaPreTrainedModel(PreTrainedModel):
             return
         if isinstance(module, te.RMSNorm):
             module.weight.data.fill_(1.0)
-        elif isinstance(module, te.TransformerLayer):
+        elif isinstance(module, te.TransformerLayer) and not self.config.use_quantized_model_init:
+            # (FP8 weights are initialised by TE itself, with the same normal(0, std) and unit norms.)
             attn, mlp = module.self_attention.layernorm_qkv, module.layernorm_mlp
             for weight in (attn.weight, module.self_attention.proj.weight, mlp.fc1_weight, mlp.fc2_weight):
                 weight.data.normal_(0.0, std)
@@ -149,6 +170,16 @@ class NVLlamaPreTrainedModel(PreTrainedModel):
 
     def init_empty_weights(self, device: torch.device | str = "cuda"):
         """Materialise a model built on the meta device and initialise it as direct construction would."""
+        if self.config.use_quantized_model_init:  # `to_empty` would not keep FP8 weights FP8: TE's own reset does
+            for module in self.modules():
+                if type(module).__module__.startswith("transformer_engine") and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            for module in (self.get_input_embeddings(), self.get_output_embeddings()):
+                if module is not None:
+                    module.to_empty(device=device)
+                    self._init_weights(module)
+            self.tie_weights()
+            return
         self.to_empty(device=device)
         for module in self.modules():
             self._init_weights(module)
@@ -186,8 +217,18 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, config.pad_token_id, dtype=dtype, device=device
         )
-        self.layers = nn.ModuleList(
-            te.TransformerLayer(
+        self.layers = nn.ModuleList(self._layer(config, i, head_dim, init_method, dtype, device)
+                                    for i in range(config.num_hidden_layers))  # fmt: skip
+        self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.cp_size = 1
+        self.post_init()
+
+    @staticmethod
+    def _layer(config, i, head_dim, init_method, dtype, device):
+        # A layer kept in BF16 holds BF16 weights even inside the caller's `te.quantized_model_init`.
+        with te.quantized_model_init(enabled=False) if config.keeps_bf16(i) else nullcontext():
+            return te.TransformerLayer(
                 hidden_size=config.hidden_size,
                 ffn_hidden_size=config.intermediate_size,
                 num_attention_heads=config.num_attention_heads,
@@ -209,12 +250,6 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
                 params_dtype=dtype,
                 device=device,
             )
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
-        self.rotary_emb = RotaryEmbedding(config)
-        self.cp_size = 1
-        self.post_init()
 
     def set_context_parallel_group(self, cp_group, cp_global_ranks: list[int], cp_stream, cp_comm_type: str = "p2p"):
         """Context parallelism: every layer's attention exchanges keys and values with the ranks of `cp_group`.
@@ -254,10 +289,11 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
             layer_kwargs, rope_length = self._bshd_inputs(hidden, attention_mask, inference)
         rope = self.rotary_emb(rope_length, hidden.device)
         all_hidden = []  # as HF: the embedding output and each layer's output, the last one after the final norm
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden)
-            hidden = layer(hidden, rotary_pos_emb=rope, inference_params=inference, **layer_kwargs)
+            with te.autocast(enabled=False) if self.config.keeps_bf16(i) else nullcontext():  # layer_precision
+                hidden = layer(hidden, rotary_pos_emb=rope, inference_params=inference, **layer_kwargs)
         all_hidden.append(self.norm(hidden))
 
         shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]

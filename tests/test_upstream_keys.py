@@ -36,6 +36,8 @@ def normalized(*args):
         ("+config_kwargs.num_hidden_layers=2", "+config_kwargs.num_hidden_layers=2"),  # Hydra's own forms stay
         ("num_train_steps=3", "num_train_steps=3"),
         ("hydra.run.dir=/tmp/x", "hydra.run.dir=/tmp/x"),
+        ("fp8_config.quantized_model_init_kwargs.enabled=true", "++config_kwargs.use_quantized_model_init=true"),
+        ("fp8_config.fp8_model_init_kwargs.enabled=true", "++config_kwargs.use_quantized_model_init=true"),
     ],  # fmt: skip
 )
 def test_upstream_spellings_are_rewritten(given, expected):
@@ -62,7 +64,7 @@ def test_no_separate_validation_set_is_the_default():
         ("use_megatron_loss=true", "always the per-token mean over all micro-batches and ranks"),
         ("use_weight_decay_grouping=true", "no_weight_decay_on_norms_biases_embeddings=true"),
         ("fp8_stats_config.enabled=true", "FP8 tensor statistics logging is not available yet"),
-        ("fp8_config.fp8_model_init_kwargs.enabled=true", "FP8 primary weights"),
+        ("fp8_config.quantized_model_init_kwargs.preserve_high_precision_init_val=true", "only `enabled` applies"),
         ("lr_scheduler_kwargs.num_training_steps=1000", "num_decay_steps = num_training_steps - num_warmup_steps"),
         ("dataset.shuffle_windows=true", "dataset.buffer_size"),
         ("use_sharded_eden=true", "parquet or FASTA"),
@@ -195,3 +197,30 @@ def test_under_torchrun_the_error_is_the_last_thing_on_screen(tmp_path):
     lines = [x.strip() for x in (result.stdout + result.stderr).splitlines() if x.strip().strip("=")]
     assert result.returncode != 0
     assert lines[-1] == "traceback : Error: grad_acc_steps=0 must be a positive integer.", lines[-12:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "use_te", "message"),
+    [
+        (["+config_kwargs.layer_precision=[fp8,null]"], False, "layer_precision is a TE-model option"),
+        (["+config_kwargs.layer_precision=[fp8,null]"], True, "layer_precision needs fp8_config.enabled=true"),
+        (["+config_kwargs.layer_precision=[fp4,fp8]"], True, "NVFP4 needs a Blackwell GPU"),
+        (["+config_kwargs.use_quantized_model_init=true"], True, "use_quantized_model_init=true needs fp8_config"),
+    ],  # fmt: skip
+)
+def test_per_layer_precision_and_quantized_init_are_checked(tmp_path, overrides, use_te, message):
+    with pytest.raises(ValueError, match=message):
+        validate_config(make_cfg(tmp_path, *overrides), use_te=use_te)
+
+
+def test_per_layer_precision_reaches_the_te_model_config(tmp_path):
+    from convert import hf_config_from_te
+    from modeling_llama_te import NVLlamaConfig
+
+    cfg = make_cfg(tmp_path, "+config_kwargs.num_hidden_layers=3", "+config_kwargs.layer_precision=[null,fp8,null]",
+                   "+config_kwargs.use_quantized_model_init=true")  # fmt: skip
+    config = build_model_config(cfg, use_te=True)
+    assert [config.keeps_bf16(i) for i in range(3)] == [True, False, True] and config.use_quantized_model_init
+    assert not hasattr(hf_config_from_te(config), "layer_precision")  # the plain-Llama export drops them
+    with pytest.raises(ValueError, match="must list 'fp8' or null for each of the 3 layers"):
+        NVLlamaConfig(num_hidden_layers=3, layer_precision=["fp8"])
