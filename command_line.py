@@ -74,7 +74,6 @@ UPSTREAM_REFUSED = {
     "(config_kwargs.use_quantized_model_init)",
     "fp8_config.quantized_model_init_kwargs.": "of its quantized-init options only `enabled` applies here "
     "(config_kwargs.use_quantized_model_init)",
-    "fp8_stats_config.": "FP8 tensor statistics logging is not available yet; drop the key",
     "fp4_config.": "NVFP4 training is not available yet (it needs a Blackwell GPU); use fp8_config",
 }
 

@@ -148,6 +148,9 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         raise ValueError(f"on_nonfinite.action={cfg.on_nonfinite.action!r} must be 'skip' or 'stop'.")
     if cfg.fp8_config.enabled:
         _check_fp8(cfg, use_te)
+    if cfg.fp8_stats_config.enabled and not (use_te and cfg.fp8_config.enabled):
+        raise ValueError("fp8_stats_config.enabled=true logs FP8 tensors: it needs the TE model and "
+                         "fp8_config.enabled=true.")  # fmt: skip
     if not resolve_path(cfg.config_name_or_path).exists() and str(cfg.config_name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"config_name_or_path={cfg.config_name_or_path!r} does not exist; fix the path.")
 

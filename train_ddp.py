@@ -32,6 +32,7 @@ from checkpoint_folders import prepare_checkpoint_dir, resume_from_latest
 from command_line import exit_on_user_error, normalize_command_line
 from config_checks import check_inputs, resolve_use_te, validate_config
 from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
+from fp8_stats import FP8Stats
 from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
 from perf_logger import PerfLogger, model_flops_per_token
@@ -67,8 +68,10 @@ def main(cfg: DictConfig) -> float:
         prepare_checkpoint_dir(cfg.checkpoint, checkpoint_bytes(cfg, use_te), dist_config.rank, device)
 
     # --- Model ---
+    fp8_stats = FP8Stats(cfg, run_dir_for(cfg), dist_config.rank)  # fp8_stats_config: TE's debug tools, first
     on_meta = use_te and cfg.use_meta_device
     model = create_model(cfg, use_te, device, on_meta=on_meta)  # compiles each decoder layer if use_torch_compile
+    fp8_stats.name_layers(model)
     run_info = describe_run(cfg, dist_config.world_size, use_te, device, model.config)  # goes into every checkpoint
 
     # --- DDP wrapping: the whole model on every rank, gradients all-reduced in buckets ---
@@ -143,6 +146,7 @@ def main(cfg: DictConfig) -> float:
         totals = all_reduce_sum(torch.stack([loss_sum, preemption.flag(device)]))  # the stop flag rides along
         guard.step(step + 1, totals[0], grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
         scheduler.step()
+        fp8_stats.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         profiler.step_ends(step)
@@ -169,6 +173,7 @@ def main(cfg: DictConfig) -> float:
     # --- Cleanup ---
     guard.check()  # the last step's NaN/Inf verdict
     profiler.close()  # if the run stopped before profiler.end_step
+    fp8_stats.close()
     if ckpt_dir and cfg.checkpoint.save_final_model:
         export()
     perf.finish()

@@ -283,3 +283,18 @@ def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path):
     bad = make_cfg(tmp_path, "profiler.enabled=true", "profiler.start_step=5", "profiler.end_step=3")
     with pytest.raises(ValueError, match="profiler.start_step=5 and profiler.end_step=3"):
         validate_config(bad, use_te=False)
+
+
+def test_fp8_stats_config_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    """fp8_stats_config.enabled needs TE + FP8, and nvdlfw_inspect; its effect is tests/test_keys_gpu.py's."""
+    from fp8_stats import FP8Stats
+
+    with pytest.raises(ValueError, match="needs the TE model and fp8_config.enabled=true"):
+        validate_config(make_cfg(tmp_path, "fp8_stats_config.enabled=true"), use_te=True)
+    monkeypatch.setitem(sys.modules, "nvdlfw_inspect", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "nvdlfw_inspect.api", None)
+    cfg = make_cfg(tmp_path, "fp8_stats_config.enabled=true", "fp8_stats_config.fp8_log_dir=null",
+                   "fp8_stats_config.fp8_stats_file=fp8_stats.yaml")  # fmt: skip
+    with pytest.raises(ValueError, match="pip install nvdlfw-inspect"):
+        FP8Stats(cfg, tmp_path, rank=0)
+    assert not FP8Stats(make_cfg(tmp_path), tmp_path, rank=0).api  # disabled: nothing is imported or started
