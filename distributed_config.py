@@ -29,14 +29,14 @@ class DistributedConfig:
 
 
 def init_distributed(dist_config: DistributedConfig) -> torch.device:
-    """Start the process group (NCCL on GPUs, gloo on CPUs) and return this rank's device.
+    """Start the process group (NCCL on GPUs, plus gloo for CPU tensors; gloo on CPUs) and return the device.
 
     A plain `python` run is a group of one on a free local port.
     """
     if torch.cuda.is_available():
         device = torch.device("cuda", dist_config.local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"  # gloo for CPU tensors: dcp.async_save's collectives need it
     else:
         device, backend = torch.device("cpu"), "gloo"
     init_method = None
@@ -50,7 +50,7 @@ def init_distributed(dist_config: DistributedConfig) -> torch.device:
             init_method=init_method,
             rank=dist_config.rank,
             world_size=dist_config.world_size,
-            device_id=device if backend == "nccl" else None,
+            device_id=device if device.type == "cuda" else None,
         )
     return device
 
