@@ -230,7 +230,10 @@ def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2:
         shutil.rmtree(path, ignore_errors=True)
     module = model.module if hasattr(model, "module") else model
     if fsdp2:  # a collective: every rank takes part, rank 0 receives the full tensors
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # FP8 weights (use_quantized_model_init) cannot be offloaded as they are (TE's tensor refuses
+        # `copy_(..., non_blocking=True)`): gathered on the GPU, then dequantized and moved by the export.
+        offload = not getattr(module.config, "use_quantized_model_init", False)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
     else:
         state = module.state_dict()
     if rank == 0:
