@@ -44,6 +44,11 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tens
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def _is_te_tensor(param) -> bool:
+    local = getattr(param, "_local_tensor", param)  # FSDP2 shards are DTensors around the real tensor
+    return type(local).__module__.startswith("transformer_engine")
+
+
 class NonFiniteGuard:
     """The `on_nonfinite` policy for a NaN or Inf loss or gradient norm.
 
@@ -62,7 +67,10 @@ class NonFiniteGuard:
         self.action = action
         self.max_consecutive_skips = max_consecutive_skips
         self.optimizer = optimizer
-        self.on_device = bool(optimizer.defaults.get("fused"))
+        # TE's FP8 weights (use_quantized_model_init) reject the fused step's `found_inf` input (TE asserts on
+        # its keyword arguments), so their NaN/Inf check is the host one.
+        fp8_weights = any(_is_te_tensor(p) for group in optimizer.param_groups for p in group["params"])
+        self.on_device = bool(optimizer.defaults.get("fused")) and not fp8_weights
         self.consecutive = 0  # a tensor on the device when `on_device`
         self.pending = None  # (step, [bad, consecutive, loss, grad_norm] on the host, event or None)
 
