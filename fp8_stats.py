@@ -8,7 +8,8 @@
 What is logged, for which layers and how often is `fp8_stats_config.fp8_stats_file` (default `fp8_stats.yaml`:
 underflow %, scale-inverse range and quantization MSE of every GEMM's activation, gradient and weight, and
 the tensors' amax and dynamic range, every 10 steps). TE writes one text log per rank under
-`fp8_stats_config.fp8_log_dir` (default `<run_dir>/fp8_stats/rank_<R>/`).
+`fp8_stats_config.fp8_log_dir` (default `<run_dir>/fp8_stats/rank_<R>/nvdlfw_inspect_statistics_logs/`);
+layers are named by module path with TE's layer number (from 1): `model.model.layers.3.layernorm_mlp.fc1`.
 """
 
 import logging
@@ -53,7 +54,7 @@ class FP8Stats:
     def name_layers(self, model) -> None:
         """Give TE layers their module names, which the statistics file selects and the log reports."""
         if self.api is not None:
-            self.api.infer_and_assign_layers_name(model)
+            self.api.infer_and_assign_layer_names(model)
 
     def step(self) -> None:
         """Advance TE's debug step (call once per optimizer step)."""
