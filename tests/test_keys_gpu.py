@@ -99,7 +99,7 @@ def test_torch_compile_trains_like_eager(tmp_path, monkeypatch, script, override
     assert all(layer._compiled_call_impl is not None for layer in seen["model"].model.layers)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    assert compiled[20] == pytest.approx(eager[20], rel=0.02) and compiled[20] < compiled[1] - 2.0
+    assert compiled[20] == pytest.approx(eager[20], rel=0.02) and compiled[20] < compiled[5] - 1.0  # steps 1-5 mean
     weights = load_file(ckpt / "final_model" / "model.safetensors")
     assert not any("_orig_mod" in k or "_checkpoint_wrapped" in k for k in weights)
     from transformers import AutoModelForCausalLM
