@@ -4,10 +4,13 @@ Per-step values stay on the device and are read only on log steps (the loop's Na
 `optimizer_step.NonFiniteGuard`, reads its verdict a step late, without a sync, when the optimizer is
 fused AdamW). The logged loss is the token-weighted mean over the interval's steps and all ranks.
 
-MFU = achieved model FLOP/s per GPU / peak dense BF16 FLOP/s of the GPU, with model FLOPs per token
-= 6 N + 12 L H D S (torchtitan's convention: N parameters without the embedding, L layers, H heads,
-D head dim, S the window length; the attention term counts full causal-free S x S attention, and
-FP8 runs are measured against the BF16 peak, so FP8 MFU is "BF16-equivalent").
+MFU = model FLOP/s achieved per GPU / peak dense BF16 FLOP/s of the GPU. Model FLOPs count the work the
+batches hold (`ModelFlops`): 6 N per real token (N parameters without the embedding) plus, per layer,
+12 H D per pair of positions of the same sequence (L layers, H heads, D head dim): 12 L H D x sum of
+len^2 over the sequences. torchtitan's constants, with its convention that attention is counted as
+full S x S (no causal halving); for full windows of length S this is its 6 N + 12 L H D S per token,
+and for packed records it counts each record's own attention, not the window's. Padding is not work.
+FP8 runs are measured against the BF16 peak, so FP8 MFU is "BF16-equivalent".
 """
 
 import json
@@ -40,13 +43,28 @@ def count_parameters(config, with_embedding: bool = True) -> int:
     return config.num_hidden_layers * layer + hidden + lm_head + (config.vocab_size * hidden if with_embedding else 0)
 
 
-def model_flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token, 6 N + 12 L H D S (the convention in the module docstring).
+class ModelFlops:
+    """Training FLOPs of micro-batches from their real sequence lengths (the convention in the module docstring).
 
-    N counts the LM head and the norms (0.007% of N for the 1B body) but not the embedding lookup (no matmul).
+    A packed (THD) batch's sequences are its `cu_seq_lens_q` spans; a BSHD row is one sequence of its
+    attention mask's length (the whole row without a mask). Under context parallelism (`cp_size` ranks
+    share each sequence) a rank's share is 1 / cp_size of its group's FLOPs.
     """
-    n_params = count_parameters(config, with_embedding=False)
-    return 6 * n_params + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config) * seq_len
+
+    def __init__(self, config, cp_size: int = 1):
+        self.per_token = 6 * count_parameters(config, with_embedding=False)
+        self.per_pair = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config)
+        self.cp_size = cp_size
+
+    def of_batch(self, batch: dict) -> float:
+        """This rank's FLOPs for one micro-batch (CPU tensors, before they move to the GPU: no sync)."""
+        if "cu_seq_lens_q" in batch:  # THD: the group's whole sequences, shared by its cp_size ranks
+            lengths = torch.diff(batch["cu_seq_lens_q"].long()).double()
+            return float(self.per_token * lengths.sum() + self.per_pair * (lengths**2).sum()) / self.cp_size
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        local = mask.sum(dim=1).double() if mask is not None else torch.full((ids.shape[0],), float(ids.shape[1]))
+        lengths = local * self.cp_size  # a BSHD row holds 1 / cp_size of its sequence on each rank
+        return float(self.per_token * local.sum() + self.per_pair * (lengths**2).sum() / self.cp_size)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -85,12 +103,12 @@ def wandb_metrics(values: dict) -> dict:
 class PerfLogger:
     """Accumulates per-step values on the device and writes one line per `logger.frequency` steps."""
 
-    def __init__(self, dist_config, cfg, run_dir: Path, flops_per_token: float, device: torch.device, start_step=0):
+    def __init__(self, dist_config, cfg, run_dir: Path, model_config, device: torch.device, start_step=0):
         self.is_main = dist_config.is_main_process()
         self.world_size = dist_config.world_size
         self.frequency = cfg.logger.frequency
         self.device = device
-        self.flops_per_token = flops_per_token
+        self.model_flops = ModelFlops(model_config, cfg.cp_size)
         self.peak = peak_flops(device)
         self.metrics_path = run_dir / "metrics.jsonl"
         self._reset()
@@ -110,6 +128,7 @@ class PerfLogger:
         self.tokens = torch.zeros((), device=self.device, dtype=torch.float64)  # real (label) tokens, all ranks
         self.padded_tokens = 0  # input tokens incl. padding, this rank
         self.data_wait_s = 0.0  # time the loop blocked waiting for the next batches, this rank
+        self.flops = 0.0  # model FLOPs of this rank's micro-batches (`add_work`)
         self.steps = 0
         self.window_start = time.perf_counter()
         if self.device.type == "cuda":
@@ -118,6 +137,10 @@ class PerfLogger:
     def add_data_wait(self, seconds: float) -> None:
         """Count time the loop blocked waiting for batches."""
         self.data_wait_s += seconds
+
+    def add_work(self, micro_batches: list[dict]) -> None:
+        """Count the model FLOPs of a step's micro-batches (CPU tensors: call before moving them) for MFU."""
+        self.flops += sum(self.model_flops.of_batch(batch) for batch in micro_batches)
 
     def log_event(self, **values) -> None:
         """A one-off record (a checkpoint's save time, validation figures) in metrics.jsonl, the log and W&B."""
@@ -158,7 +181,7 @@ class PerfLogger:
             "data_wait_fraction": self.data_wait_s / elapsed,
         }
         if self.peak:
-            metrics["mfu"] = metrics["tokens_per_s_per_gpu"] * self.flops_per_token / self.peak
+            metrics["mfu"] = self.flops / elapsed / self.peak
         if self.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.is_main:

@@ -36,7 +36,7 @@ from distributed_config import DistributedConfig, all_reduce_sum, init_distribut
 from fp8_stats import FP8Stats
 from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
-from perf_logger import PerfLogger, model_flops_per_token
+from perf_logger import PerfLogger
 from preemption import Preemption
 from profiling import StepProfiler
 from run_info import describe_run, run_dir_for, write_run_info
@@ -129,9 +129,7 @@ def main(cfg: DictConfig) -> float:
     if dist_config.is_main_process():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_run_info(run_dir, run_info)
-    perf = PerfLogger(
-        dist_config, cfg, run_dir, model_flops_per_token(model.config, cfg.dataset.max_seq_length), device, step
-    )
+    perf = PerfLogger(dist_config, cfg, run_dir, model.config, device, step)
     preemption = Preemption()  # SIGTERM/SIGUSR1: save the current step and exit 0
     profiler = StepProfiler(cfg.profiler, run_dir, dist_config.rank)  # profiler.enabled: trace chosen steps
     guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
@@ -141,8 +139,10 @@ def main(cfg: DictConfig) -> float:
     while step < cfg.num_train_steps:
         profiler.step_begins(step + 1)
         wait_start = time.perf_counter()
-        micro_batches = [to_device(next(batches), device) for _ in range(cfg.grad_acc_steps)]
+        micro_batches = [next(batches) for _ in range(cfg.grad_acc_steps)]
         perf.add_data_wait(time.perf_counter() - wait_start)
+        perf.add_work(micro_batches)  # model FLOPs from the real sequence lengths (MFU)
+        micro_batches = [to_device(batch, device) for batch in micro_batches]
         num_tokens = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches).double())
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         for i, batch in enumerate(micro_batches):

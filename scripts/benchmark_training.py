@@ -10,8 +10,9 @@ Each row is a `torchrun train_*.py --config-name L1_genomic_1b` run (Llama-3.2-1
 8192-token windows of the bundled DNA) with the overrides listed in ROWS. Rows run concurrently when
 GPUs are free (each on its own GPUs). A row's numbers are the mean of its log windows after
 `--warmup` steps, read from its `metrics.jsonl`: tokens/s/GPU (padded: every input token; real:
-prediction targets only), MFU (6N + 12 L H D S per token, torchtitan's convention, over the dense
-BF16 peak of 989 TFLOP/s; FP8 rows are thus "BF16-equivalent"), step time, peak memory, the fraction
+prediction targets only), MFU (the logged one: 6N per real token + 12 L H D len^2 per sequence,
+torchtitan's constants, over the dense BF16 peak of 989 TFLOP/s; FP8 rows are thus "BF16-equivalent"),
+step time, peak memory, the fraction
 of wall time the loop waited for data, and the checkpoint save time where the row saves one.
 
 Writes `results.json`, `results.md` (the table and the target ratios) and PNG plots to `--out`.

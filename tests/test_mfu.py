@@ -1,0 +1,63 @@
+"""MFU's model FLOPs count the sequences a batch holds (perf_logger.ModelFlops), against hand counts."""
+
+import pytest
+import torch
+from conftest import make_cfg
+
+from distributed_config import DistributedConfig
+from model_setup import build_model_config
+from perf_logger import ModelFlops, PerfLogger, count_parameters, head_dim_of
+
+
+@pytest.fixture
+def config(tmp_path):
+    return build_model_config(make_cfg(tmp_path), use_te=False)  # L0_sanity's 4-layer Llama
+
+
+def constants(config):
+    """6 N and 12 L H D, written out."""
+    n = count_parameters(config, with_embedding=False)
+    return 6 * n, 12 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config)
+
+
+def test_full_windows_give_the_per_token_formula(config):
+    """Two full 1024-token windows: 2 x 1024 x (6N + 12 L H D S), the formula for full windows."""
+    dense, pair = constants(config)
+    batch = {"input_ids": torch.zeros(2, 1024, dtype=torch.long)}
+    assert ModelFlops(config).of_batch(batch) == pytest.approx(2 * 1024 * (dense + pair * 1024), rel=1e-12)
+
+
+def test_a_pack_counts_each_records_own_attention(config):
+    dense, pair = constants(config)
+    cu = torch.tensor([0, 100, 400, 1024], dtype=torch.int32)
+    flops = ModelFlops(config).of_batch({"input_ids": torch.zeros(1, 1024, dtype=torch.long), "cu_seq_lens_q": cu})
+    assert flops == pytest.approx(dense * 1024 + pair * (100**2 + 300**2 + 624**2), rel=1e-12)
+    assert flops < 1024 * (dense + pair * 1024)  # what the window-length formula would claim
+
+
+def test_padding_is_not_work(config):
+    dense, pair = constants(config)
+    mask = torch.zeros(2, 1024, dtype=torch.long)
+    mask[0], mask[1, :200] = 1, 1
+    flops = ModelFlops(config).of_batch({"input_ids": torch.zeros(2, 1024, dtype=torch.long), "attention_mask": mask})
+    assert flops == pytest.approx(dense * 1224 + pair * (1024**2 + 200**2), rel=1e-12)
+
+
+def test_context_parallel_ranks_share_their_groups_work(config):
+    cu = torch.tensor([0, 300, 1024], dtype=torch.int32)
+    whole = ModelFlops(config).of_batch({"input_ids": torch.zeros(1, 1024, dtype=torch.long), "cu_seq_lens_q": cu})
+    thd_share = ModelFlops(config, cp_size=2).of_batch({"input_ids": torch.zeros(1, 512), "cu_seq_lens_q": cu})
+    assert thd_share == pytest.approx(whole / 2, rel=1e-12)  # THD shards keep the group's cu_seq_lens
+    full_row = ModelFlops(config).of_batch({"input_ids": torch.zeros(1, 1024)})
+    bshd_share = ModelFlops(config, cp_size=2).of_batch({"input_ids": torch.zeros(1, 512)})  # half of each row
+    assert bshd_share == pytest.approx(full_row / 2, rel=1e-12)
+
+
+def test_logged_mfu_is_the_counted_flops_over_time_and_peak(tmp_path, config):
+    perf = PerfLogger(DistributedConfig(0, 0, 1), make_cfg(tmp_path), tmp_path, config, torch.device("cpu"))
+    perf.peak = 1e12  # CPUs have no peak in the table; pretend
+    batch = {"input_ids": torch.zeros(1, 1024, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 24, 1024])}
+    perf.add_work([batch, batch])
+    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), 2048, torch.tensor(1.0), 1e-3, force=True)
+    expected = 2 * ModelFlops(config).of_batch(batch) / metrics["step_time_s"] / 1e12
+    assert metrics["mfu"] == pytest.approx(expected, rel=1e-9)
