@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 DEFAULTS_YAML = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
@@ -178,8 +179,28 @@ def exit_on_user_error(main):
             print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback.)", file=sys.stderr)
             _tell_torchrun(f"Error: {e}")
             sys.exit(2)
+        except torch.OutOfMemoryError as e:
+            message = out_of_memory_message(cfg, e)
+            print(f"Error: {message}\n(HYDRA_FULL_ERROR=1 shows the traceback.)", file=sys.stderr)
+            _tell_torchrun(f"Error: {message}")
+            sys.exit(1)
 
     return run
+
+
+def out_of_memory_message(cfg, error: Exception) -> str:
+    """Out of GPU memory, in one line: how much was asked for, and the memory options this run has not used."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
+    options = []
+    if not cfg.get("use_gradient_checkpointing"):
+        options.append("use_gradient_checkpointing=true (recompute each layer in backward)")
+    if not cfg.get("loss_chunk_size"):
+        options.append("loss_chunk_size=4096 (never hold the full logits)")
+    if cfg.dataset.micro_batch_size > 1:
+        options.append(f"a smaller dataset.micro_batch_size (now {cfg.dataset.micro_batch_size}) with grad_acc_steps")
+    options.append("context parallelism over more GPUs (torchrun --nproc_per_node=N train_fsdp2_cp.py cp_size=N)")
+    return (f"Out of GPU memory at dataset.max_seq_length={cfg.dataset.max_seq_length} ({first[:120]}). "
+            f"Turn on: {'; '.join(options)}.")  # fmt: skip
 
 
 def _tell_torchrun(message: str) -> None:

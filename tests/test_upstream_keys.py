@@ -223,3 +223,24 @@ def test_per_layer_precision_reaches_the_te_model_config(tmp_path):
     assert not hasattr(hf_config_from_te(config), "layer_precision")  # the plain-Llama export drops them
     with pytest.raises(ValueError, match="must list 'fp8' or null for each of the 3 layers"):
         NVLlamaConfig(num_hidden_layers=3, layer_precision=["fp8"])
+
+
+def test_out_of_memory_ends_in_one_line_naming_the_memory_options(tmp_path, monkeypatch, capsys):
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    from command_line import exit_on_user_error
+
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))  # as when launched by Hydra
+
+    @exit_on_user_error
+    def main(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB.\nmore detail")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(make_cfg(tmp_path, "use_gradient_checkpointing=true"))
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("Error: Out of GPU memory at dataset.max_seq_length=256 (CUDA out of memory. Tried")
+    assert "loss_chunk_size=4096" in error and "cp_size=N" in error
+    assert "use_gradient_checkpointing=true (" not in error  # already on: not suggested
