@@ -134,6 +134,12 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"dataset.pad_sequences_to_be_divisible_by={divisible_by} pads packed (THD) sequences: it needs "
             "use_sequence_packing=true and a positive integer (or null)."
         )
+    lookahead = cfg.dataset.packing_lookahead
+    if lookahead and (lookahead < 0 or not cfg.use_sequence_packing or not cfg.dataset.split_samples):
+        raise ValueError(
+            f"dataset.packing_lookahead={lookahead} balances packed (THD) micro-batches: it needs "
+            "use_sequence_packing=true, dataset.split_samples=true and a positive integer (0: off)."
+        )
     if cfg.dataset.prefetch_factor < 1:
         raise ValueError(f"dataset.prefetch_factor={cfg.dataset.prefetch_factor} must be a positive integer.")
     if cfg.profiler.enabled and not 1 <= cfg.profiler.start_step <= cfg.profiler.end_step:

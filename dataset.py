@@ -13,7 +13,8 @@ Pipeline (the same for streaming and map-style data):
    calling `set_epoch` on each pass; its state is a few integers plus the source's position, so a
    restored loader yields exactly the batches an uninterrupted one would have (same `num_workers`).
 5. BSHD batches of `micro_batch_size` windows, or THD micro-batches packed to exactly
-   `token_micro_batch_size` tokens (`collator.TokenPackingDataset`).
+   `token_micro_batch_size` tokens (`collator.TokenPackingDataset`; with `packing_lookahead`, packs of
+   even attention work, `balanced_packing.BalancedPackingDataset`).
 
 Characters outside ACGT (the policy). With the nucleotide tokenizer every character 4..255 is its
 own token (its `ord()`), so N, IUPAC codes (R, Y, K, M, ...) and lowercase soft-masked bases are
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from balanced_packing import BalancedPackingDataset
 from collator import BshdCollator, ContextParallelCollator, ThdCollator, TokenPackingDataset
 from data_sources import describe_decode_error, load_raw_dataset, load_tokenizer
 from distributed_config import DistributedConfig
@@ -218,6 +220,7 @@ def create_thd_dataloader(
     text_column: str = "sequence",
     token_micro_batch_size: int | None = None,
     split_samples: bool = True,
+    packing_lookahead: int = 0,
     pad_to_multiple_of: int | None = None,
     pad_sequences_to_be_divisible_by: int | None = None,
     uppercase_labels: bool = False,
@@ -233,12 +236,18 @@ def create_thd_dataloader(
     """Packed [1, T] micro-batches of `token_micro_batch_size` tokens; returns `(loader, tokenizer)`.
 
     The default budget, `micro_batch_size * max_seq_length`, is the token count of a full BSHD batch. With
-    `cp_rank` the loader yields that context-parallel rank's shard of each micro-batch.
+    `packing_lookahead` the packs are built from that many windows ahead for even attention work
+    (`balanced_packing.py`). With `cp_rank` the loader yields that context-parallel rank's shard of each
+    micro-batch.
     """
     tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
                                       stride, buffer_size, seed, text_column, num_workers, num_epochs,
                                       holdout_fraction)  # fmt: skip
-    packed = TokenPackingDataset(stream, token_micro_batch_size or micro_batch_size * max_seq_length, split_samples)
+    budget = token_micro_batch_size or micro_batch_size * max_seq_length
+    if packing_lookahead:  # even attention work per pack (and so per rank): balanced_packing.py
+        packed = BalancedPackingDataset(stream, budget, packing_lookahead)
+    else:
+        packed = TokenPackingDataset(stream, budget, split_samples)
     collator = ThdCollator(tokenizer.pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by,
                            uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id)  # fmt: skip
     loader = _make_loader(packed, collator, None, num_workers, use_stateful_dataloader, cp_rank, cp_size,

@@ -225,6 +225,22 @@ def test_split_samples_keeps_the_budget_exact(tmp_path):
     assert max(sizes) < 300  # whole windows only: packs end short
 
 
+def test_packing_lookahead_balances_the_packs_of_the_loader(tmp_path):
+    """On the bundled data (records of 300 bp to 30 kbp, 256-token windows): same budget, cheaper worst pack."""
+    packs = ["use_sequence_packing=true", "dataset.token_micro_batch_size=1024", "dataset.buffer_size=1"]
+
+    def costs(*overrides):
+        loader, _ = create_dataloader(make_cfg(tmp_path, *packs, *overrides), ONE_RANK)
+        batches = [b for b, _ in zip(loader, range(60))]
+        assert {b["input_ids"].shape[1] for b in batches} == {1024}
+        return [float((torch.diff(b["cu_seq_lens_q"].long()) ** 2).sum()) for b in batches]
+
+    in_order, balanced = costs(), costs("dataset.packing_lookahead=32")
+    assert max(balanced) < max(in_order) and torch.tensor(balanced).std() < torch.tensor(in_order).std()
+    with pytest.raises(ValueError, match="dataset.packing_lookahead=8 balances packed"):
+        validate_config(make_cfg(tmp_path, "dataset.packing_lookahead=8"), use_te=False)  # BSHD: nothing to pack
+
+
 def test_use_stateful_dataloader(tmp_path):
     assert type(create_dataloader(make_cfg(tmp_path), ONE_RANK)[0]) is StatefulDataLoader
     loader, _ = create_dataloader(make_cfg(tmp_path, "dataset.use_stateful_dataloader=false"), ONE_RANK)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import PARQUET, TOKENIZER
 
+from balanced_packing import BalancedPackingDataset
 from collator import IGNORE_INDEX, BshdCollator, ThdCollator, TokenPackingDataset, mask_genomic_labels
 from dataset import create_bshd_dataloader, create_thd_dataloader
 from distributed_config import DistributedConfig
@@ -181,6 +182,61 @@ def test_packing_state_resumes_exactly():
     rest = list(resumed)
     got = [[s["input_ids"].tolist() for s in p] for p in head + rest]
     assert got == [[s["input_ids"].tolist() for s in p] for p in reference]
+
+
+def _unique_samples(rng, n, max_len):
+    """Samples whose tokens are all different numbers, so that each token can be traced."""
+    lengths = rng.integers(1, max_len + 1, size=n)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return [{"input_ids": np.arange(a, a + n_tokens)} for a, n_tokens in zip(starts, lengths)]
+
+
+def _costs(packs):
+    return np.array([sum(len(s["input_ids"]) ** 2 for s in p) for p in packs], dtype=float)
+
+
+def test_balanced_packing_keeps_every_token_once_and_the_budget():
+    rng = np.random.default_rng(5)
+    samples = _unique_samples(rng, 400, max_len=96)
+    packs = list(BalancedPackingDataset(_ListStream(samples), 128, lookahead=16))
+    tokens = np.concatenate([s["input_ids"] for p in packs for s in p])
+    assert np.array_equal(np.sort(tokens), np.arange(sum(len(s["input_ids"]) for s in samples)))
+    sizes = [sum(len(s["input_ids"]) for s in p) for p in packs]
+    assert all(n == 128 for n in sizes[:-1]) and 0 < sizes[-1] <= 128
+    for pack in packs:  # a piece of a sample is a run of its consecutive tokens
+        assert all(np.array_equal(np.diff(s["input_ids"]), np.ones(len(s["input_ids"]) - 1)) for s in pack)
+
+
+def test_balanced_packing_evens_out_attention_work():
+    """Mixed lengths (a few long windows among short records): pack costs vary far less than in stream order."""
+    rng = np.random.default_rng(6)
+    lengths = np.where(rng.random(2000) < 0.2, 256, rng.integers(8, 64, size=2000))
+    samples = [{"input_ids": np.arange(n)} for n in lengths]
+    in_order = _costs(list(TokenPackingDataset(_ListStream(samples), 512)))[:-1]
+    balanced = _costs(list(BalancedPackingDataset(_ListStream(samples), 512, lookahead=32)))[:-1]
+    assert balanced.std() / balanced.mean() < 0.5 * in_order.std() / in_order.mean()
+    assert balanced.max() < in_order.max()  # the costliest pack, which the other ranks wait for, is cheaper
+
+
+def test_balanced_packing_state_resumes_exactly_and_no_sample_waits_too_long():
+    rng = np.random.default_rng(7)
+    samples = _unique_samples(rng, 150, max_len=60)
+    reference = list(BalancedPackingDataset(_ListStream(samples), 40, lookahead=8))
+    packer = BalancedPackingDataset(_ListStream(samples), 40, lookahead=8)
+    it = iter(packer)
+    head = [next(it) for _ in range(9)]
+    resumed = BalancedPackingDataset(_ListStream(samples), 40, lookahead=8)
+    resumed.load_state_dict(packer.state_dict())
+    got = [[s["input_ids"].tolist() for s in p] for p in head + list(resumed)]
+    assert got == [[s["input_ids"].tolist() for s in p] for p in reference]
+    # A sample that arrived i-th enters the pool by pack i and leaves within lookahead packs of entering.
+    first_seen = {}
+    for k, pack in enumerate(reference):
+        for piece in pack:
+            first_seen.setdefault(int(piece["input_ids"][0]), k)
+    for i, sample in enumerate(samples):
+        start = int(sample["input_ids"][0])
+        assert first_seen[start] <= i + 8 + 1, (i, first_seen[start])
 
 
 def test_packing_rejects_oversized_sample_without_splitting():

@@ -51,6 +51,20 @@ def test_resume_gives_identical_losses(tmp_path, script, packing):
     assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]  # bitwise
 
 
+def test_resume_with_balanced_packing_gives_identical_losses(tmp_path):
+    """dataset.packing_lookahead: the pool of windows ahead is part of the checkpoint (with loader workers)."""
+    common = ["num_train_steps=8", "use_sequence_packing=true", "checkpoint.save_every_n_steps=4",
+              "dataset.packing_lookahead=8", "dataset.num_workers=1"]  # fmt: skip
+    straight = tmp_path / "straight"
+    train_fsdp2.main(make_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
+    resumed = tmp_path / "resumed"
+    ckpt = f"checkpoint.ckpt_dir={resumed / 'ckpt'}"
+    train_fsdp2.main(make_cfg(resumed, *common, ckpt, "num_train_steps=4"))
+    train_fsdp2.main(make_cfg(resumed, *common, ckpt))
+    expected, got = losses(straight), losses(resumed)
+    assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]  # bitwise
+
+
 def test_ddp_and_fsdp2_agree_on_the_first_step(tmp_path):
     train_ddp.main(make_cfg(tmp_path / "ddp", "num_train_steps=1"))
     train_fsdp2.main(make_cfg(tmp_path / "fsdp2", "num_train_steps=1"))
