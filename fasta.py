@@ -34,9 +34,12 @@ def read_records(files: list[str], text_column: str = "sequence"):
     import dnaio
 
     for file in files:
-        with dnaio.open(file) as reader:
-            for record in reader:
-                yield {"name": record.name.split(" ", 1)[0], text_column: record.sequence}
+        try:
+            with dnaio.open(file) as reader:
+                for record in reader:
+                    yield {"name": record.name.split(" ", 1)[0], text_column: record.sequence}
+        except (dnaio.UnknownFileFormat, dnaio.FileFormatError, EOFError) as e:  # dnaio's message lacks the file
+            raise ValueError(f"{file} could not be read as FASTA/FASTQ ({e}); fix or remove it.") from None
 
 
 def _check_not_empty(files: list[str]) -> None:

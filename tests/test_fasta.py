@@ -95,6 +95,16 @@ def test_empty_and_unreadable_fasta_are_named(tmp_path):
         load_raw_dataset({"path": str(junk)}, "sequence")
 
 
+def test_a_damaged_file_later_in_the_stream_is_named(tmp_path):
+    """The first file is fine (the up-front check passes); the second breaks mid-stream: its name is in the error."""
+    folder = tmp_path / "genomes"
+    folder.mkdir()
+    (folder / "a.fa").write_text(">one\nACGTACGT\n")
+    (folder / "b.fa").write_text("garbage\n")
+    with pytest.raises(ValueError, match=r"b\.fa could not be read as FASTA/FASTQ"):
+        list(load_raw_dataset({"path": str(folder), "streaming": True}, "sequence"))
+
+
 def test_training_on_a_gzipped_fasta(tmp_path):
     path = tmp_path / "genome.fa.gz"
     write_fasta(path, RECORDS)
