@@ -50,31 +50,35 @@ UPSTREAM_RENAMES = {
     "fp8_config.fp8_model_init_kwargs.enabled": "config_kwargs.use_quantized_model_init",
 }
 # Upstream key (or group) -> why it does not apply here and what to use.
+_DECAY_GROUPS = "use no_weight_decay_on_norms_biases_embeddings=true (norms, biases, embeddings: no weight decay)"
+_INIT_VARIANTS = "initialisation variants are not implemented here; drop the key"
+_EDEN = "the SQLite window databases are not read here; point dataset.load_dataset_kwargs.path at parquet or FASTA"
+_SHUFFLE = "windows are shuffled in blocks of dataset.buffer_size; set that instead"
+_QUANTIZED_INIT = "of its quantized-init options only `enabled` applies here (config_kwargs.use_quantized_model_init)"
 UPSTREAM_REFUSED = {
     "use_megatron_loss": "the loss here is always the per-token mean over all micro-batches and ranks "
     "(Megatron's reduction); drop the key",
-    "use_weight_decay_grouping": "use no_weight_decay_on_norms_biases_embeddings=true (norms, biases and "
-    "embeddings without weight decay)",
-    "skip_embedding_weight_decay": "use no_weight_decay_on_norms_biases_embeddings=true (norms, biases and "
-    "embeddings without weight decay)",
-    "spike_no_more_embedding_init": "initialisation variants are not implemented here; drop the key",
-    "use_megatron_scaled_init": "initialisation variants are not implemented here; drop the key",
-    "use_sharded_eden": "the SQLite window databases are not read here; point dataset.load_dataset_kwargs.path "
-    "at parquet or FASTA",
-    "sharded_eden.": "the SQLite window databases are not read here; point dataset.load_dataset_kwargs.path at "
-    "parquet or FASTA",
-    "dataset.shuffle_sequences": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
-    "dataset.shuffle_windows": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
-    "dataset.interleaved_shuffle": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
-    "dataset.interleave_chunks": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
-    "dataset.interleave_skip": "windows are shuffled in blocks of dataset.buffer_size; set that instead",
+    "use_weight_decay_grouping": _DECAY_GROUPS,
+    "skip_embedding_weight_decay": _DECAY_GROUPS,
+    "spike_no_more_embedding_init": _INIT_VARIANTS,
+    "use_megatron_scaled_init": _INIT_VARIANTS,
+    "use_sharded_eden": _EDEN,
+    "sharded_eden.": _EDEN,
+    **dict.fromkeys(
+        [
+            "dataset.shuffle_sequences",
+            "dataset.shuffle_windows",
+            "dataset.interleaved_shuffle",
+            "dataset.interleave_chunks",
+            "dataset.interleave_skip",
+        ],
+        _SHUFFLE,
+    ),  # fmt: skip
     "validation.num_batches": "use validation.num_windows (a fixed set of windows, not batches)",
     "lr_scheduler_kwargs.num_training_steps": "use lr_scheduler_kwargs.num_decay_steps = num_training_steps - "
     "num_warmup_steps (warmup, then cosine decay over num_decay_steps)",
-    "fp8_config.fp8_model_init_kwargs.": "of its quantized-init options only `enabled` applies here "
-    "(config_kwargs.use_quantized_model_init)",
-    "fp8_config.quantized_model_init_kwargs.": "of its quantized-init options only `enabled` applies here "
-    "(config_kwargs.use_quantized_model_init)",
+    "fp8_config.fp8_model_init_kwargs.": _QUANTIZED_INIT,
+    "fp8_config.quantized_model_init_kwargs.": _QUANTIZED_INIT,
     "fp4_config.": "NVFP4 training is not available yet (it needs a Blackwell GPU); use fp8_config",
 }
 
