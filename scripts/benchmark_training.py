@@ -91,6 +91,16 @@ def scaling_rows():
     ]
 
 
+def balance_rows():
+    """FSDP2 FP8 on 1, 2 and 4 GPUs with `dataset.packing_lookahead=64` (packs of even attention work per rank).
+
+    Compare with the scaling rows of the same GPU count: the same tokens per GPU, packed in stream order.
+    """
+    flags = f"{THD} {fp8('Float8CurrentScaling')} dataset.packing_lookahead=64"
+    return [row("balance", f"fsdp2 FP8 current {gpus} GPU balanced", "FP8 current", "THD", flags, gpus, "fsdp2")
+            for gpus in (1, 2, 4)]  # fmt: skip
+
+
 # Overrides are on top of `--config-name` (L1_genomic_1b).
 ROWS = [
     row("model", "HF BF16 BSHD", "BF16", "BSHD", f"use_te=false {BSHD} {BF16}"),
@@ -110,6 +120,7 @@ ROWS = [
     row("compile", "TE FP8 delayed THD compiled", "FP8 delayed", "THD", f"{THD} {fp8('DelayedScaling')} {COMPILE}"),
     row("compile", "TE BF16 BSHD compiled", "BF16", "BSHD", f"{BSHD} {BF16} {COMPILE}"),
     *scaling_rows(),
+    *balance_rows(),
     *cp_rows(),
 ]
 
