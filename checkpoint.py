@@ -105,7 +105,8 @@ def _trusted_te_extra_state():
             os.environ[key] = previous
 
 
-def _split_extra_state(model_state: dict) -> tuple[dict, dict]:
+def split_extra_state(model_state: dict) -> tuple[dict, dict]:
+    """(weights, TE's `_extra_state` entries: FP8 scaling state) of a model state dict."""
     extra = {k: v for k, v in model_state.items() if k.endswith("_extra_state")}
     return {k: v for k, v in model_state.items() if k not in extra}, extra
 
@@ -143,7 +144,7 @@ def save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader,
     """Write `step_N/`: model and optimizer whole from rank 0, each rank's own state, then the marker."""
     path = _prepare_folder(ckpt_dir, step, rank, run_info)
     module = model.module if hasattr(model, "module") else model
-    weights, extra = _split_extra_state(module.state_dict())
+    weights, extra = split_extra_state(module.state_dict())
     if rank == 0:
         torch.save({"model": weights, "optimizer": optimizer.state_dict()}, path / "model_optimizer.pt")
     torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")
@@ -174,7 +175,7 @@ def save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloade
     wait_for_async_save(ckpt_dir, max_checkpoints, rank)
     path = _prepare_folder(ckpt_dir, step, rank, run_info)
     model_state, optim_state = get_state_dict(model, optimizer)
-    weights, extra = _split_extra_state(model_state)
+    weights, extra = split_extra_state(model_state)
     torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")
     state = {"model": weights, "optimizer": optim_state}
     if async_save:
@@ -199,7 +200,7 @@ def wait_for_async_save(ckpt_dir, max_checkpoints, rank: int) -> None:
 def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, rank: int) -> int:
     """Restore a `save_checkpoint_fsdp2` folder (DCP reshards to this world size); returns its step."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    weights, _ = _split_extra_state(model_state)
+    weights, _ = split_extra_state(model_state)
     state = {"model": weights, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(

@@ -83,6 +83,11 @@ def check_compatible(path: Path, run_info: dict) -> None:
         )
 
 
+def last_line(error: BaseException) -> str:
+    """The cause of a load error: DCP wraps it in a multi-line report whose last line is the cause itself."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+
+
 def resume_from_latest(
     ckpt_dir, load: Callable[[Path], int], device: torch.device, run_info: dict | None = None
 ) -> int:
@@ -109,8 +114,7 @@ def resume_from_latest(
             if run_info is not None:
                 run_info["run_id"] = (read_run_info(path) or {}).get("run_id", run_info["run_id"])
             return step
-        # DCP wraps the cause in a multi-line report: its last line is the cause itself.
-        cause = (str(error).strip().splitlines() or [type(error).__name__])[-1] if error else "failed on another rank"
+        cause = last_line(error) if error else "failed on another rank"
         logger.warning(
             "Checkpoint %s could not be loaded (%s); falling back to the previous complete checkpoint.", path, cause
         )

@@ -180,14 +180,9 @@ def exit_on_user_error(main):
         try:
             return main(cfg)
         except (ValueError, FileNotFoundError) as e:
-            print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback.)", file=sys.stderr)
-            _tell_torchrun(f"Error: {e}")
-            sys.exit(2)
+            _fail(str(e), code=2)
         except torch.OutOfMemoryError as e:
-            message = out_of_memory_message(cfg, e)
-            print(f"Error: {message}\n(HYDRA_FULL_ERROR=1 shows the traceback.)", file=sys.stderr)
-            _tell_torchrun(f"Error: {message}")
-            sys.exit(1)
+            _fail(out_of_memory_message(cfg, e), code=1)
 
     return run
 
@@ -205,6 +200,13 @@ def out_of_memory_message(cfg, error: Exception) -> str:
     options.append("context parallelism over more GPUs (torchrun --nproc_per_node=N train_fsdp2_cp.py cp_size=N)")
     return (f"Out of GPU memory at dataset.max_seq_length={cfg.dataset.max_seq_length} ({first[:120]}). "
             f"Turn on: {'; '.join(options)}.")  # fmt: skip
+
+
+def _fail(message: str, code: int) -> None:
+    """End the run with `Error: message` as the last line (also in torchrun's closing report)."""
+    print(f"Error: {message}\n(HYDRA_FULL_ERROR=1 shows the traceback.)", file=sys.stderr)
+    _tell_torchrun(f"Error: {message}")
+    sys.exit(code)
 
 
 def _tell_torchrun(message: str) -> None:

@@ -56,8 +56,9 @@ def check_keys_and_types(cfg: dict, defaults: dict, prefix: str = "") -> None:
         if name in FREE_FORM_KEYS:
             continue
         if key not in defaults:
-            if upstream_hint(name):
-                raise ValueError(upstream_hint(name))
+            hint = upstream_hint(name)
+            if hint:
+                raise ValueError(hint)
             close = difflib.get_close_matches(key, list(defaults), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             raise ValueError(

@@ -14,18 +14,18 @@ import torch
 from safetensors.torch import save_file
 
 from convert import hf_config_from_te, te_to_hf_state_dict
+from fp8 import is_fp8_tensor
 from modeling_llama_te import AUTO_MAP, NVLlamaConfig
 
 MODELING_FILE = Path(__file__).resolve().parent / "modeling_llama_te.py"
 
 
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A TE FP8 weight (`config_kwargs.use_quantized_model_init`) as a BF16 tensor; others as they are."""
-    return tensor.dequantize() if type(tensor).__module__.startswith("transformer_engine") else tensor
-
-
 def _save_weights(state_dict: dict[str, torch.Tensor], path: Path, tied: bool) -> None:
-    state = {k: _plain(v).detach().cpu().contiguous() for k, v in state_dict.items() if not k.endswith("_extra_state")}
+    state = {
+        k: (v.dequantize() if is_fp8_tensor(v) else v).detach().cpu().contiguous()  # FP8 weights: as BF16
+        for k, v in state_dict.items()
+        if not k.endswith("_extra_state")
+    }
     if tied:
         state.pop("lm_head.weight", None)  # shared with the embedding; transformers re-ties it on load
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})

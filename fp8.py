@@ -4,6 +4,8 @@ recipe = build_fp8_recipe("Float8CurrentScaling", "HYBRID", {})
 with te.autocast(enabled=True, recipe=recipe): ...
 """
 
+import functools
+
 # recipe class name -> (TE availability check, the GPUs that run it)
 _REQUIREMENTS = {
     "DelayedScaling": ("is_fp8_available", "compute capability 8.9 or newer (Ada, Hopper or Blackwell)"),
@@ -12,6 +14,26 @@ _REQUIREMENTS = {
     "MXFP8BlockScaling": ("is_mxfp8_available", "compute capability 10.0 or newer (Blackwell)"),
     "NVFP4BlockScaling": ("is_nvfp4_available", "compute capability 10.0 or newer (Blackwell)"),
 }
+
+
+def recipe_from_config(fp8_config):
+    """The recipe of the `fp8_config` group (`fp8_recipe`, `fp8_format`, `fp8_recipe_kwargs`)."""
+    return build_fp8_recipe(fp8_config.fp8_recipe, fp8_config.fp8_format, dict(fp8_config.fp8_recipe_kwargs))
+
+
+@functools.cache
+def _quantized_tensor_class():
+    try:
+        from transformer_engine.pytorch.tensor import QuantizedTensor
+    except ImportError:  # no TE, no FP8 tensors
+        return None
+    return QuantizedTensor
+
+
+def is_fp8_tensor(tensor) -> bool:
+    """A TE quantized (FP8) tensor, or an FSDP2 shard (DTensor) of one: `use_quantized_model_init` weights."""
+    cls = _quantized_tensor_class()
+    return cls is not None and isinstance(getattr(tensor, "_local_tensor", tensor), cls)
 
 
 def build_fp8_recipe(fp8_recipe: str, fp8_format: str = "HYBRID", fp8_recipe_kwargs: dict | None = None):

@@ -110,12 +110,9 @@ def quantized_init(cfg: DictConfig, config):
         return nullcontext()
     import transformer_engine.pytorch as te
 
-    from fp8 import build_fp8_recipe
+    from fp8 import recipe_from_config
 
-    recipe = build_fp8_recipe(
-        cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs)
-    )
-    return te.quantized_model_init(enabled=True, recipe=recipe)
+    return te.quantized_model_init(enabled=True, recipe=recipe_from_config(cfg.fp8_config))
 
 
 def apply_activation_checkpointing(model, use_te: bool) -> None:
@@ -147,11 +144,7 @@ def fp8_autocast_factory(cfg: DictConfig, use_te: bool):
         return nullcontext
     import transformer_engine.pytorch as te
 
-    from fp8 import build_fp8_recipe
+    from fp8 import recipe_from_config
 
-    recipe = None
-    if cfg.fp8_config.enabled:
-        recipe = build_fp8_recipe(
-            cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs)
-        )
+    recipe = recipe_from_config(cfg.fp8_config) if cfg.fp8_config.enabled else None
     return lambda: te.autocast(enabled=recipe is not None, recipe=recipe)

@@ -14,6 +14,8 @@ import logging
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fp8 import is_fp8_tensor
+
 logger = logging.getLogger(__name__)
 
 
@@ -44,11 +46,6 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tens
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _is_te_tensor(param) -> bool:
-    local = getattr(param, "_local_tensor", param)  # FSDP2 shards are DTensors around the real tensor
-    return type(local).__module__.startswith("transformer_engine")
-
-
 class NonFiniteGuard:
     """The `on_nonfinite` policy for a NaN or Inf loss or gradient norm.
 
@@ -69,7 +66,7 @@ class NonFiniteGuard:
         self.optimizer = optimizer
         # TE's FP8 weights (use_quantized_model_init) reject the fused step's `found_inf` input (TE asserts on
         # its keyword arguments), so their NaN/Inf check is the host one.
-        fp8_weights = any(_is_te_tensor(p) for group in optimizer.param_groups for p in group["params"])
+        fp8_weights = any(is_fp8_tensor(p) for group in optimizer.param_groups for p in group["params"])
         self.on_device = bool(optimizer.defaults.get("fused")) and not fp8_weights
         self.consecutive = 0  # a tensor on the device when `on_device`
         self.pending = None  # (step, [bad, consecutive, loss, grad_norm] on the host, event or None)

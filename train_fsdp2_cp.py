@@ -70,7 +70,8 @@ def main(cfg: DictConfig) -> float:
         prepare_checkpoint_dir(cfg.checkpoint, checkpoint_bytes(cfg, use_te), dist_config.rank, device)
 
     # --- Model ---
-    fp8_stats = FP8Stats(cfg, run_dir_for(cfg), dist_config.rank)  # fp8_stats_config: TE's debug tools, first
+    run_dir = run_dir_for(cfg)  # metrics.jsonl, config.yaml, profiler trace, FP8 statistics
+    fp8_stats = FP8Stats(cfg, run_dir, dist_config.rank)  # fp8_stats_config: TE's debug tools, before the model
     on_meta = use_te and cfg.use_meta_device
     model = create_model(cfg, use_te, device, on_meta=on_meta)  # compiles each decoder layer if use_torch_compile
     fp8_stats.name_layers(model)
@@ -140,7 +141,6 @@ def main(cfg: DictConfig) -> float:
     # its shard's `shift_labels`, and the gradient average runs over all data x context ranks. Gradients are
     # reduced only on the last micro-step (`set_requires_gradient_sync`); backward runs outside FP8 autocast,
     # as TE advises.
-    run_dir = run_dir_for(cfg)
     if dist_config.is_main_process():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_run_info(run_dir, run_info)

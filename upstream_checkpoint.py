@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from checkpoint_folders import CheckpointMismatchError
+from checkpoint import split_extra_state
+from checkpoint_folders import CheckpointMismatchError, last_line
 
 logger = logging.getLogger(__name__)
 LAYOUTS = {"train_fsdp2": ".metadata", "train_ddp": "checkpoint.pt"}  # upstream subfolder -> file a save ends with
@@ -69,7 +70,7 @@ class _UpstreamAppState(Stateful):
 
     def state_dict(self):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        weights = {k: v for k, v in model_state.items() if not k.endswith("_extra_state")}
+        weights, _ = split_extra_state(model_state)  # upstream's FP8 scaling state is not carried over
         return {"model": weights, "optim": optim_state, "step": self.step}
 
     def load_state_dict(self, state):
@@ -88,7 +89,7 @@ def _load_fsdp2(path: Path, model, optimizer) -> int:
     try:
         dcp.load({"app": app}, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException; its last line names the key or shape
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        cause = last_line(e)
         raise CheckpointMismatchError(
             f"The upstream checkpoint {path} does not fit this model ({cause}). Resume with the config_name_or_path "
             "and config_kwargs that wrote it, or move it out of checkpoint.ckpt_dir to start afresh."
