@@ -69,6 +69,23 @@ def losses(run_dir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
 
 
+def train_straight_and_resumed(main, make, tmp_path, common: list[str], stop_at: int, *resume_overrides):
+    """`main` run straight through, and once stopped at `stop_at` and resumed; returns their step -> loss.
+
+    Checks that the second half continued from the checkpoint: a run that silently started afresh would give
+    the same losses (same seed, same data) but log its first steps twice.
+    """
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(make(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
+    ckpt = f"checkpoint.ckpt_dir={resumed / 'ckpt'}"
+    main(make(resumed, *common, ckpt, f"num_train_steps={stop_at}"))
+    main(make(resumed, *common, ckpt, *resume_overrides))
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    steps = [m["step"] for m in map(json.loads, lines) if "loss" in m]
+    assert steps == sorted(set(steps)), f"the resumed run logged steps {steps}: it did not continue"
+    return losses(straight), losses(resumed)
+
+
 def run_command(cmd: list[str], check: bool = True, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """Run `cmd` in the recipe folder; with `check`, fail the test with the output's tail if it fails."""
     result = subprocess.run(cmd, cwd=RECIPE_DIR, env={**ENV, **(env or {})}, capture_output=True, text=True,

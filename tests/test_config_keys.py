@@ -314,3 +314,32 @@ def test_fp8_stats_config_is_checked_before_anything_runs(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="pip install nvdlfw-inspect"):
         FP8Stats(cfg, tmp_path, rank=0)
     assert not FP8Stats(make_cfg(tmp_path), tmp_path, rank=0).api  # disabled: nothing is imported or started
+
+
+def test_fp8_stats_file_and_log_dir_reach_tes_debug_tools(tmp_path, monkeypatch):
+    """What FP8Stats hands nvdlfw_inspect (faked here; the real run is tests/test_upstream_gpu.py)."""
+    from fp8_stats import FP8Stats
+
+    calls = {}
+    api = types.ModuleType("nvdlfw_inspect.api")
+    api.initialize = lambda **kwargs: calls.update(kwargs)
+    package = types.ModuleType("nvdlfw_inspect")
+    package.api = api
+    te = types.ModuleType("transformer_engine")
+    te.__file__ = str(tmp_path / "te" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "nvdlfw_inspect", package)
+    monkeypatch.setitem(sys.modules, "nvdlfw_inspect.api", api)
+    monkeypatch.setitem(sys.modules, "transformer_engine", te)
+    stats_file = tmp_path / "my_stats.yaml"
+    stats_file.write_text("{}\n")
+    cfg = make_cfg(tmp_path, "fp8_stats_config.enabled=true", f"fp8_stats_config.fp8_stats_file={stats_file}",
+                   f"fp8_stats_config.fp8_log_dir={tmp_path / 'logs'}")  # fmt: skip
+    FP8Stats(cfg, tmp_path / "run", rank=3)
+    assert calls["config_file"] == str(stats_file) and calls["log_dir"] == str(tmp_path / "logs" / "rank_3")
+    assert calls["feature_dirs"] == [str(tmp_path / "te" / "debug" / "features")]
+    FP8Stats(make_cfg(tmp_path, "fp8_stats_config.enabled=true"), tmp_path / "run", rank=0)  # the defaults
+    assert calls["config_file"].endswith("fp8_stats.yaml")
+    assert calls["log_dir"] == str(tmp_path / "run" / "fp8_stats" / "rank_0")
+    with pytest.raises(FileNotFoundError, match="fp8_stats_config.fp8_stats_file='nope.yaml' does not exist"):
+        FP8Stats(make_cfg(tmp_path, "fp8_stats_config.enabled=true", "fp8_stats_config.fp8_stats_file=nope.yaml"),
+                 tmp_path, rank=0)  # fmt: skip

@@ -1,5 +1,6 @@
 """Resuming from checkpoints in the upstream recipe's layout (written here by a small fixture as upstream does)."""
 
+import json
 import logging
 
 import pytest
@@ -107,6 +108,11 @@ def test_entrypoint_continues_an_upstream_run_then_resumes_its_own(tmp_path, scr
     script.main(make_cfg(tmp_path / "run", *overrides, ckpt, "num_train_steps=7"))
     assert f"upstream checkpoint {tmp_path / 'ckpt' / layout / 'step_4'} (5 updates done" in capfd.readouterr().err
     assert sorted(losses(tmp_path / "run")) == [6, 7]  # continues after upstream's 5 updates
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    schedule = get_cosine_annealing_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1)], lr=1.0), **cfg.lr_scheduler_kwargs
+    )
+    assert record["lr"] == pytest.approx(cfg.adamw_kwargs.lr * schedule.lr_lambdas[0](6), rel=1e-9)  # its step 6
     assert find_latest_checkpoint(tmp_path / "ckpt").name == "step_6"  # our own layout from here on
 
     script.main(make_cfg(tmp_path / "run2", *overrides, ckpt, "num_train_steps=8"))
