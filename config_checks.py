@@ -263,15 +263,14 @@ def _check_precision_kwargs(cfg: DictConfig, use_te: bool) -> None:
 def _check_attention_kwargs(cfg: DictConfig) -> None:
     """Upstream's `config_kwargs.attn_input_format` and `self_attn_mask_type`: honoured or refused, never ignored.
 
-    The layout follows `use_sequence_packing` (thd when packing, else bshd); the mask must be causal.
+    Packed batches need thd. BSHD batches run as packed rows in thd by default (`model_setup.packs_bshd_batches`:
+    no work on padding); bshd keeps them padded. The mask must be causal.
     """
     layout = OmegaConf.select(cfg, "config_kwargs.attn_input_format")
-    packing_layout = "thd" if cfg.use_sequence_packing else "bshd"
-    if layout is not None and layout != packing_layout:
+    if cfg.use_sequence_packing and layout == "bshd":
         raise ValueError(
-            f"config_kwargs.attn_input_format={layout!r} disagrees with use_sequence_packing="
-            f"{str(cfg.use_sequence_packing).lower()}: here use_sequence_packing decides the layout (true: thd, "
-            f"false: bshd); set use_sequence_packing={str(layout == 'thd').lower()} or drop the key."
+            "config_kwargs.attn_input_format='bshd' cannot take packed batches (use_sequence_packing=true): set "
+            "use_sequence_packing=false for padded BSHD micro-batches, or drop the key."
         )
     mask = OmegaConf.select(cfg, "config_kwargs.self_attn_mask_type")
     causal = ("causal", "padding_causal", "causal_bottom_right", "padding_causal_bottom_right")

@@ -190,18 +190,21 @@ def create_bshd_dataloader(
     cp_rank: int | None = None,
     cp_size: int = 1,
     holdout_fraction: float = 0.0,
+    pack_rows: bool = False,
     **unused,
 ):
     """Padded [micro_batch_size, L] batches; returns `(loader, tokenizer)`.
 
-    With `cp_rank` the loader yields that context-parallel rank's shard of each batch.
+    With `pack_rows` the same micro-batches come as one packed [1, T] row each (`ThdCollator`, no padding
+    but `pad_to_multiple_of`). With `cp_rank` the loader yields that context-parallel rank's shard of each batch.
     """
     tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
                                       stride, buffer_size, seed, text_column, num_workers, num_epochs,
                                       holdout_fraction)  # fmt: skip
-    collator = BshdCollator(
-        tokenizer.pad_token_id, pad_to_multiple_of, uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id
-    )
+    policy = dict(uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases,
+                  eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    collate = ThdCollator if pack_rows else BshdCollator
+    collator = collate(tokenizer.pad_token_id, pad_to_multiple_of, **policy)
     loader = _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader, cp_rank, cp_size,
                           prefetch_factor)  # fmt: skip
     return loader, tokenizer

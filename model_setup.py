@@ -30,6 +30,17 @@ UNSUPPORTED_HINT = (
 )
 
 
+def packs_bshd_batches(cfg: DictConfig, use_te: bool) -> bool:
+    """Whether the TE model runs BSHD micro-batches as packed rows (`use_sequence_packing=false`, no CP).
+
+    The micro-batches keep their windows (`dataset.micro_batch_size` of them), but the collator lays them
+    end to end instead of padding them, and the model's attention runs in THD: pad tokens cost no GEMM work.
+    `config_kwargs.attn_input_format=bshd` keeps upstream's padded BSHD path.
+    """
+    bshd_asked = OmegaConf.select(cfg, "config_kwargs.attn_input_format") == "bshd"
+    return use_te and not cfg.use_sequence_packing and cfg.cp_size == 1 and not bshd_asked
+
+
 def build_model_config(cfg: DictConfig, use_te: bool):
     """The HF config from `config_name_or_path` + `config_kwargs`, turned into an `NVLlamaConfig` for TE."""
     path = resolve_path(cfg.config_name_or_path)
@@ -61,9 +72,9 @@ def build_model_config(cfg: DictConfig, use_te: bool):
 
     return te_config_from_hf(
         hf_config,
-        attn_input_format="thd" if cfg.use_sequence_packing else "bshd",
+        attn_input_format="thd" if cfg.use_sequence_packing or packs_bshd_batches(cfg, use_te) else "bshd",
         loss_chunk_size=cfg.loss_chunk_size,
-        **{k: v for k, v in te_only.items() if k != "attn_input_format"},  # the layout follows the packing
+        **{k: v for k, v in te_only.items() if k != "attn_input_format"},  # the layout follows the data
     )
 
 

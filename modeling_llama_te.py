@@ -296,7 +296,8 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
                 hidden = layer(hidden, rotary_pos_emb=rope, inference_params=inference, **layer_kwargs)
         all_hidden.append(self.norm(hidden))
 
-        shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+        packed = self.config.attn_input_format == "thd" and kwargs.get("cu_seq_lens_q") is not None
+        shape = (1, -1) if packed else (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
         all_hidden = tuple(self._to_input_shape(h, shape, unpad_index) for h in all_hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=all_hidden[-1],
@@ -313,14 +314,16 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         cu_seq_lens_q, max_length_q = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
         cu_seq_lens_k, max_length_k = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k")
         unpad_index = None
-        if cu_seq_lens_q is None:
+        if cu_seq_lens_q is None:  # BSHD input: every row is one sequence
             batch, seq_len, hidden_size = hidden.shape
-            mask = torch.ones(batch, seq_len, device=hidden.device, dtype=torch.bool)
-            if attention_mask is not None:
+            hidden = hidden.reshape(batch * seq_len, hidden_size)
+            if attention_mask is None:  # no padding: no index to build (and no GPU sync)
+                lengths = torch.full((batch,), seq_len, device=hidden.device, dtype=torch.int32)
+            else:  # drop the pad tokens; nonzero() waits for the GPU (training feeds packed rows instead)
                 mask = attention_mask[:, -seq_len:].bool()  # decoding: the mask covers the cache too
-            lengths = mask.sum(dim=1, dtype=torch.int32)
-            unpad_index = mask.flatten().nonzero().squeeze(1)
-            hidden = hidden.reshape(batch * seq_len, hidden_size)[unpad_index]
+                lengths = mask.sum(dim=1, dtype=torch.int32)
+                unpad_index = mask.flatten().nonzero().squeeze(1)
+                hidden = hidden[unpad_index]
             cu_seq_lens_q = cu_seq_lens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
             max_length_q = max_length_k = seq_len
             if inference is not None:
@@ -350,11 +353,13 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         return {"attention_mask": mask, "self_attn_mask_type": "padding_causal"}, rope_length
 
     def _to_input_shape(self, hidden, shape, unpad_index):
-        """[T, H] back to [1, T, H] (packed input) or to the padded [B, S, H] of unpadded BSHD input."""
+        """THD's [T, H] back to the input's shape: [1, T, H] (packed) or [B, S, H] (BSHD, pads as zeros)."""
+        if self.config.attn_input_format != "thd":
+            return hidden
         if unpad_index is not None:
             padded = hidden.new_zeros(shape[0] * shape[1], hidden.shape[-1])
-            return padded.index_copy(0, unpad_index, hidden).view(*shape, hidden.shape[-1])
-        return hidden.unsqueeze(0) if self.config.attn_input_format == "thd" else hidden
+            hidden = padded.index_copy(0, unpad_index, hidden)
+        return hidden.view(*shape, hidden.shape[-1])
 
 
 class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):

@@ -5,12 +5,12 @@ Per-step values stay on the device and are read only on log steps (the loop's Na
 fused AdamW). The logged loss is the token-weighted mean over the interval's steps and all ranks.
 
 MFU = model FLOP/s achieved per GPU / peak dense BF16 FLOP/s of the GPU. Model FLOPs count the work the
-batches hold (`ModelFlops`): 6 N per real token (N parameters without the embedding) plus, per layer,
-12 H D per pair of positions of the same sequence (L layers, H heads, D head dim): 12 L H D x sum of
-len^2 over the sequences. torchtitan's constants, with its convention that attention is counted as
-full S x S (no causal halving); for full windows of length S this is its 6 N + 12 L H D S per token,
-and for packed records it counts each record's own attention, not the window's. Padding is not work.
-FP8 runs are measured against the BF16 peak, so FP8 MFU is "BF16-equivalent".
+batches hold (`ModelFlops`): 6 N per real token (N parameters without the embedding) plus, per layer and
+sequence, the causal half of its len x len attention scores: 6 L H D x len^2 over the sequences (L layers,
+H heads, D head dim; QK^T and PV, forward and backward). Causal attention kernels skip the upper
+triangle, so this is the work done; torchtitan's convention counts the full square (12 L H D len^2) and
+passes 100% on long sequences. Packed records count their own attention, not the window's; padding is
+not work. FP8 runs are measured against the BF16 peak, so FP8 MFU is "BF16-equivalent".
 """
 
 import json
@@ -53,7 +53,8 @@ class ModelFlops:
 
     def __init__(self, config, cp_size: int = 1):
         self.per_token = 6 * count_parameters(config, with_embedding=False)
-        self.per_pair = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config)
+        # 4 FLOPs per (query, key) pair and head dim (QK^T, PV) x 3 (forward, backward) / 2 (causal)
+        self.per_pair = 6 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config)
         self.cp_size = cp_size
 
     def of_batch(self, batch: dict) -> float:

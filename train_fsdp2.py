@@ -34,7 +34,7 @@ from command_line import exit_on_user_error, normalize_command_line
 from config_checks import check_inputs, resolve_use_te, validate_config
 from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
 from fp8_stats import FP8Stats
-from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory
+from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory, packs_bshd_batches
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
 from perf_logger import PerfLogger
 from preemption import Preemption
@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> float:
     fp8_autocast = fp8_autocast_factory(cfg, use_te)
 
     # --- Data ---
-    dataloader, tokenizer = create_dataloader(cfg, dist_config)
+    dataloader, tokenizer = create_dataloader(cfg, dist_config, pack_bshd=packs_bshd_batches(cfg, use_te))
     validation = cfg.validation.enabled  # held-out windows, evaluated every validation.every_n_steps
     validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir)) if validation else None
 

@@ -35,6 +35,11 @@ def parse_args():
     p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM (sdpa)")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--profile", action="store_true", help="also print where each row's GPU time goes")
+    p.add_argument("--train-row", choices=["bare", "bare_thd"], default=None,
+                   help="train the bare stack on full windows of --dna, write --metrics")  # fmt: skip
+    p.add_argument("--dna", default=None, help="parquet of one long record (--train-row)")
+    p.add_argument("--metrics", default=None, help="metrics.jsonl to write (--train-row)")
+    p.add_argument("--log-every", type=int, default=5)
     return p.parse_args()
 
 
@@ -197,6 +202,50 @@ def measure(kind: str, recipe_name: str, hf_config, args) -> dict:
     return row
 
 
+def train_bare_row(args, hf_config):
+    """`benchmark_training.py`'s bare rows: the bare stack trained on full windows, logged like the recipe.
+
+    Full `--seq`-token windows of the DNA in `--dna`, `--batch` per step, fused AdamW with the recipe's
+    settings and gradient clipping at 1.0; tokens/s, MFU (`perf_logger.ModelFlops`), step time and peak
+    memory per `--log-every` steps go to `--metrics`, with one GPU sync per log window as the recipe does.
+    """
+    import pyarrow.parquet as pq
+    import transformer_engine.pytorch as te
+
+    from fp8 import build_fp8_recipe
+    from perf_logger import ModelFlops, peak_flops
+
+    recipe = None if args.recipes == "none" else build_fp8_recipe(args.recipes)
+    text = pq.read_table(args.dna).column("sequence")[0].as_py().encode()
+    tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()  # the nucleotide tokenizer: id = byte
+    windows = tokens[: len(tokens) // args.seq * args.seq].view(-1, args.seq)
+    model = make_model(args.train_row, hf_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    flops = ModelFlops(hf_config).of_batch({"input_ids": windows[: args.batch]})
+    cu_seqlens = torch.arange(0, args.batch * args.seq + 1, args.seq, device="cuda", dtype=torch.int32)
+    records = []
+    losses, start = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        first = (step - 1) * args.batch % (len(windows) - args.batch)
+        ids = windows[first : first + args.batch].to("cuda", non_blocking=True)
+        with te.autocast(enabled=recipe is not None, recipe=recipe):
+            loss = model(ids, ids, cu_seqlens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if step % args.log_every == 0:
+            seconds = (time.perf_counter() - start) / args.log_every  # the .item() below is the window's sync
+            tokens_per_s = args.batch * args.seq / seconds
+            records.append({"step": step, "loss": torch.stack(losses).mean().item(), "step_time_s": seconds,
+                            "tokens_per_s_per_gpu": tokens_per_s, "real_tokens_per_s_per_gpu": tokens_per_s,
+                            "mfu": flops / seconds / peak_flops(torch.device("cuda")), "data_wait_fraction": 0.0,
+                            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})  # fmt: skip
+            losses, start = [], time.perf_counter()
+    Path(args.metrics).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def main():
     """Every (precision, model) row, then a table with each row's ratio to the bare stack."""
     args = parse_args()
@@ -204,6 +253,9 @@ def main():
 
     overrides = {"vocab_size": 256} | ({"num_hidden_layers": args.layers} if args.layers else {})
     hf_config = AutoConfig.from_pretrained(args.config, **overrides)
+    if args.train_row:
+        train_bare_row(args, hf_config)
+        return
     rows = []
     kinds = ["bare", "bshd", "bare_thd", "thd"] + (["hf"] if args.hf else [])
     for recipe_name in args.recipes.split(","):

@@ -21,6 +21,13 @@ def compile_ratio(results, eager_name: str) -> float | None:
     return compiled["tokens_per_s_per_gpu"] / eager if eager else None
 
 
+def longest(results, suffix: str) -> int | None:
+    """The longest window (thousand tokens) of the long-context rows ending in `suffix` that trained."""
+    done = [int(r["name"].split()[1].removesuffix("k")) for r in results
+            if r["group"] == "long" and r["name"].endswith(suffix) and "error" not in r]  # fmt: skip
+    return max(done, default=None)
+
+
 def targets(results) -> list[tuple[str, float | None, float | None]]:
     """(what, measured, target) for each of the recipe's speed targets; target None: context, not a goal."""
     best_fp8_bshd = max(
@@ -36,8 +43,19 @@ def targets(results) -> list[tuple[str, float | None, float | None]]:
          max((r["mfu"] for r in te_rows if r["precision"] == "BF16" and r.get("mfu")), default=None), 0.60),
         ("TE FP8 best MFU (BF16-equivalent)",
          max((r["mfu"] for r in te_rows if "FP8" in r["precision"] and r.get("mfu")), default=None), 0.76),
-        ("THD / BSHD real tokens/s (BF16)",
-         ratio(results, "TE BF16 THD", "TE BF16 BSHD", key="real_tokens_per_s_per_gpu"), 1.7),
+        ("THD / padded BSHD real tokens/s (BF16)",
+         ratio(results, "TE BF16 THD", "TE BF16 BSHD padded", key="real_tokens_per_s_per_gpu"), 1.7),
+        *[(f"recipe / bare TE stack tokens/s, {p} {f} (full windows)",
+           ratio(results, f"TE {p} {f} full windows", f"bare TE stack {p} {f}"), 0.99)
+          for p in ("BF16", "FP8 current") for f in ("BSHD", "THD")],
+        *[(f"BSHD (packed rows) / THD real tokens/s, {p}, {data}",
+           ratio(results, f"TE {p} BSHD{suffix}", f"TE {p} THD{suffix}", key="real_tokens_per_s_per_gpu"), 0.95)
+          for p in ("BF16", "FP8 current") for data, suffix in (("bundled data", ""), ("mixed 8k + 2k", " mixed"))],
+        *[(f"BSHD packed rows / padded, real tokens/s, {p}, mixed 8k + 2k",
+           ratio(results, f"TE {p} BSHD mixed", f"TE {p} BSHD padded mixed", key="real_tokens_per_s_per_gpu"), None)
+          for p in ("BF16", "FP8 current")],
+        ("longest window trained on 1 GPU (thousand tokens)", longest(results, "1 GPU"), 512),
+        ("longest window trained on 2 GPUs with cp=2 (thousand tokens)", longest(results, "CP 2 GPU"), 1024),
         ("FSDP2 2 GPUs / 1 GPU tokens/s (FP8 current)",
          ratio(results, "fsdp2 FP8 current 2 GPU", "fsdp2 FP8 current 1 GPU", scale=2), 1.9),
         ("FSDP2 8 GPUs / 1 GPU per-GPU efficiency (FP8 current)",
@@ -116,6 +134,23 @@ def plot(results, out: Path) -> None:
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(out / f"throughput_{group}.png", dpi=80)
+        plt.close(fig)
+    long = sorted(
+        (r for r in ok if r["group"] == "long" and r["gpus"] == 1), key=lambda r: int(r["name"].split()[1][:-1])
+    )
+    if long:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        lengths = [int(r["name"].split()[1][:-1]) for r in long]
+        ax.plot(lengths, [r["tokens_per_s_per_gpu"] / 1e3 for r in long], "o-", color="tab:blue")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("window length (thousand tokens)")
+        ax.set_ylabel("thousand tokens/s", color="tab:blue")
+        memory = ax.twinx()
+        memory.plot(lengths, [r["peak_memory_gib"] for r in long], "s--", color="tab:red")
+        memory.set_ylabel("peak memory (GiB)", color="tab:red")
+        ax.set_title("1 H200, BF16 THD, activation checkpointing, one window per step")
+        fig.tight_layout()
+        fig.savefig(out / "long_context.png", dpi=80)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in ok:

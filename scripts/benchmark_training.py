@@ -10,8 +10,8 @@ Each row is a `torchrun train_*.py --config-name L1_genomic_1b` run (Llama-3.2-1
 8192-token windows of the bundled DNA) with the overrides listed in ROWS. Rows run concurrently when
 GPUs are free (each on its own GPUs). A row's numbers are the mean of its log windows after
 `--warmup` steps, read from its `metrics.jsonl`: tokens/s/GPU (padded: every input token; real:
-prediction targets only), MFU (the logged one: 6N per real token + 12 L H D len^2 per sequence,
-torchtitan's constants, over the dense BF16 peak of 989 TFLOP/s; FP8 rows are thus "BF16-equivalent"),
+prediction targets only), MFU (the logged one: 6N per real token + 6 L H D len^2 per sequence,
+causal attention, over the dense BF16 peak of 989 TFLOP/s; FP8 rows are thus "BF16-equivalent"),
 step time, peak memory, the fraction
 of wall time the loop waited for data, and the checkpoint save time where the row saves one.
 
@@ -49,6 +49,10 @@ LINGUA = (
 
 # Context-parallel rows read one long record (the bundled records joined: 2.4 Mbp), so every window is full length.
 LONG_DNA = "dataset.load_dataset_kwargs.path={long_dna} dataset.stride=0"
+# Records of 8,190 and 2,046 bases in turn, read in order: each BSHD micro-batch of 2 holds one 8,192-token
+# window and one of 2,048 (BOS and EOS included), the case where padding wastes the most.
+MIXED_DNA = "dataset.load_dataset_kwargs.path={mixed_dna} dataset.stride=0 dataset.buffer_size=1 dataset.num_workers=1"
+PADDED = "config_kwargs.attn_input_format=bshd"  # upstream's padded BSHD path instead of packed rows
 
 
 def row(group, name, precision, fmt, overrides, gpus=1, script="fsdp2", save_checkpoint=False, steps=None) -> dict:
@@ -101,12 +105,59 @@ def balance_rows():
             for gpus in (1, 2, 4)]  # fmt: skip
 
 
+def bare_rows():
+    """The recipe against a bare stack of the same TE layers (`benchmark_model.py --train-row`), identical work.
+
+    Both train full 8,192-token windows of one long record, 2 per step, with fused AdamW and clipping; the
+    bare row's overrides field holds its FP8 recipe name. "TE ... full windows" rows are the recipe's step.
+    """
+    rows = []
+    current = "Float8CurrentScaling"
+    for precision, flags, recipe in (("BF16", BF16, "none"), ("FP8 current", fp8(current), current)):
+        for fmt, layout, kind in (("BSHD", f"{BSHD} {PADDED}", "bare"), ("THD", THD, "bare_thd")):
+            overrides = f"{LONG_DNA} {flags} {layout}"
+            rows.append(row("bare", f"bare TE stack {precision} {fmt}", precision, fmt, recipe, script=kind))
+            rows.append(row("bare", f"TE {precision} {fmt} full windows", precision, fmt, overrides))
+    return rows
+
+
+def padding_rows():
+    """BSHD micro-batches as packed rows (the default), upstream's padded BSHD, and THD, on the mixed records."""
+    return [
+        row("padding", f"TE {precision} {name} mixed", precision, fmt, f"{MIXED_DNA} {flags} {layout}")
+        for precision, flags in (("BF16", BF16), ("FP8 current", fp8("Float8CurrentScaling")))
+        for name, fmt, layout in (
+            ("BSHD", "BSHD", BSHD),
+            ("BSHD padded", "BSHD", f"{BSHD} {PADDED}"),
+            ("THD", "THD", THD),
+        )
+    ]
+
+
+# The longest window one GPU trains at: BF16 THD, activation checkpointing, one window per step.
+LONG_CONTEXT = f"{LONG_DNA} {THD} {BF16} use_gradient_checkpointing=true dataset.micro_batch_size=1"
+LONG_LENGTHS = (8, 32, 128, 256, 512, 1024)  # thousand tokens
+
+
+def long_context_rows():
+    """One window of 8k to 1M tokens per step on one GPU (and 1M with cp=2 on two), 2 or 3 steps each."""
+    rows = [row("long", f"long {k}k 1 GPU", "BF16", "THD", f"{LONG_CONTEXT} dataset.max_seq_length={k * 1024}",
+                steps=3 if k <= 128 else 2) for k in LONG_LENGTHS]  # fmt: skip
+    rows.append(row("long", "long 1024k CP 2 GPU", "BF16", "THD",
+                    f"{LONG_CONTEXT} dataset.max_seq_length={1024 * 1024} cp_size=2", 2, "cp", steps=2))  # fmt: skip
+    return rows
+
+
 # Overrides are on top of `--config-name` (L1_genomic_1b).
 ROWS = [
     row("model", "HF BF16 BSHD", "BF16", "BSHD", f"use_te=false {BSHD} {BF16}"),
     row("model", "TE BF16 BSHD", "BF16", "BSHD", f"{BSHD} {BF16}"),
+    row("model", "TE BF16 BSHD padded", "BF16", "BSHD", f"{BSHD} {BF16} {PADDED}"),
     row("model", "TE FP8 delayed BSHD", "FP8 delayed", "BSHD", f"{BSHD} {fp8('DelayedScaling')}"),
     row("model", "TE FP8 current BSHD", "FP8 current", "BSHD", f"{BSHD} {fp8('Float8CurrentScaling')}"),
+    row(
+        "model", "TE FP8 current BSHD padded", "FP8 current", "BSHD", f"{BSHD} {fp8('Float8CurrentScaling')} {PADDED}"
+    ),  # noqa: E501  # fmt: skip
     row("model", "TE BF16 THD", "BF16", "THD", f"{THD} {BF16}"),
     row("model", "TE FP8 delayed THD", "FP8 delayed", "THD", f"{THD} {fp8('DelayedScaling')}"),
     row("model", "TE FP8 current THD", "FP8 current", "THD", f"{THD} {fp8('Float8CurrentScaling')}"),
@@ -119,16 +170,19 @@ ROWS = [
     row("compile", "TE BF16 THD compiled", "BF16", "THD", f"{THD} {BF16} {COMPILE}"),
     row("compile", "TE FP8 delayed THD compiled", "FP8 delayed", "THD", f"{THD} {fp8('DelayedScaling')} {COMPILE}"),
     row("compile", "TE BF16 BSHD compiled", "BF16", "BSHD", f"{BSHD} {BF16} {COMPILE}"),
+    *bare_rows(),
+    *padding_rows(),
     *scaling_rows(),
     *balance_rows(),
     *cp_rows(),
+    *long_context_rows(),
 ]
 
 
 def parse_args():
     """Command-line options (see --help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", default="model,lingua,compile,scaling,cp")
+    p.add_argument("--groups", default="model,bare,padding,lingua,compile,scaling,cp,long")
     p.add_argument("--only", default=None, help="comma-separated row names to run (within --groups)")
     p.add_argument("--config-name", default="L1_genomic_1b")
     p.add_argument("--overrides", default="", help="extra key=value overrides for every row")
@@ -151,7 +205,14 @@ def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a failed rerun must not report the last run's numbers
     steps = row["steps"] or args.steps
-    overrides = row["overrides"].format(long_dna=long_dna_parquet(work)).split() + [
+    if row["script"].startswith("bare"):
+        command = [sys.executable, "scripts/benchmark_model.py", "--train-row", row["script"], "--recipes",
+                   row["overrides"], "--dna", str(long_dna_parquet(work)), "--metrics", str(run_dir / "metrics.jsonl"),
+                   "--steps", str(steps), "--log-every", str(args.log_every)]  # fmt: skip
+        return subprocess.Popen(command, cwd=RECIPE_DIR, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu_ids[0])},
+                                stdout=(run_dir / "stdout.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    data = {"long_dna": long_dna_parquet(work), "mixed_dna": mixed_dna_parquet(work)}
+    overrides = row["overrides"].format(**data).split() + [
         f"num_train_steps={steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
         "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
     ]  # fmt: skip
@@ -176,6 +237,23 @@ def long_dna_parquet(work: Path) -> Path:
         records = pq.read_table(RECIPE_DIR / "test_genomic_sequences.parquet").column("sequence").to_pylist()
         work.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"sequence": ["".join(records)]}), path)
+    return path
+
+
+def mixed_dna_parquet(work: Path) -> Path:
+    """The bundled DNA cut into records of 8,190 and 2,046 bases in turn (MIXED_DNA)."""
+    path = work / "mixed_dna.parquet"
+    if not path.exists():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        text = pq.read_table(long_dna_parquet(work)).column("sequence")[0].as_py()
+        records, start = [], 0
+        while start + 8190 <= len(text):
+            length = 8190 if len(records) % 2 == 0 else 2046
+            records.append(text[start : start + length])
+            start += length
+        pq.write_table(pa.table({"sequence": records}), path)
     return path
 
 

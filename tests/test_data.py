@@ -281,6 +281,35 @@ def test_loader_state_round_trip(make_loader, streaming, num_workers):
     assert all(_batches_equal(a, b) for a, b in zip(got, expected))
 
 
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 16])
+def test_packed_rows_hold_the_padded_batches_tokens_and_targets(pad_to_multiple_of):
+    """`pack_rows`: each BSHD micro-batch as one packed row: the same windows, targets and target count, no pads."""
+    from batches import count_label_tokens
+
+    kwargs = dict(LOADER_KW, num_workers=0, pad_to_multiple_of=pad_to_multiple_of, uppercase_labels=True,
+                  load_dataset_kwargs={"path": PARQUET})  # fmt: skip
+    padded, _ = create_bshd_dataloader(DistributedConfig(), **kwargs)
+    packed, _ = create_bshd_dataloader(DistributedConfig(), **kwargs, pack_rows=True)
+    saw_padding = False
+    for bshd, thd, _ in zip(padded, packed, range(40)):
+        mask = bshd["attention_mask"].bool()
+        saw_padding |= not bool(mask.all())
+        lengths = mask.sum(1).tolist()
+        cu = thd["cu_seq_lens_q"].tolist()
+        assert [b - a for a, b in zip(cu, cu[1:])][: len(lengths)] == lengths  # one sequence per window
+        real = cu[len(lengths)]
+        assert cu[-1] - real < (pad_to_multiple_of or 1)  # at most the FP8 round-up, as one padding sequence
+        assert torch.equal(thd["input_ids"][0, :real], bshd["input_ids"][mask])
+        # Targets: what each token predicts, shifted inside its own row (BSHD) or the packed row (THD).
+        bshd_targets = torch.cat([row[1:n] for row, n in zip(bshd["labels"], lengths)])
+        thd_targets = thd["labels"][0, 1:real]
+        thd_targets = thd_targets[thd_targets != IGNORE_INDEX]
+        assert torch.equal(bshd_targets[bshd_targets != IGNORE_INDEX], thd_targets)
+        assert count_label_tokens(thd) == count_label_tokens(bshd)
+        assert thd["position_ids"][0, :real].tolist() == [p for n in lengths for p in range(n)]
+    assert saw_padding  # the bundled data has short records, so some batches were padded
+
+
 def test_stream_crosses_epochs_and_reshuffles(tmp_path):
     path = tmp_path / "tiny.parquet"
     pq.write_table(pa.table({"sequence": ["ACGT" * (i + 1) for i in range(12)]}), path)

@@ -15,13 +15,13 @@ def config(tmp_path):
 
 
 def constants(config):
-    """6 N and 12 L H D, written out."""
+    """6 N, and 6 L H D per pair of positions (torchtitan's 12 L H D halved: causal attention), written out."""
     n = count_parameters(config, with_embedding=False)
-    return 6 * n, 12 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config)
+    return 6 * n, 6 * config.num_hidden_layers * config.num_attention_heads * head_dim_of(config)
 
 
 def test_full_windows_give_the_per_token_formula(config):
-    """Two full 1024-token windows: 2 x 1024 x (6N + 12 L H D S), the formula for full windows."""
+    """Two full 1024-token windows: 2 x 1024 x (6N + 6 L H D S), the per-token formula for full windows."""
     dense, pair = constants(config)
     batch = {"input_ids": torch.zeros(2, 1024, dtype=torch.long)}
     assert ModelFlops(config).of_batch(batch) == pytest.approx(2 * 1024 * (dense + pair * 1024), rel=1e-12)

@@ -115,10 +115,6 @@ def test_an_upstream_command_line_trains_with_the_same_meaning(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (
-            ["use_sequence_packing=false", "+config_kwargs.attn_input_format=thd"],
-            "here use_sequence_packing decides the layout",
-        ),
         (["use_sequence_packing=true", "+config_kwargs.attn_input_format=bshd"], "set use_sequence_packing=false"),
         (["+config_kwargs.self_attn_mask_type=no_mask"], "is not causal"),
         (["dataset.max_seq_length=2"], "dataset.max_seq_length=2 leaves no room"),
@@ -131,14 +127,24 @@ def test_config_errors_for_upstream_values(tmp_path, overrides, message):
         validate_config(make_cfg(tmp_path, *overrides), use_te=False)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_a_matching_attn_input_format_is_accepted(tmp_path, packing):
-    layout = "thd" if packing else "bshd"
-    cfg = make_cfg(tmp_path, f"use_sequence_packing={packing}", f"+config_kwargs.attn_input_format={layout}",
-                   "+config_kwargs.self_attn_mask_type=causal", "checkpoint.save_every_n_steps=null")  # fmt: skip
+@pytest.mark.parametrize(
+    ("packing", "layout", "built"),
+    [(True, "thd", "thd"), (False, "bshd", "bshd"), (False, "thd", "thd"), (False, None, "thd"), (True, None, "thd")],
+)
+def test_attn_input_format_decides_how_bshd_batches_run(tmp_path, packing, layout, built):
+    """Padded BSHD by asking for bshd; otherwise the TE model takes BSHD micro-batches as packed rows (thd)."""
+    from model_setup import packs_bshd_batches
+
+    extra = [f"+config_kwargs.attn_input_format={layout}"] if layout else []
+    cfg = make_cfg(tmp_path, f"use_sequence_packing={packing}", *extra, "+config_kwargs.self_attn_mask_type=causal",
+                   "checkpoint.save_every_n_steps=null")  # fmt: skip
     validate_config(cfg, use_te=False)
     te_config = build_model_config(cfg, use_te=True)  # what the TE model is built from
-    assert te_config.attn_input_format == layout and te_config.self_attn_mask_type == "causal"
+    assert te_config.attn_input_format == built and te_config.self_attn_mask_type == "causal"
+    assert packs_bshd_batches(cfg, use_te=True) == (not packing and built == "thd")
+    assert not packs_bshd_batches(cfg, use_te=False)  # the HF reference keeps padded BSHD
+    cfg.cp_size = 2
+    assert not packs_bshd_batches(cfg, use_te=True)  # CP shards padded BSHD rows itself
 
 
 def test_config_kwargs_the_model_config_lacks_are_refused(tmp_path):
