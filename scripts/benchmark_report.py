@@ -32,17 +32,20 @@ def targets(results) -> list[tuple[str, float | None, float | None]]:
     """(what, measured, target) for each of the recipe's speed targets; target None: context, not a goal."""
     best_fp8_bshd = max(
         (r for r in results if r["group"] == "model" and r["format"] == "BSHD" and "FP8" in r["precision"]
-         and "error" not in r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)  # fmt: skip
+         and "error" not in r), key=lambda r: r["real_tokens_per_s_per_gpu"], default=None)  # fmt: skip
+    real = "real_tokens_per_s_per_gpu"  # comparable across padded rows, packed rows and THD packs
     model_rows = [r for r in results if r["group"] in ("model", "scaling") and "error" not in r]
     te_rows = [r for r in model_rows if not r["name"].startswith("HF")]
     rows = [
-        ("TE BF16 / HF tokens/s (BSHD)", ratio(results, "TE BF16 BSHD", "HF BF16 BSHD"), 1.25),
-        (f"TE FP8 ({best_fp8_bshd['precision'] if best_fp8_bshd else '-'}) / HF tokens/s (BSHD)",
-         ratio(results, best_fp8_bshd["name"], "HF BF16 BSHD") if best_fp8_bshd else None, 1.6),
+        ("TE BF16 / HF real tokens/s (BSHD)", ratio(results, "TE BF16 BSHD", "HF BF16 BSHD", key=real), 1.25),
+        (f"TE FP8 ({best_fp8_bshd['name'] if best_fp8_bshd else '-'}) / HF real tokens/s (BSHD)",
+         ratio(results, best_fp8_bshd["name"], "HF BF16 BSHD", key=real) if best_fp8_bshd else None, 1.6),
+        # Goals 0.60 and 0.76 under the old full-attention-window count, times 0.822 (its ratio to the causal
+        # count for full 8k windows of this model): the same work rate.
         ("TE BF16 MFU, best row",
-         max((r["mfu"] for r in te_rows if r["precision"] == "BF16" and r.get("mfu")), default=None), 0.60),
+         max((r["mfu"] for r in te_rows if r["precision"] == "BF16" and r.get("mfu")), default=None), 0.49),
         ("TE FP8 best MFU (BF16-equivalent)",
-         max((r["mfu"] for r in te_rows if "FP8" in r["precision"] and r.get("mfu")), default=None), 0.76),
+         max((r["mfu"] for r in te_rows if "FP8" in r["precision"] and r.get("mfu")), default=None), 0.62),
         ("THD / padded BSHD real tokens/s (BF16)",
          ratio(results, "TE BF16 THD", "TE BF16 BSHD padded", key="real_tokens_per_s_per_gpu"), 1.7),
         *[(f"recipe / bare TE stack tokens/s, {p} {f} (full windows)",
@@ -64,8 +67,9 @@ def targets(results) -> list[tuple[str, float | None, float | None]]:
            ratio(results, f"CP 2 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), 0.9) for s in (4, 8)],
         *[(f"CP 1 GPU at {2 * s}k / at {s}k: the most any CP can reach above (attention per token doubles)",
            ratio(results, f"CP 1 GPU seq {2 * s}k", f"CP 1 GPU seq {s}k"), None) for s in (4, 8)],
+        # Goal 0.9 under the old full-attention count; x0.898 (0.738 at 16k over 0.822 at 8k) under the causal one.
         ("CP 2 GPUs at 16k / CP 1 GPU at 8k, MFU (counts the longer attention)",
-         ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k", key="mfu"), 0.9),
+         ratio(results, "CP 2 GPU seq 16k", "CP 1 GPU seq 8k", key="mfu"), 0.81),
         *[(f"CP 2 / DP 2 GPUs, both at {s}k, {comm} (the cost of CP itself)",
            ratio(results, f"CP 2 GPU seq {s}k{suffix}", f"DP 2 GPU seq {s}k"), 0.9)
           for s in (8, 16) for comm, suffix in (("p2p", ""), ("a2a", " a2a"))],

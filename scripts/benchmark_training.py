@@ -158,6 +158,7 @@ ROWS = [
     row("model", "TE BF16 BSHD", "BF16", "BSHD", f"{BSHD} {BF16}"),
     row("model", "TE BF16 BSHD padded", "BF16", "BSHD", f"{BSHD} {BF16} {PADDED}"),
     row("model", "TE FP8 delayed BSHD", "FP8 delayed", "BSHD", f"{BSHD} {fp8('DelayedScaling')}"),
+    row("model", "TE FP8 delayed BSHD padded", "FP8 delayed", "BSHD", f"{BSHD} {fp8('DelayedScaling')} {PADDED}"),
     row("model", "TE FP8 current BSHD", "FP8 current", "BSHD", f"{BSHD} {fp8('Float8CurrentScaling')}"),
     row(
         "model", "TE FP8 current BSHD padded", "FP8 current", "BSHD", f"{BSHD} {fp8('Float8CurrentScaling')} {PADDED}"
