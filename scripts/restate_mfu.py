@@ -21,7 +21,6 @@ from hydra import compose, initialize_config_dir
 
 RECIPE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE_DIR))
-os.chdir(RECIPE_DIR)  # the tier files name data and configs relative to the recipe
 
 from batches import create_dataloader  # noqa: E402
 from command_line import normalize_command_line  # noqa: E402
@@ -51,7 +50,9 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
-    results = json.loads(Path(args.results).read_text())
+    path = Path(args.results).resolve()
+    results = json.loads(path.read_text())
+    os.chdir(RECIPE_DIR)  # the tier files name data and configs relative to the recipe
     peak = PEAK_BF16_FLOPS["H200"]
     cache = {}
     for row in results["rows"]:
@@ -73,7 +74,7 @@ def main():
         row["mfu"] = row["tokens_per_s_per_gpu"] * per_token / peak
         row["mfu_convention"] = "causal"
         print(f"{row['name']}: {row['mfu_full_attention_window']:.3f} -> {row['mfu']:.3f}")
-    Path(args.results).write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
