@@ -4,15 +4,19 @@
     profiler.step_begins(step + 1); ...; step += 1; profiler.step_ends(step)
 
 Steps count from 1, as in the log. The trace is `<run_dir>/profiler/rank<R>.json` (Chrome trace format:
-open it in https://ui.perfetto.dev or chrome://tracing). Each profiled step is also an NVTX range
-`step N`, and CUDA's profiler API is started and stopped around the steps, so Nsight Systems records
+open it in https://ui.perfetto.dev or chrome://tracing); `rank<R>_summary.txt` holds the ops that took the
+most time and, on a GPU, the share of the profiled wall time during which any kernel ran ("GPU busy"):
+well below 1, the GPU waited for the host (kernel launches, Python) or for data. Each profiled step is also
+an NVTX range `step N`, and CUDA's profiler API is started and stopped around the steps, so Nsight Systems records
 exactly these steps with `nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop ...`.
 """
 
 import logging
+import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 logger = logging.getLogger(__name__)
@@ -36,6 +40,7 @@ class StepProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self._profile = profile(activities=activities)
             self._profile.__enter__()
+            self._started = time.perf_counter()
             if self.cuda:
                 torch.cuda.profiler.start()
         if self.cuda:
@@ -57,9 +62,29 @@ class StepProfiler:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
+        wall_us = (time.perf_counter() - self._started) * 1e6
         self._profile.__exit__(None, None, None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._profile.export_chrome_trace(str(self.path))
+        busy = gpu_busy_fraction(self._profile.events(), wall_us)
+        sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        table = self._profile.key_averages().table(sort_by=sort, row_limit=30)
+        headline = f"steps {self.start}-{self.end}: wall {wall_us / 1e6:.3f} s" + (
+            f", GPU busy {busy:.1%} of it" if busy is not None else "")  # fmt: skip
+        self.path.with_name(self.path.stem + "_summary.txt").write_text(f"{headline}\n\n{table}\n")
         self._profile = None
-        logger.info("Profiler trace of steps %d-%d: %s (open in https://ui.perfetto.dev)", self.start, self.end,
-                    self.path)  # fmt: skip
+        logger.info("Profiler %s; trace %s (open in https://ui.perfetto.dev)", headline, self.path)
+
+
+def gpu_busy_fraction(events, wall_us: float) -> float | None:
+    """Share of `wall_us` during which at least one GPU kernel or copy ran (the union of their intervals)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    if not spans or wall_us <= 0:
+        return None
+    busy, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:  # a gap: the GPU idled
+            busy, start, end = busy + end - start, s, e
+        else:
+            end = max(end, e)
+    return (busy + end - start) / wall_us

@@ -296,6 +296,8 @@ def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path):
     trace = json.loads((tmp_path / "profiler" / "rank0.json").read_text())
     optimizer_steps = [e for e in trace["traceEvents"] if e.get("name") == "Optimizer.step#AdamW.step"]
     assert len(optimizer_steps) == 2  # steps 2 and 3, nothing else
+    summary = (tmp_path / "profiler" / "rank0_summary.txt").read_text()
+    assert summary.startswith("steps 2-3: wall ") and "Self CPU" in summary  # the ops table (no GPU: no busy share)
     bad = make_cfg(tmp_path, "profiler.enabled=true", "profiler.start_step=5", "profiler.end_step=3")
     with pytest.raises(ValueError, match="profiler.start_step=5 and profiler.end_step=3"):
         validate_config(bad, use_te=False)
@@ -343,3 +345,19 @@ def test_fp8_stats_file_and_log_dir_reach_tes_debug_tools(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="fp8_stats_config.fp8_stats_file='nope.yaml' does not exist"):
         FP8Stats(make_cfg(tmp_path, "fp8_stats_config.enabled=true", "fp8_stats_config.fp8_stats_file=nope.yaml"),
                  tmp_path, rank=0)  # fmt: skip
+
+
+def test_gpu_busy_fraction_is_the_union_of_kernel_intervals():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from profiling import gpu_busy_fraction
+
+    def event(start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device)
+
+    # Kernels at 0-10 and 5-20 overlap (busy 0-20), 30-40 after a gap; a CPU op spanning everything is not GPU time.
+    events = [event(30, 40), event(0, 10), event(5, 20), event(0, 100, DeviceType.CPU)]
+    assert gpu_busy_fraction(events, wall_us=100) == pytest.approx(0.30)
+    assert gpu_busy_fraction([event(0, 100, DeviceType.CPU)], wall_us=100) is None

@@ -109,6 +109,9 @@ def test_fp8_stats_and_profiler_write_their_outputs(tmp_path):
     trace = json.loads((run / "profiler" / "rank0.json").read_text())
     kernels = [e for e in trace["traceEvents"] if e.get("cat") == "kernel"]
     assert len(kernels) > 50  # GPU kernels of the profiled steps are in the trace
+    headline = (run / "profiler" / "rank0_summary.txt").read_text().splitlines()[0]
+    busy = float(headline.split("GPU busy ")[1].split("%")[0]) / 100
+    assert 0.0 < busy <= 1.0, headline
 
 
 @torch.no_grad()
