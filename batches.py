@@ -21,10 +21,10 @@ from distributed_config import DistributedConfig
 
 
 def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: int = 1, cp_rank: int | None = None,
-                      pack_bshd: bool = False):  # fmt: skip
+                      pack_rows: bool = False):  # fmt: skip
     """BSHD or THD (`use_sequence_packing`) loader and the tokenizer, from the `dataset` group.
 
-    `pack_bshd` (`model_setup.packs_bshd_batches`): BSHD micro-batches come as packed rows of their windows.
+    `pack_rows` (`model_setup.packs_bshd_batches`): BSHD micro-batches come as packed rows of their windows.
 
     FP8 pads token counts to multiples of 16. With context parallelism every sequence is padded so that it
     splits into 2 x cp_size equal chunks (of multiples of 16 tokens per rank with FP8), and with `cp_rank`
@@ -43,9 +43,9 @@ def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: 
             kwargs.update(pad_sequences_to_be_divisible_by=divisor, pad_to_multiple_of=None)
         else:
             kwargs["pad_to_multiple_of"] = divisor
-    if pack_bshd:
-        kwargs["pack_rows"] = True
     make = create_thd_dataloader if cfg.use_sequence_packing else create_bshd_dataloader
+    if not cfg.use_sequence_packing:
+        kwargs["pack_rows"] = pack_rows
     return make(dist_config, **kwargs)
 
 

@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> float:
     fp8_autocast = fp8_autocast_factory(cfg, use_te)
 
     # --- Data ---
-    dataloader, tokenizer = create_dataloader(cfg, dist_config, pack_bshd=packs_bshd_batches(cfg, use_te))
+    dataloader, tokenizer = create_dataloader(cfg, dist_config, pack_rows=packs_bshd_batches(cfg, use_te))
     validation = cfg.validation.enabled  # held-out windows, evaluated every validation.every_n_steps
     validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir)) if validation else None
 

@@ -21,10 +21,14 @@ def compile_ratio(results, eager_name: str) -> float | None:
     return compiled["tokens_per_s_per_gpu"] / eager if eager else None
 
 
+def window_k(row) -> int:
+    """A long-context row's window length in thousand tokens (its name: "long <k>k ...")."""
+    return int(row["name"].split()[1].removesuffix("k"))
+
+
 def longest(results, suffix: str) -> int | None:
     """The longest window (thousand tokens) of the long-context rows ending in `suffix` that trained."""
-    done = [int(r["name"].split()[1].removesuffix("k")) for r in results
-            if r["group"] == "long" and r["name"].endswith(suffix) and "error" not in r]  # fmt: skip
+    done = [window_k(r) for r in results if r["group"] == "long" and r["name"].endswith(suffix) and "error" not in r]
     return max(done, default=None)
 
 
@@ -139,12 +143,10 @@ def plot(results, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"throughput_{group}.png", dpi=80)
         plt.close(fig)
-    long = sorted(
-        (r for r in ok if r["group"] == "long" and r["gpus"] == 1), key=lambda r: int(r["name"].split()[1][:-1])
-    )
+    long = sorted((r for r in ok if r["group"] == "long" and r["gpus"] == 1), key=window_k)
     if long:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        lengths = [int(r["name"].split()[1][:-1]) for r in long]
+        lengths = [window_k(r) for r in long]
         ax.plot(lengths, [r["tokens_per_s_per_gpu"] / 1e3 for r in long], "o-", color="tab:blue")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("window length (thousand tokens)")

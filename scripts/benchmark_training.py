@@ -205,28 +205,27 @@ def parse_args():
 
 
 def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
-    """Start one row's torchrun on `gpu_ids`; its output goes to `<work>/<row>/stdout.log`."""
+    """Start one row on `gpu_ids` (torchrun, or the bare stack); its output goes to `<work>/<row>/stdout.log`."""
     run_dir = work / row["name"].replace(" ", "_")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a failed rerun must not report the last run's numbers
     steps = row["steps"] or args.steps
-    if row["script"].startswith("bare"):
+    if row["script"].startswith("bare"):  # overrides: the FP8 recipe name
         command = [sys.executable, "scripts/benchmark_model.py", "--train-row", row["script"], "--recipes",
                    row["overrides"], "--dna", str(long_dna_parquet(work)), "--metrics", str(run_dir / "metrics.jsonl"),
                    "--steps", str(steps), "--log-every", str(args.log_every)]  # fmt: skip
-        return subprocess.Popen(command, cwd=RECIPE_DIR, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu_ids[0])},
-                                stdout=(run_dir / "stdout.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
-    data = {"long_dna": long_dna_parquet(work), "mixed_dna": mixed_dna_parquet(work)}
-    overrides = row["overrides"].format(**data).split() + [
-        f"num_train_steps={steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
-        "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
-    ]  # fmt: skip
-    if row.get("save_checkpoint"):  # one save, at the last step
-        overrides += [f"checkpoint.ckpt_dir={run_dir / 'ckpt'}", f"checkpoint.save_every_n_steps={steps}",
-                      "checkpoint.max_checkpoints=1"]  # fmt: skip
-    script = {"ddp": "train_ddp.py", "fsdp2": "train_fsdp2.py", "cp": "train_fsdp2_cp.py"}[row["script"]]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpu_ids)}",
-               script, "--config-name", args.config_name, *overrides]  # fmt: skip
+    else:
+        data = {"long_dna": long_dna_parquet(work), "mixed_dna": mixed_dna_parquet(work)}
+        overrides = row["overrides"].format(**data).split() + [
+            f"num_train_steps={steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
+            "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
+        ]  # fmt: skip
+        if row.get("save_checkpoint"):  # one save, at the last step
+            overrides += [f"checkpoint.ckpt_dir={run_dir / 'ckpt'}", f"checkpoint.save_every_n_steps={steps}",
+                          "checkpoint.max_checkpoints=1"]  # fmt: skip
+        script = {"ddp": "train_ddp.py", "fsdp2": "train_fsdp2.py", "cp": "train_fsdp2_cp.py"}[row["script"]]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpu_ids)}",
+                   script, "--config-name", args.config_name, *overrides]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))}
     log = (run_dir / "stdout.log").open("w")
     return subprocess.Popen(command, cwd=RECIPE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -29,11 +29,15 @@ from model_setup import build_model_config  # noqa: E402
 from perf_logger import PEAK_BF16_FLOPS, ModelFlops  # noqa: E402
 
 
+def l1_config(overrides: list[str]):
+    """`L1_genomic_1b` with `overrides`, normalized as the entrypoints do (same keys, same loader workers)."""
+    with initialize_config_dir(config_dir=str(RECIPE_DIR / "hydra_config"), version_base="1.2"):
+        return compose(config_name="L1_genomic_1b", overrides=normalize_command_line(["", *overrides])[1:])
+
+
 def flops_per_token(overrides: list[str], gpus: int, first: int, last: int) -> float:
     """FLOPs per input token of rank 0's micro-batches `first`..`last` (1-based) for a row's overrides."""
-    with initialize_config_dir(config_dir=str(RECIPE_DIR / "hydra_config"), version_base="1.2"):
-        overrides = normalize_command_line(["", *overrides])[1:]  # as the entrypoints do; same workers, same order
-        cfg = compose(config_name="L1_genomic_1b", overrides=overrides)
+    cfg = l1_config(overrides)
     counter = ModelFlops(build_model_config(cfg, use_te=False))
     loader, _ = create_dataloader(cfg, DistributedConfig(rank=0, local_rank=0, world_size=gpus))
     flops = tokens = 0.0
@@ -54,16 +58,14 @@ def main():
     results = json.loads(path.read_text())
     os.chdir(RECIPE_DIR)  # the tier files name data and configs relative to the recipe
     peak = PEAK_BF16_FLOPS["H200"]
+    full_windows = ModelFlops(build_model_config(l1_config([]), use_te=False))
     cache = {}
     for row in results["rows"]:
         if "error" in row or row.get("mfu_convention") == "causal":
             continue
         if row["group"] == "cp":  # full windows of one long record
             words = dict(w.split("=", 1) for w in row["overrides"].split() if "=" in w)
-            with initialize_config_dir(config_dir=str(RECIPE_DIR / "hydra_config"), version_base="1.2"):
-                cfg = compose(config_name="L1_genomic_1b", overrides=["use_sequence_packing=true"])
-            counter = ModelFlops(build_model_config(cfg, use_te=False))
-            per_token = counter.per_token + counter.per_pair * int(words["dataset.max_seq_length"])
+            per_token = full_windows.per_token + full_windows.per_pair * int(words["dataset.max_seq_length"])
         else:
             overrides = [w for w in row["overrides"].split() if not w.startswith("use_torch_compile")]
             key = (tuple(overrides), row["gpus"])
