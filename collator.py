@@ -155,6 +155,27 @@ class ThdCollator(_LabelPolicy):
         return batch
 
 
+class PackedRowsCollator:
+    """BSHD micro-batches for a THD-built TE model, without a GEMM on a pad (`model_setup.packs_bshd_batches`).
+
+    Windows of one length stay a [B, L] batch (`BshdCollator`, nothing to pad: the model runs TE's BSHD
+    kernels, a few percent faster than THD on full windows); any other micro-batch becomes one packed
+    row of the same windows (`ThdCollator`).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, **label_policy):
+        self.rows = BshdCollator(pad_token_id, pad_to_multiple_of, **label_policy)
+        self.packed = ThdCollator(pad_token_id, pad_to_multiple_of, **label_policy)
+        self.multiple = pad_to_multiple_of or 1
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | int | bool]:
+        """`BshdCollator`'s batch (its mask all ones) or `ThdCollator`'s packed row."""
+        lengths = {len(s["input_ids"]) for s in samples}
+        if len(lengths) == 1 and lengths.pop() % self.multiple == 0:
+            return self.rows(samples)
+        return self.packed(samples)
+
+
 class TokenPackingDataset(IterableDataset):
     """Groups a stream of samples into micro-batches of exactly `max_tokens_per_batch` tokens.
 

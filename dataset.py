@@ -39,7 +39,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from balanced_packing import BalancedPackingDataset
-from collator import BshdCollator, ContextParallelCollator, ThdCollator, TokenPackingDataset
+from collator import BshdCollator, ContextParallelCollator, PackedRowsCollator, ThdCollator, TokenPackingDataset
 from data_sources import describe_decode_error, load_raw_dataset, load_tokenizer
 from distributed_config import DistributedConfig
 from holdout import held_out_filter
@@ -195,15 +195,16 @@ def create_bshd_dataloader(
 ):
     """Padded [micro_batch_size, L] batches; returns `(loader, tokenizer)`.
 
-    With `pack_rows` the same micro-batches come as one packed [1, T] row each (`ThdCollator`, no padding
-    but `pad_to_multiple_of`). With `cp_rank` the loader yields that context-parallel rank's shard of each batch.
+    With `pack_rows` a micro-batch with padding comes as one packed [1, T] row of its windows instead
+    (`collator.PackedRowsCollator`: no padding but `pad_to_multiple_of`). With `cp_rank` the loader yields that
+    context-parallel rank's shard of each batch.
     """
     tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
                                       stride, buffer_size, seed, text_column, num_workers, num_epochs,
                                       holdout_fraction)  # fmt: skip
     policy = dict(uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases,
                   eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    collate = ThdCollator if pack_rows else BshdCollator
+    collate = PackedRowsCollator if pack_rows else BshdCollator
     collator = collate(tokenizer.pad_token_id, pad_to_multiple_of, **policy)
     loader = _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader, cp_rank, cp_size,
                           prefetch_factor)  # fmt: skip

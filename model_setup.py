@@ -1,7 +1,7 @@
 """The model the entrypoints train.
 
-Its config, the TE or HF model, activation checkpointing, per-layer `torch.compile`, and the FP8
-autocast context.
+Its config, the TE or HF model, activation checkpointing, per-layer `torch.compile`, FSDP2 sharding and
+the FP8 autocast context.
 
     model = create_model(cfg, use_te, device, on_meta=use_te and cfg.use_meta_device)
     fp8_autocast = fp8_autocast_factory(cfg, use_te)
@@ -9,7 +9,7 @@ autocast context.
         loss = model(**batch).loss
 
 Order (torchtitan's): build -> activation checkpointing -> compile each decoder layer -> FSDP2/DDP wrapping
-(in the entrypoint) -> materialise meta weights.
+(`shard_with_fsdp2`, or DDP in `train_ddp.py`) -> materialise meta weights.
 """
 
 import logging
@@ -136,6 +136,23 @@ def apply_activation_checkpointing(model, use_te: bool) -> None:
     layers = model.model.layers
     for i, layer in enumerate(layers):
         layers[i] = checkpoint_wrapper(layer)
+
+
+def shard_with_fsdp2(model, world_size: int, device: torch.device, fp32_master_weights: bool) -> None:
+    """FSDP2 (`fully_shard`): each decoder layer, then the root (embedding, final norm, LM head).
+
+    With `fp32_master_weights` the parameters are kept in FP32 and gathered in BF16. On a single rank the
+    gathered parameters stay from forward to backward (`reshard_after_forward=False`): with nothing to gather
+    from other ranks, resharding would only copy every layer's parameters again in backward.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world_size,))
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fp32_master_weights \
+        else MixedPrecisionPolicy()  # fmt: skip
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=world_size > 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=world_size > 1)
 
 
 def compile_decoder_layers(model) -> None:

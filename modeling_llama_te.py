@@ -7,7 +7,8 @@ Architecture only: no distributed code (wrapping happens in the training scripts
 is one `te.TransformerLayer` (fused RMSNorm + interleaved QKV, GQA, RoPE, SwiGLU MLP, no bias, no
 dropout). Inputs are BSHD ([B, S] with an optional padding mask) or THD (a packed [1, T] row with
 `cu_seq_lens_q/k` and `max_length_q/k`, as `collator.ThdCollator` makes them). A THD model given
-padded BSHD input (HF `generate` with left padding) unpads internally and pads the output back.
+padded BSHD input (HF `generate` with left padding) unpads internally and pads the output back; given
+BSHD input without padding it runs TE's BSHD kernels.
 
 Generation uses TE's `InferenceParams` as the KV cache (`HFInferenceParams` adds what HF `generate`
 asks of a cache):
@@ -281,7 +282,12 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
             past_key_values if isinstance(past_key_values, InferenceParams) and use_cache is not False else None
         )
         unpad_index = None
-        if self.config.attn_input_format == "thd":
+        # Rows without padding run in BSHD even in a THD model: TE's BSHD kernels are a few percent faster on
+        # them (the training loader keeps micro-batches of equal windows as rows: `collator.PackedRowsCollator`).
+        rows = attention_mask is None and inference is None and kwargs.get("cu_seq_lens_q") is None
+        thd = self.config.attn_input_format == "thd" and not (rows and self.cp_size == 1)
+        self._set_attention_layout("thd" if thd else "bshd")
+        if thd:
             hidden, layer_kwargs, rope_length, unpad_index = self._thd_inputs(
                 hidden, attention_mask, inference, kwargs
             )
@@ -305,6 +311,18 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
             hidden_states=all_hidden if output_hidden_states else None,
         )
 
+    def _set_attention_layout(self, qkv_format: str) -> None:
+        """Have every layer's attention take `qkv_format` input from this call on.
+
+        TE reads the layout from `self_attention.qkv_format` at each call (TE 2.x). It is left set, not
+        restored after the forward: activation checkpointing recomputes the layers in backward.
+        """
+        if qkv_format == getattr(self, "_attention_layout", self.config.attn_input_format):
+            return
+        for layer in self.layers:
+            layer.self_attention.qkv_format = qkv_format
+        self._attention_layout = qkv_format
+
     def _thd_inputs(self, hidden, attention_mask, inference, kwargs):
         """[T, H] hidden states, the THD layer arguments, the RoPE length and `unpad_index`.
 
@@ -317,7 +335,7 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         if cu_seq_lens_q is None:  # BSHD input: every row is one sequence
             batch, seq_len, hidden_size = hidden.shape
             hidden = hidden.reshape(batch * seq_len, hidden_size)
-            if attention_mask is None:  # no padding: no index to build (and no GPU sync)
+            if attention_mask is None:  # no padding (KV-cache decoding; CP): no index to build, no GPU sync
                 lengths = torch.full((batch,), seq_len, device=hidden.device, dtype=torch.int32)
             else:  # drop the pad tokens; nonzero() waits for the GPU (training feeds packed rows instead)
                 mask = attention_mask[:, -seq_len:].bool()  # decoding: the mask covers the cache too

@@ -78,7 +78,10 @@ def main(cfg: DictConfig) -> float:
     # --- DDP wrapping: the whole model on every rank, gradients all-reduced in buckets ---
     if on_meta:
         model.init_empty_weights(device)
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Gradients as views into the all-reduce buckets: no copy of every gradient into a bucket each step.
+    model = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+    )
 
     # --- Optimizer and schedule ---
     optimizer = create_optimizer(cfg, model, device)

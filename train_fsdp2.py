@@ -19,7 +19,6 @@ import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import set_seed
 
 from batches import count_label_tokens, create_dataloader, iter_batches, to_device
@@ -34,7 +33,7 @@ from command_line import exit_on_user_error, normalize_command_line
 from config_checks import check_inputs, resolve_use_te, validate_config
 from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
 from fp8_stats import FP8Stats
-from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory, packs_bshd_batches
+from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory, packs_bshd_batches, shard_with_fsdp2
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
 from perf_logger import PerfLogger
 from preemption import Preemption
@@ -77,15 +76,7 @@ def main(cfg: DictConfig) -> float:
     run_info = describe_run(cfg, dist_config.world_size, use_te, device, model.config)  # goes into every checkpoint
 
     # --- FSDP2 wrapping: each decoder layer, then the root (embedding, final norm, LM head) ---
-    mesh = dist.device_mesh.init_device_mesh(device.type, (dist_config.world_size,))
-    mp_policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if cfg.fp32_master_weights
-        else MixedPrecisionPolicy()
-    )
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    shard_with_fsdp2(model, dist_config.world_size, device, cfg.fp32_master_weights)
     if on_meta:
         model.init_empty_weights(device)  # after sharding: each rank materialises only its shard
 

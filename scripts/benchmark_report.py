@@ -52,9 +52,9 @@ def targets(results) -> list[tuple[str, float | None, float | None]]:
          max((r["mfu"] for r in te_rows if "FP8" in r["precision"] and r.get("mfu")), default=None), 0.62),
         ("THD / padded BSHD real tokens/s (BF16)",
          ratio(results, "TE BF16 THD", "TE BF16 BSHD padded", key="real_tokens_per_s_per_gpu"), 1.7),
-        *[(f"recipe / bare TE stack tokens/s, {p} {f} (full windows)",
-           ratio(results, f"TE {p} {f} full windows", f"bare TE stack {p} {f}"), 0.99)
-          for p in ("BF16", "FP8 current") for f in ("BSHD", "THD")],
+        *[(f"recipe{script} / bare TE stack tokens/s, {p} {f} (full windows)",
+           ratio(results, f"TE {p} {f} full windows{script}", f"bare TE stack {p} {f}"), 0.99)
+          for script in ("", " DDP") for p in ("BF16", "FP8 current") for f in ("BSHD", "THD")],
         *[(f"BSHD (packed rows) / THD real tokens/s, {p}, {data}",
            ratio(results, f"TE {p} BSHD{suffix}", f"TE {p} THD{suffix}", key="real_tokens_per_s_per_gpu"), 0.95)
           for p in ("BF16", "FP8 current") for data, suffix in (("bundled data", ""), ("mixed 8k + 2k", " mixed"))],

@@ -109,15 +109,18 @@ def bare_rows():
     """The recipe against a bare stack of the same TE layers (`benchmark_model.py --train-row`), identical work.
 
     Both train full 8,192-token windows of one long record, 2 per step, with fused AdamW and clipping; the
-    bare row's overrides field holds its FP8 recipe name. "TE ... full windows" rows are the recipe's step.
+    bare row's overrides field holds its FP8 recipe name. "TE ... full windows" rows are the recipe's step
+    (FSDP2; "DDP": `train_ddp.py`, the same step without FSDP2's parameter and gradient copies).
     """
     rows = []
     current = "Float8CurrentScaling"
     for precision, flags, recipe in (("BF16", BF16, "none"), ("FP8 current", fp8(current), current)):
-        for fmt, layout, kind in (("BSHD", f"{BSHD} {PADDED}", "bare"), ("THD", THD, "bare_thd")):
+        for fmt, layout, kind in (("BSHD", BSHD, "bare"), ("THD", THD, "bare_thd")):
             overrides = f"{LONG_DNA} {flags} {layout}"
             rows.append(row("bare", f"bare TE stack {precision} {fmt}", precision, fmt, recipe, script=kind))
             rows.append(row("bare", f"TE {precision} {fmt} full windows", precision, fmt, overrides))
+            rows.append(row("bare", f"TE {precision} {fmt} full windows DDP", precision, fmt, overrides,
+                            script="ddp"))  # fmt: skip
     return rows
 
 

@@ -152,6 +152,40 @@ def test_thd_model_unpads_left_padded_bshd(hf_model):
         assert_close_logits(logits[i, width - len(s) :], hf_model(input_ids=s[None].cuda()).logits[0])
 
 
+def test_thd_model_runs_unpadded_rows_in_bshd(hf_model):
+    """A THD model runs [B, S] rows without padding in TE's BSHD layout, and packed input in THD after them.
+
+    Rows give the BSHD model's logits exactly; with activation checkpointing the recompute in backward keeps
+    the forward's layout (same gradients).
+    """
+    from collator import ThdCollator
+    from model_setup import apply_activation_checkpointing
+
+    thd_model, bshd_model = (te_from_hf(hf_model, attn_input_format=f) for f in ("thd", "bshd"))
+    rows = torch.stack([s[:96] for s in sequences(7) if len(s) >= 96] * 2).cuda()  # [2, 96], no padding
+    with torch.no_grad():
+        assert torch.equal(thd_model(input_ids=rows).logits, bshd_model(input_ids=rows).logits)
+        assert {layer.self_attention.qkv_format for layer in thd_model.model.layers} == {"bshd"}
+        seqs = sequences(8)
+        packed = ThdCollator(pad_token_id=1)([{"input_ids": s.numpy()} for s in seqs])
+        packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+        logits = thd_model(**packed).logits[0]
+        assert {layer.self_attention.qkv_format for layer in thd_model.model.layers} == {"thd"}
+        for s, start in zip(seqs, packed["cu_seq_lens_q"].tolist()):
+            assert_close_logits(logits[start : start + len(s)], hf_model(input_ids=s[None].cuda()).logits[0])
+
+    grads = []
+    for checkpointed in (False, True):
+        model = te_from_hf(hf_model, attn_input_format="thd").train()
+        if checkpointed:
+            apply_activation_checkpointing(model, use_te=True)
+        model(**packed).loss.backward()  # leaves the layers in THD; the rows' forward switches them to BSHD
+        model.zero_grad()
+        model(input_ids=rows, labels=rows).loss.backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
 def _train_losses(hf_model, fp8_recipe, steps=8):
     import transformer_engine.pytorch as te
 
