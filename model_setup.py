@@ -33,9 +33,10 @@ UNSUPPORTED_HINT = (
 def packs_bshd_batches(cfg: DictConfig, use_te: bool) -> bool:
     """Whether the TE model runs BSHD micro-batches as packed rows (`use_sequence_packing=false`, no CP).
 
-    The micro-batches keep their windows (`dataset.micro_batch_size` of them), but the collator lays them
-    end to end instead of padding them, and the model's attention runs in THD: pad tokens cost no GEMM work.
-    `config_kwargs.attn_input_format=bshd` keeps upstream's padded BSHD path.
+    The micro-batches keep their windows (`dataset.micro_batch_size` of them). The model is built for THD;
+    one with padding comes as a packed row (the collator lays its windows end to end: pad tokens cost no
+    GEMM work), one of equal windows as [B, L] rows, which the model runs in TE's BSHD layout
+    (`collator.PackedRowsCollator`). `config_kwargs.attn_input_format=bshd` keeps upstream's padded BSHD path.
     """
     bshd_asked = OmegaConf.select(cfg, "config_kwargs.attn_input_format") == "bshd"
     return use_te and not cfg.use_sequence_packing and cfg.cp_size == 1 and not bshd_asked
