@@ -91,7 +91,8 @@ def main(cfg: DictConfig) -> float:
     # --- Data ---
     dataloader, tokenizer = create_dataloader(cfg, dist_config, pack_rows=packs_bshd_batches(cfg, use_te))
     validation = cfg.validation.enabled  # held-out windows, evaluated every validation.every_n_steps
-    validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir)) if validation else None
+    validator = (Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir), packs_bshd_batches(cfg, use_te))
+                 if validation else None)  # fmt: skip
 
     # --- Resume ---
     step = 0

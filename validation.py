@@ -1,6 +1,6 @@
 """Validation during training: a fixed set of held-out windows, evaluated every `validation.every_n_steps`.
 
-    validator = Validator(cfg, tokenizer, dist_config, device)       # None when validation.enabled=false
+    validator = Validator(cfg, tokenizer, dist_config, device, pack_rows=packs_bshd_batches(cfg, use_te))
     metrics = validator.run(model)    # {"val_loss", "val_bits_per_base", "val_perplexity", ...}; every rank
 
 The windows come from `validation.load_dataset_kwargs` (a separate FASTA/parquet data set) or, if that is
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from batches import to_device
-from collator import IGNORE_INDEX, BshdCollator, ThdCollator
+from collator import IGNORE_INDEX, BshdCollator, PackedRowsCollator, ThdCollator
 from dataset import create_tokenized_dataset
 from distributed_config import DistributedConfig, all_reduce_sum
 
@@ -50,14 +50,17 @@ def validation_windows(cfg: DictConfig, tokenizer) -> list:
     return windows
 
 
-def micro_batches(cfg: DictConfig, windows: list, tokenizer) -> list[dict]:
-    """Whole windows in packed THD micro-batches of the training token budget, or BSHD micro-batches."""
+def micro_batches(cfg: DictConfig, windows: list, tokenizer, pack_rows: bool = False) -> list[dict]:
+    """Whole windows in packed THD micro-batches of the training token budget, or BSHD micro-batches.
+
+    `pack_rows`: BSHD micro-batches as training gets them from the loader (`collator.PackedRowsCollator`).
+    """
     d = cfg.dataset
     policy = dict(uppercase_labels=d.uppercase_labels, mask_degenerate_bases=d.mask_degenerate_bases,
                   eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     samples = [{"input_ids": w} for w in windows]
     if not cfg.use_sequence_packing:
-        collate = BshdCollator(tokenizer.pad_token_id, **policy)
+        collate = (PackedRowsCollator if pack_rows else BshdCollator)(tokenizer.pad_token_id, **policy)
         return [collate(samples[i : i + d.micro_batch_size]) for i in range(0, len(samples), d.micro_batch_size)]
     budget, groups, tokens = d.token_micro_batch_size or d.micro_batch_size * d.max_seq_length, [[]], 0
     for sample in samples:  # never split a window: its loss would lose the context of its first part
@@ -81,12 +84,12 @@ class Validator:
     """Evaluates the fixed validation windows and keeps the best `val_bits_per_base` seen."""
 
     def __init__(self, cfg: DictConfig, tokenizer, dist_config: DistributedConfig, device: torch.device,
-                 best: float = math.inf):  # fmt: skip
+                 best: float = math.inf, pack_rows: bool = False):  # fmt: skip
         self.every_n_steps = cfg.validation.every_n_steps
         self.last_step = cfg.num_train_steps
         windows = validation_windows(cfg, tokenizer)
         self.num_windows = len(windows)
-        self.batches = micro_batches(cfg, windows, tokenizer)[dist_config.rank :: dist_config.world_size]
+        self.batches = micro_batches(cfg, windows, tokenizer, pack_rows)[dist_config.rank :: dist_config.world_size]
         self.device = device
         self.best = best
 

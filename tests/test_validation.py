@@ -58,13 +58,17 @@ def test_held_out_records_never_reach_training_on_any_rank(tmp_path, genome):
     ]
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_val_bits_per_base_equals_a_hand_computation(tmp_path, genome, packing):
-    cfg = val_cfg(tmp_path, genome, f"use_sequence_packing={packing}", "dataset.max_seq_length=256")
+@pytest.mark.parametrize("layout", ["bshd", "thd", "packed_rows"])
+def test_val_bits_per_base_equals_a_hand_computation(tmp_path, genome, layout):
+    cfg = val_cfg(tmp_path, genome, f"use_sequence_packing={layout == 'thd'}", "dataset.max_seq_length=256")
     tokenizer = load_tokenizer(TOKENIZER)
     torch.manual_seed(0)
     model = create_model(cfg, use_te=False, device=torch.device("cpu"), on_meta=False)
-    metrics = Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device("cpu")).run(model)
+    validator = Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device("cpu"),
+                          pack_rows=layout == "packed_rows")  # fmt: skip
+    if layout == "packed_rows":  # the TE model's BSHD micro-batches (HF's sdpa masks packed rows by position_ids)
+        assert {"cu_seq_lens_q" in b for b in validator.batches} == {True, False}  # padded ones packed, full ones rows
+    metrics = validator.run(model)
     nll_bases, n_bases, nll_all, n_all = 0.0, 0, 0.0, 0
     with torch.no_grad():
         for window in validation_windows(cfg, tokenizer):  # one window at a time, no padding, no packing
@@ -154,3 +158,16 @@ def test_validation_on_two_gpus_fsdp2_fp8_thd(tmp_path, genome):
         tmp_path, genome, "use_sequence_packing=true", "fp8_config.enabled=true", "dataset.num_workers=1",
         use_te=True, device="cuda", rel=1e-3, dtype=torch.bfloat16,
     )  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_te_validation_of_packed_rows_equals_padded_bshd(tmp_path, genome):
+    """The TE model validates BSHD micro-batches as training feeds them (padded ones as packed rows): same figure."""
+    cfg = val_cfg(tmp_path, genome, "dataset.max_seq_length=256")
+    tokenizer = load_tokenizer(TOKENIZER)
+    torch.manual_seed(0)
+    model = create_model(cfg, use_te=True, device=torch.device("cuda"), on_meta=False)
+    padded, packed = (Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device("cuda"), pack_rows=rows)
+                      for rows in (False, True))  # fmt: skip
+    assert {"cu_seq_lens_q" in b for b in packed.batches} == {True, False}
+    assert packed.run(model)["val_bits_per_base"] == pytest.approx(padded.run(model)["val_bits_per_base"], rel=1e-3)
