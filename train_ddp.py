@@ -89,10 +89,11 @@ def main(cfg: DictConfig) -> float:
     fp8_autocast = fp8_autocast_factory(cfg, use_te)
 
     # --- Data ---
-    dataloader, tokenizer = create_dataloader(cfg, dist_config, pack_rows=packs_bshd_batches(cfg, use_te))
+    pack_rows = packs_bshd_batches(cfg, use_te)  # TE + BSHD: padded micro-batches come as packed rows
+    dataloader, tokenizer = create_dataloader(cfg, dist_config, pack_rows=pack_rows)
     validation = cfg.validation.enabled  # held-out windows, evaluated every validation.every_n_steps
-    validator = (Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir), packs_bshd_batches(cfg, use_te))
-                 if validation else None)  # fmt: skip
+    validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir), pack_rows) if validation \
+        else None  # fmt: skip
 
     # --- Resume ---
     step = 0
