@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,8 @@ def parse_args():
     p.add_argument("--dna", default=None, help="parquet of one long record (--train-row)")
     p.add_argument("--metrics", default=None, help="metrics.jsonl to write (--train-row)")
     p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--profile-steps", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="--train-row: profile these steps as the recipe's profiler.* does")  # fmt: skip
     return p.parse_args()
 
 
@@ -214,6 +217,7 @@ def train_bare_row(args, hf_config):
 
     from fp8 import build_fp8_recipe
     from perf_logger import ModelFlops, peak_flops
+    from profiling import StepProfiler
 
     recipe = None if args.recipes == "none" else build_fp8_recipe(args.recipes)
     text = pq.read_table(args.dna).column("sequence")[0].as_py().encode()
@@ -223,9 +227,14 @@ def train_bare_row(args, hf_config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     flops = ModelFlops(hf_config).of_batch({"input_ids": windows[: args.batch]})
     cu_seqlens = torch.arange(0, args.batch * args.seq + 1, args.seq, device="cuda", dtype=torch.int32)
+    first_last = args.profile_steps or (0, 0)
+    profiler_cfg = SimpleNamespace(enabled=args.profile_steps is not None, start_step=first_last[0],
+                                   end_step=first_last[1])  # fmt: skip
+    profiler = StepProfiler(profiler_cfg, Path(args.metrics).parent, rank=0)  # profiler/rank0_summary.txt
     records = []
     losses, start = [], time.perf_counter()
     for step in range(1, args.steps + 1):
+        profiler.step_begins(step)
         first = (step - 1) * args.batch % (len(windows) - args.batch)
         ids = windows[first : first + args.batch].to("cuda", non_blocking=True)
         with te.autocast(enabled=recipe is not None, recipe=recipe):
@@ -235,6 +244,7 @@ def train_bare_row(args, hf_config):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+        profiler.step_ends(step)
         if step % args.log_every == 0:
             seconds = (time.perf_counter() - start) / args.log_every  # the .item() below is the window's sync
             tokens_per_s = args.batch * args.seq / seconds

@@ -197,6 +197,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the averages")
     p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--profile-steps", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="profile these steps of every row (<work-dir>/<row>/profiler/rank0_summary.txt)")  # fmt: skip
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
     p.add_argument("--work-dir", default="/tmp/benchmark_training", help="run folders and checkpoints")
     p.add_argument("--out", default=str(RECIPE_DIR / "benchmarks"))
@@ -217,12 +219,17 @@ def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
         command = [sys.executable, "scripts/benchmark_model.py", "--train-row", row["script"], "--recipes",
                    row["overrides"], "--dna", str(long_dna_parquet(work)), "--metrics", str(run_dir / "metrics.jsonl"),
                    "--steps", str(steps), "--log-every", str(args.log_every)]  # fmt: skip
+        if args.profile_steps:
+            command += ["--profile-steps", *map(str, args.profile_steps)]
     else:
         data = {"long_dna": long_dna_parquet(work), "mixed_dna": mixed_dna_parquet(work)}
         overrides = row["overrides"].format(**data).split() + [
             f"num_train_steps={steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
             "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
         ]  # fmt: skip
+        if args.profile_steps:
+            first, last = args.profile_steps
+            overrides += ["profiler.enabled=true", f"profiler.start_step={first}", f"profiler.end_step={last}"]
         if row.get("save_checkpoint"):  # one save, at the last step
             overrides += [f"checkpoint.ckpt_dir={run_dir / 'ckpt'}", f"checkpoint.save_every_n_steps={steps}",
                           "checkpoint.max_checkpoints=1"]  # fmt: skip
