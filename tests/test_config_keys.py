@@ -73,6 +73,24 @@ def test_model_keys(tmp_path, override, check):
     assert check(changed) and not check(default)
 
 
+@pytest.mark.parametrize(
+    ("world_size", "save_memory", "reshard"), [(1, False, False), (1, True, True), (2, False, True)]
+)
+def test_fsdp2_reshards_after_forward_unless_one_rank_has_memory_to_spare(tmp_path, monkeypatch, world_size,
+                                                                          save_memory, reshard):  # fmt: skip
+    """One rank keeps gathered parameters to backward, unless use_gradient_checkpointing asks for memory first."""
+    import torch.distributed.fsdp as fsdp
+
+    from model_setup import shard_with_fsdp2
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: calls.append(kwargs["reshard_after_forward"]))
+    monkeypatch.setattr(torch.distributed.device_mesh, "init_device_mesh", lambda *args: None)
+    model = create_model(make_cfg(tmp_path), use_te=False, device=CPU, on_meta=False)
+    shard_with_fsdp2(model, world_size, CPU, fp32_master_weights=False, save_memory=save_memory)
+    assert calls == [reshard] * (len(model.model.layers) + 1)
+
+
 def test_torch_compile_with_ddp_trains_like_eager_and_exports_plain_names(tmp_path):
     """The compiled layers (inductor on the CPU) give eager's losses, and the export has no `_orig_mod.`."""
     common = ["num_train_steps=2", "checkpoint.save_final_model=true", "checkpoint.save_every_n_steps=2"]
