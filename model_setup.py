@@ -139,21 +139,20 @@ def apply_activation_checkpointing(model, use_te: bool) -> None:
         layers[i] = checkpoint_wrapper(layer)
 
 
-def shard_with_fsdp2(model, world_size: int, device: torch.device, fp32_master_weights: bool,
-                     save_memory: bool = False) -> None:  # fmt: skip
+def shard_with_fsdp2(model, cfg: DictConfig, world_size: int, device: torch.device) -> None:
     """FSDP2 (`fully_shard`): each decoder layer, then the root (embedding, final norm, LM head).
 
     With `fp32_master_weights` the parameters are kept in FP32 and gathered in BF16. On a single rank the
     gathered parameters stay from forward to backward (`reshard_after_forward=False`): with nothing to gather
     from other ranks, resharding would only copy every layer's parameters again in backward. That holds one
-    more copy of the parameters, so `save_memory` (activation checkpointing is on) keeps resharding.
+    more copy of the parameters, so with `use_gradient_checkpointing` (memory first) it keeps resharding.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world_size,))
-    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fp32_master_weights \
-        else MixedPrecisionPolicy()  # fmt: skip
-    reshard = world_size > 1 or save_memory
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if cfg.fp32_master_weights else MixedPrecisionPolicy()  # fmt: skip
+    reshard = world_size > 1 or cfg.use_gradient_checkpointing
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)

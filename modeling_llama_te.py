@@ -317,11 +317,8 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         TE reads the layout from `self_attention.qkv_format` at each call (TE 2.x). It is left set, not
         restored after the forward: activation checkpointing recomputes the layers in backward.
         """
-        if qkv_format == getattr(self, "_attention_layout", self.config.attn_input_format):
-            return
         for layer in self.layers:
             layer.self_attention.qkv_format = qkv_format
-        self._attention_layout = qkv_format
 
     def _thd_inputs(self, hidden, attention_mask, inference, kwargs):
         """[T, H] hidden states, the THD layer arguments, the RoPE length and `unpad_index`.

@@ -76,7 +76,7 @@ def main(cfg: DictConfig) -> float:
     run_info = describe_run(cfg, dist_config.world_size, use_te, device, model.config)  # goes into every checkpoint
 
     # --- FSDP2 wrapping: each decoder layer, then the root (embedding, final norm, LM head) ---
-    shard_with_fsdp2(model, dist_config.world_size, device, cfg.fp32_master_weights, cfg.use_gradient_checkpointing)
+    shard_with_fsdp2(model, cfg, dist_config.world_size, device)
     if on_meta:
         model.init_empty_weights(device)  # after sharding: each rank materialises only its shard
 

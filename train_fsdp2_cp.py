@@ -86,7 +86,7 @@ def main(cfg: DictConfig) -> float:
     )
 
     # --- FSDP2 wrapping over every rank (data x context): each decoder layer, then the root ---
-    shard_with_fsdp2(model, dist_config.world_size, device, cfg.fp32_master_weights, cfg.use_gradient_checkpointing)
+    shard_with_fsdp2(model, cfg, dist_config.world_size, device)
     if on_meta:
         model.init_empty_weights(device)  # after sharding: each rank materialises only its shard
 

@@ -227,9 +227,8 @@ def train_bare_row(args, hf_config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     flops = ModelFlops(hf_config).of_batch({"input_ids": windows[: args.batch]})
     cu_seqlens = torch.arange(0, args.batch * args.seq + 1, args.seq, device="cuda", dtype=torch.int32)
-    first_last = args.profile_steps or (0, 0)
-    profiler_cfg = SimpleNamespace(enabled=args.profile_steps is not None, start_step=first_last[0],
-                                   end_step=first_last[1])  # fmt: skip
+    start_step, end_step = args.profile_steps or (0, 0)
+    profiler_cfg = SimpleNamespace(enabled=bool(args.profile_steps), start_step=start_step, end_step=end_step)
     profiler = StepProfiler(profiler_cfg, Path(args.metrics).parent, rank=0)  # profiler/rank0_summary.txt
     records = []
     losses, start = [], time.perf_counter()

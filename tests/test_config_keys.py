@@ -74,10 +74,10 @@ def test_model_keys(tmp_path, override, check):
 
 
 @pytest.mark.parametrize(
-    ("world_size", "save_memory", "reshard"), [(1, False, False), (1, True, True), (2, False, True)]
+    ("world_size", "checkpointing", "reshard"), [(1, False, False), (1, True, True), (2, False, True)]
 )
 def test_fsdp2_reshards_after_forward_unless_one_rank_has_memory_to_spare(tmp_path, monkeypatch, world_size,
-                                                                          save_memory, reshard):  # fmt: skip
+                                                                          checkpointing, reshard):  # fmt: skip
     """One rank keeps gathered parameters to backward, unless use_gradient_checkpointing asks for memory first."""
     import torch.distributed.fsdp as fsdp
 
@@ -86,8 +86,9 @@ def test_fsdp2_reshards_after_forward_unless_one_rank_has_memory_to_spare(tmp_pa
     calls = []
     monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: calls.append(kwargs["reshard_after_forward"]))
     monkeypatch.setattr(torch.distributed.device_mesh, "init_device_mesh", lambda *args: None)
-    model = create_model(make_cfg(tmp_path), use_te=False, device=CPU, on_meta=False)
-    shard_with_fsdp2(model, world_size, CPU, fp32_master_weights=False, save_memory=save_memory)
+    cfg = make_cfg(tmp_path, f"use_gradient_checkpointing={str(checkpointing).lower()}")
+    model = create_model(cfg, use_te=False, device=CPU, on_meta=False)
+    shard_with_fsdp2(model, cfg, world_size, CPU)
     assert calls == [reshard] * (len(model.model.layers) + 1)
 
 
