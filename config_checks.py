@@ -102,11 +102,11 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
     check_keys_and_types(OmegaConf.to_container(cfg, resolve=True), defaults)
     positive = ("num_train_steps", "grad_acc_steps", "dataset.micro_batch_size", "dataset.max_seq_length",
                 "logger.frequency", "checkpoint.save_every_n_steps", "on_nonfinite.max_consecutive_skips",
-                "validation.every_n_steps", "validation.num_windows")  # fmt: skip
+                "validation.every_n_steps", "validation.num_windows", "gc_collect_every_n_steps")  # fmt: skip
     for key in positive:
         value = OmegaConf.select(cfg, key)
-        if key == "checkpoint.save_every_n_steps" and value is None:
-            continue  # no interval saves, as upstream
+        if key in ("checkpoint.save_every_n_steps", "gc_collect_every_n_steps") and value is None:
+            continue  # no interval saves, as upstream; Python's automatic garbage collection
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer.")
     if cfg.dataset.num_workers < 0:

@@ -168,12 +168,17 @@ class PerfLogger:
         first_look = step == 1 and self.frequency > 1 and not force
         if step % self.frequency and not first_look and not force:
             return None
-        elapsed = time.perf_counter() - self.window_start
+        # Read the device values first: the read waits for the GPU to finish the window's queued work, which
+        # belongs to this window. (Reading the clock before it left the GPU's tail of every log step out of
+        # both windows; the host runs up to a step ahead, so figures were overstated by up to ~15%.)
         real_tokens = self.tokens.item()
+        loss = self.loss_sum.item() / max(real_tokens, 1.0)
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        elapsed = time.perf_counter() - self.window_start
         metrics = {
             "step": step,
-            "loss": self.loss_sum.item() / max(real_tokens, 1.0),
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "loss": loss,
+            "grad_norm": grad_norm,
             "lr": lr,
             "step_time_s": elapsed / self.steps,
             "tokens_per_s_per_gpu": self.padded_tokens / elapsed,

@@ -39,6 +39,8 @@ class StepProfiler:
         if self._profile is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self._profile = profile(activities=activities)
+            if self.cuda:
+                torch.cuda.synchronize()  # the wall time starts when the GPU has no earlier step's work queued
             self._profile.__enter__()
             self._started = time.perf_counter()
             if self.cuda:

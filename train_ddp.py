@@ -38,6 +38,7 @@ from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
 from perf_logger import PerfLogger
 from preemption import Preemption
 from profiling import StepProfiler
+from python_gc import ScheduledGC
 from run_info import describe_run, run_dir_for, write_run_info
 from scheduler import get_cosine_annealing_schedule_with_warmup
 from upstream_checkpoint import resume_from_upstream
@@ -130,6 +131,7 @@ def main(cfg: DictConfig) -> float:
     profiler = StepProfiler(cfg.profiler, run_dir, dist_config.rank)  # profiler.enabled: trace chosen steps
     guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
+    gc_schedule = ScheduledGC(cfg.gc_collect_every_n_steps)  # no full GC pass mid-step
     last_loss = float("nan")
     model.train()
     while step < cfg.num_train_steps:
@@ -155,6 +157,7 @@ def main(cfg: DictConfig) -> float:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         profiler.step_ends(step)
+        gc_schedule.step(step)
 
         stop = preemption.agreed_to_stop(totals[1])  # read one step late: the same step on every rank, no sync
         padded = sum(b["input_ids"].numel() for b in micro_batches)
@@ -177,6 +180,7 @@ def main(cfg: DictConfig) -> float:
 
     # --- Cleanup ---
     guard.check()  # the last step's NaN/Inf verdict
+    gc_schedule.close()
     profiler.close()  # if the run stopped before profiler.end_step
     fp8_stats.close()
     if ckpt_dir and cfg.checkpoint.save_final_model:

@@ -245,9 +245,10 @@ def train_bare_row(args, hf_config):
         losses.append(loss.detach())
         profiler.step_ends(step)
         if step % args.log_every == 0:
-            seconds = (time.perf_counter() - start) / args.log_every  # the .item() below is the window's sync
+            loss = torch.stack(losses).mean().item()  # the window's sync, before the clock (as the recipe logs)
+            seconds = (time.perf_counter() - start) / args.log_every
             tokens_per_s = args.batch * args.seq / seconds
-            records.append({"step": step, "loss": torch.stack(losses).mean().item(), "step_time_s": seconds,
+            records.append({"step": step, "loss": loss, "step_time_s": seconds,
                             "tokens_per_s_per_gpu": tokens_per_s, "real_tokens_per_s_per_gpu": tokens_per_s,
                             "mfu": flops / seconds / peak_flops(torch.device("cuda")), "data_wait_fraction": 0.0,
                             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})  # fmt: skip

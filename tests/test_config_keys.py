@@ -127,6 +127,27 @@ def test_optimizer_keys(tmp_path):
     assert {id(p) for p in no_decay["params"]} == {id(model.embed_tokens.weight), id(model.proj.bias)}
 
 
+@pytest.mark.parametrize("every", [2, None])
+def test_gc_collect_every_n_steps_schedules_the_collector(tmp_path, monkeypatch, every):
+    """2: no automatic GC in the loop, a full collection before it, young ones after steps 2 and 4; null: untouched."""
+    import gc
+
+    import python_gc
+
+    calls, enabled_in_loop = [], []
+    proxy = types.SimpleNamespace(**{name: getattr(gc, name) for name in ("disable", "enable", "freeze", "unfreeze")})
+    proxy.collect = lambda generation=2: calls.append(generation)
+    monkeypatch.setattr(python_gc, "gc", proxy)
+    step = python_gc.ScheduledGC.step
+    monkeypatch.setattr(
+        python_gc.ScheduledGC, "step", lambda self, n: enabled_in_loop.append(gc.isenabled()) or step(self, n)
+    )
+    train_fsdp2.main(make_cfg(tmp_path, "num_train_steps=4", f"gc_collect_every_n_steps={every or 'null'}"))
+    assert calls == ([2, 1, 1] if every else [])
+    assert enabled_in_loop == [not every] * 4
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # back to normal after the loop
+
+
 def test_lr_schedule_keys_reach_the_loop(tmp_path):
     """Logged LR after step N is the schedule at N: warmup of 2, then decay over 1 step to min_lr_ratio."""
     overrides = ["num_train_steps=3", "adamw_kwargs.lr=0.002", "lr_scheduler_kwargs.num_warmup_steps=2",

@@ -1,0 +1,36 @@
+"""Python's garbage collector on a schedule during training (torchtitan's `gc_freq` does the same).
+
+Left automatic, the collector runs a full (generation 2) pass whenever enough objects have piled up, at a
+step nobody chose; with a 1B model, TE, FSDP2 and the data libraries loaded such a pass walks millions of
+objects and took 0.5 s inside an FSDP2 step on an H100 (2.7 steps' worth; measured with a GC callback).
+Scheduled: one full collection before the loop, everything alive then frozen (later passes skip it), and a
+young-generation collection every `gc_collect_every_n_steps` steps, which is cheap (~1 ms).
+
+    gc_schedule = ScheduledGC(cfg.gc_collect_every_n_steps)  # null: leave Python's automatic GC on
+    ...                                                      # in the loop, after each step:
+    gc_schedule.step(step)
+"""
+
+import gc
+
+
+class ScheduledGC:
+    """Disable automatic collection; collect young objects every `every_n_steps` steps (None: do nothing)."""
+
+    def __init__(self, every_n_steps: int | None):
+        self.every_n_steps = every_n_steps
+        if every_n_steps:
+            gc.disable()
+            gc.collect()
+            gc.freeze()  # the model, optimizer and loader live all run: no later pass needs to walk them
+
+    def step(self, step: int) -> None:
+        """Call after optimizer step `step`."""
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        """Automatic collection back on (for what runs after the loop: export, tests in the same process)."""
+        if self.every_n_steps:
+            gc.unfreeze()
+            gc.enable()
