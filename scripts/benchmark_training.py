@@ -355,6 +355,8 @@ def main():
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     notes = (f"{num_gpus} x {device}; `{' '.join(sys.argv)}`; {args.steps} steps per row, means after step "
              f"{args.warmup}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
+    if args.profile_steps:  # the profiler slows the steps it records and writes its trace inside a window
+        notes += f" Steps {args.profile_steps[0]}-{args.profile_steps[1]} profiled: compare no tokens/s of this run."
     if args.append and (out / "results.json").exists():  # e.g. one invocation per machine size
         previous = json.loads((out / "results.json").read_text())
         fresh = {r["name"] for r in results}
