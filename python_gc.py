@@ -30,7 +30,10 @@ class ScheduledGC:
             gc.collect(1)
 
     def close(self) -> None:
-        """Automatic collection back on (for what runs after the loop: export, tests in the same process)."""
+        """Automatic collection back on, for what runs after the loop (the export; more runs in this process).
+
+        A loop left by an exception skips this: the process is about to end (tests restore it themselves).
+        """
         if self.every_n_steps:
             gc.unfreeze()
             gc.enable()

@@ -5,6 +5,7 @@ cleanly elsewhere (CI runs on CPUs). Helpers: `make_cfg` composes a tier config 
 `losses` reads a run's per-step losses, `run_command` runs a training command in a subprocess.
 """
 
+import gc
 import json
 import os
 import subprocess
@@ -47,6 +48,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU with TransformerEngine"))
         if "multi_gpu" in item.keywords and n_gpus < 2:
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs with TransformerEngine"))
+
+
+@pytest.fixture(autouse=True)
+def automatic_gc_after_each_test():
+    """A training run in this process that stopped with an error left its loop's GC schedule (`python_gc`) on."""
+    yield
+    gc.unfreeze()
+    gc.enable()
 
 
 @pytest.fixture
