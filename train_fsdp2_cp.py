@@ -33,7 +33,7 @@ from command_line import exit_on_user_error, normalize_command_line
 from config_checks import check_inputs, resolve_use_te, validate_config, validate_cp_config
 from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
 from fp8_stats import FP8Stats
-from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory, shard_with_fsdp2
+from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory, packs_bshd_batches, shard_with_fsdp2
 from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
 from perf_logger import PerfLogger
 from preemption import Preemption
@@ -100,9 +100,12 @@ def main(cfg: DictConfig) -> float:
     # Every data-parallel group reads its own share; the CP ranks of a group read the same batches and
     # each loader yields its rank's part of every sequence (`collator.ContextParallelCollator`).
     data_config = DistributedConfig(cp_mesh.get_local_rank("dp"), dist_config.local_rank, cp_mesh["dp"].size())
-    dataloader, tokenizer = create_dataloader(cfg, data_config, cp_size=cfg.cp_size, cp_rank=cp_rank)
+    pack_rows = packs_bshd_batches(cfg, use_te)  # cp_size 1, TE, BSHD: padded micro-batches as packed rows
+    dataloader, tokenizer = create_dataloader(cfg, data_config, cp_size=cfg.cp_size, cp_rank=cp_rank,
+                                              pack_rows=pack_rows)  # fmt: skip
     validation = cfg.validation.enabled  # held-out windows, evaluated every validation.every_n_steps
-    validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir)) if validation else None
+    validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir), pack_rows) if validation \
+        else None  # fmt: skip
 
     # --- Resume ---
     step = 0

@@ -14,6 +14,7 @@ from conftest import TORCHRUN_2, losses, make_cfg, poison_embedding_gradients, r
 
 import train_ddp
 import train_fsdp2
+import train_fsdp2_cp
 
 GPU = ["use_te=true", "dataset.num_workers=1", "logger.frequency=10"]
 
@@ -63,11 +64,11 @@ def test_l0_sanity_te_fp8_every_recipe(tmp_path, packing):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
+@pytest.mark.parametrize("script", [train_ddp, train_fsdp2, train_fsdp2_cp])
 def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, script, fp8):
     """BSHD micro-batches as packed rows (default) train like upstream's padded path (attn_input_format=bshd).
 
-    Both see the same windows and targets, so their losses agree.
+    Both see the same windows and targets, so their losses agree. train_fsdp2_cp.py at cp_size=1 too.
     """
     common = ["num_train_steps=20", "use_sequence_packing=false", "logger.frequency=1",
               f"fp8_config.enabled={str(fp8).lower()}", "checkpoint.save_every_n_steps=null"]  # fmt: skip
