@@ -65,14 +65,20 @@ def test_l0_sanity_te_fp8_every_recipe(tmp_path, packing):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2, train_fsdp2_cp])
-def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, script, fp8):
+def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, monkeypatch, script, fp8):
     """BSHD micro-batches as packed rows (default) train like upstream's padded path (attn_input_format=bshd).
 
     Both see the same windows and targets, so their losses agree. train_fsdp2_cp.py at cp_size=1 too.
+    Micro-batches of full windows run in TE's BSHD layout inside training, padded ones as a THD row.
     """
+    from modeling_llama_te import NVLlamaModel
+
+    layouts, set_layout = [], NVLlamaModel._set_attention_layout
+    monkeypatch.setattr(NVLlamaModel, "_set_attention_layout", lambda m, f: layouts.append(f) or set_layout(m, f))
     common = ["num_train_steps=20", "use_sequence_packing=false", "logger.frequency=1",
               f"fp8_config.enabled={str(fp8).lower()}", "checkpoint.save_every_n_steps=null"]  # fmt: skip
     script.main(gpu_cfg(tmp_path / "packed", *common))
+    assert "bshd" in layouts  # the L0 loader's micro-batches are mostly full windows
     script.main(gpu_cfg(tmp_path / "padded", *common, "+config_kwargs.attn_input_format=bshd"))
     packed, padded = losses(tmp_path / "packed"), losses(tmp_path / "padded")
     assert any(packed[s] != padded[s] for s in packed)  # two different paths ran (the key did something)
