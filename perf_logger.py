@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,6 +135,22 @@ class PerfLogger:
         self.window_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextmanager
+    def paused(self):
+        """Leave the time inside (a checkpoint save, validation) out of the window; yields {"seconds": it} after.
+
+        On a GPU it first waits for the queued training work, which stays in the window (as Megatron's timers
+        stop for evaluation and saves).
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        pause, start = {}, time.perf_counter()
+        try:
+            yield pause
+        finally:
+            pause["seconds"] = time.perf_counter() - start
+            self.window_start += pause["seconds"]
 
     def add_data_wait(self, seconds: float) -> None:
         """Count time the loop blocked waiting for batches."""

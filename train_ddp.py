@@ -166,13 +166,14 @@ def main(cfg: DictConfig) -> float:
                                 force=stop or step == cfg.num_train_steps)  # fmt: skip
         last_loss = metrics["loss"] if metrics else last_loss
         if ckpt_dir and (stop or (save_every and step % save_every == 0)):
-            save_start = time.perf_counter()
-            save(step)
-            perf.log_event(step=step, checkpoint_save_s=time.perf_counter() - save_start)
+            with perf.paused() as pause:  # left out of the window's step time and tokens/s
+                save(step)
+            perf.log_event(step=step, checkpoint_save_s=pause["seconds"])
         if validator and validator.due(step):  # held-out windows; the best one is exported if asked for
-            val = validator.run(model)
-            if val.pop("improved") and ckpt_dir and cfg.checkpoint.save_best_model:
-                export("best_model", best={"step": step, **val})
+            with perf.paused():
+                val = validator.run(model)
+                if val.pop("improved") and ckpt_dir and cfg.checkpoint.save_best_model:
+                    export("best_model", best={"step": step, **val})
             perf.log_event(step=step, **val)
         if stop:
             logger.warning("Preempted (%s): saved step %d, exiting.", preemption.received or "another rank", step)

@@ -76,3 +76,12 @@ def test_a_windows_time_includes_waiting_for_the_gpu(tmp_path, config, monkeypat
     monkeypatch.setattr(torch.Tensor, "item", lambda self: time.sleep(0.2) or read(self))
     metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), 2048, torch.tensor(1.0), 1e-3, force=True)
     assert metrics["step_time_s"] >= 0.2
+
+
+def test_saves_and_validation_are_left_out_of_the_windows_time(tmp_path, config):
+    """Time inside `paused()` (a checkpoint save, validation) counts in no window; the pause reports it."""
+    perf = PerfLogger(DistributedConfig(0, 0, 1), make_cfg(tmp_path), tmp_path, config, torch.device("cpu"))
+    with perf.paused() as pause:
+        time.sleep(0.3)
+    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), 2048, torch.tensor(1.0), 1e-3, force=True)
+    assert pause["seconds"] >= 0.3 and metrics["step_time_s"] < 0.1

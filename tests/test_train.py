@@ -1,8 +1,10 @@
 """Training entrypoints on the CPU: configs, convergence, resume exactness, accumulation, LRs, checkpoints."""
 
+import json
 import math
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -126,6 +128,22 @@ def test_fsdp2_async_save_resumes_identically(tmp_path):
     # Resuming at all shows the async save was awaited at exit and its marker written.
     expected, got = train_straight_and_resumed(train_fsdp2.main, make_cfg, tmp_path, common, 3)
     assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+
+
+@pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
+def test_checkpoint_saves_are_left_out_of_step_time(tmp_path, monkeypatch, script):
+    """A slow save (3 s here) shows in `checkpoint_save_s`, not in the step time and tokens/s of its window."""
+    save_name = "save_checkpoint_ddp" if script is train_ddp else "save_checkpoint_fsdp2"
+    save = getattr(script, save_name)
+    monkeypatch.setattr(script, save_name, lambda *a, **k: time.sleep(3.0) or save(*a, **k))
+    script.main(make_cfg(tmp_path, "num_train_steps=4", "logger.frequency=2", "checkpoint.save_every_n_steps=1",
+                         f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}"))  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    saves = [r["checkpoint_save_s"] for r in records if "checkpoint_save_s" in r]
+    windows = [r["step_time_s"] for r in records if "step_time_s" in r]
+    assert len(saves) == 4 and min(saves) >= 3.0
+    # Counted, the saves would add 1.5 s a step to the first window (step 1's) and 3 s to the second (2, 3).
+    assert len(windows) == 2 and max(windows) < 1.4
 
 
 def test_hf_reference_keeps_packed_sequences_apart(tmp_path):
