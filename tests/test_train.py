@@ -146,6 +146,24 @@ def test_checkpoint_saves_are_left_out_of_step_time(tmp_path, monkeypatch, scrip
     assert len(windows) == 2 and max(windows) < 1.4
 
 
+def test_ddp_gradients_live_in_its_buckets(tmp_path, monkeypatch):
+    """train_ddp.py: gradients are views into DDP's all-reduce buckets (no per-step copy into them).
+
+    Without `gradient_as_bucket_view` each parameter's gradient has its own storage.
+    """
+    storages, clip = [], train_ddp.clip_grad_norm
+
+    def record_then_clip(model, max_norm):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        storages.append((len({g.untyped_storage().data_ptr() for g in grads}), len(grads)))
+        return clip(model, max_norm)
+
+    monkeypatch.setattr(train_ddp, "clip_grad_norm", record_then_clip)
+    train_ddp.main(make_cfg(tmp_path, "num_train_steps=2"))
+    for distinct, grads in storages:
+        assert grads > 10 and distinct <= 3  # a few buckets hold every gradient
+
+
 def test_hf_reference_keeps_packed_sequences_apart(tmp_path):
     """THD on the HF reference (CPU): a packed row gives each sequence the logits it has alone.
 
