@@ -185,6 +185,7 @@ ROWS = [
     *cp_rows(),
     *long_context_rows(),
 ]
+ORDER = {r["name"]: i for i, r in enumerate(ROWS)}
 
 
 def parse_args():
@@ -303,8 +304,11 @@ def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
     }
 
 
-def run_all(rows: list[dict], num_gpus: int, args) -> list[dict]:
-    """Start each row as soon as enough GPUs are free; larger rows first so they are not starved."""
+def run_all(rows: list[dict], num_gpus: int, args, on_result=lambda results: None) -> list[dict]:
+    """Start each row as soon as enough GPUs are free; larger rows first so they are not starved.
+
+    `on_result(results so far)` runs after each row, so a run cut short still leaves its finished rows.
+    """
     work = Path(args.work_dir)
     pending = sorted(rows, key=lambda r: -r["gpus"])
     free, running, results = list(range(num_gpus)), [], []
@@ -325,9 +329,22 @@ def run_all(rows: list[dict], num_gpus: int, args) -> list[dict]:
                 )
                 print(f"finished {row['name']}: {status}", flush=True)
                 results.append(result)
+                on_result(sorted(results, key=lambda r: ORDER[r["name"]]))
         time.sleep(1)
-    order = {r["name"]: i for i, r in enumerate(ROWS)}
-    return sorted(results, key=lambda r: order[r["name"]])
+    return sorted(results, key=lambda r: ORDER[r["name"]])
+
+
+def write_results(results: list[dict], notes: str, out: Path, append: bool) -> list[dict]:
+    """Write results.json and results.md (merged into the previous results.json with `append`)."""
+    if append and (out / "results.json").exists():  # e.g. one invocation per machine size
+        previous = json.loads((out / "results.json").read_text())
+        fresh = {r["name"] for r in results}
+        results = sorted([r for r in previous["rows"] if r["name"] not in fresh] + results,
+                         key=lambda r: ORDER[r["name"]])  # fmt: skip
+        notes = f"{previous['notes']}<br>{notes}"
+    (out / "results.json").write_text(json.dumps({"notes": notes, "rows": results}, indent=1))
+    (out / "results.md").write_text(markdown(results, notes))
+    return results
 
 
 def main():
@@ -346,28 +363,26 @@ def main():
     if args.only:
         rows = [r for r in rows if r["name"] in args.only.split(",")]
     skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
-    results = run_all([r for r in rows if r["gpus"] <= num_gpus], num_gpus, args)
-    for r in results:  # compiled rows keep their eager twin of this same run (results.json may mix runs)
-        twin = next((e for e in results if r["group"] == "compile" and e["name"] == r["name"].removesuffix(" compiled")
-                     and "error" not in e), None)  # fmt: skip
-        if twin:
-            r["eager_same_run_tokens_per_s_per_gpu"] = twin["tokens_per_s_per_gpu"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     notes = (f"{num_gpus} x {device}; `{' '.join(sys.argv)}`; {args.steps} steps per row, means after step "
              f"{args.warmup}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
     if args.profile_steps:  # the profiler slows the steps it records and writes its trace inside a window
         notes += f" Steps {args.profile_steps[0]}-{args.profile_steps[1]} profiled: compare no tokens/s of this run."
-    if args.append and (out / "results.json").exists():  # e.g. one invocation per machine size
-        previous = json.loads((out / "results.json").read_text())
-        fresh = {r["name"] for r in results}
-        order = {r["name"]: i for i, r in enumerate(ROWS)}
-        results = sorted(
-            [r for r in previous["rows"] if r["name"] not in fresh] + results, key=lambda r: order[r["name"]]
-        )
-        notes = f"{previous['notes']}<br>{notes}"
-    (out / "results.json").write_text(json.dumps({"notes": notes, "rows": results}, indent=1))
-    (out / "results.md").write_text(markdown(results, notes))
-    print(markdown(results, notes))
+    previous = out / "results.json"
+    previous = previous.read_text() if args.append and previous.exists() else None
+
+    def save(results):  # each time from the same starting file, so partial writes never compound
+        if previous is not None:
+            (out / "results.json").write_text(previous)
+        for r in results:  # compiled rows keep their eager twin of this same run (results.json may mix runs)
+            twin = next((e for e in results if r["group"] == "compile"
+                         and e["name"] == r["name"].removesuffix(" compiled") and "error" not in e), None)  # fmt: skip
+            if twin:
+                r["eager_same_run_tokens_per_s_per_gpu"] = twin["tokens_per_s_per_gpu"]
+        return write_results(results, notes, out, args.append)
+
+    results = save(run_all([r for r in rows if r["gpus"] <= num_gpus], num_gpus, args, on_result=save))
+    print((out / "results.md").read_text())
     plot(results, out)
 
 

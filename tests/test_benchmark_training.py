@@ -30,3 +30,41 @@ def test_profile_steps_reach_recipe_and_bare_rows(tmp_path, monkeypatch, profile
         assert "--profile-steps" not in bare
     expected = ["profiler.enabled=true", "profiler.start_step=12", "profiler.end_step=14"]
     assert all(o in recipe for o in expected) == profile and any(o in recipe for o in expected) == profile
+
+
+def test_finished_rows_are_written_before_the_run_ends(tmp_path, monkeypatch):
+    """A run cut short (a device call's time limit) keeps the rows that finished, merged into --append's file."""
+    import json
+
+    import benchmark_training as bt
+
+    class Done:  # a row's process, already finished
+        def poll(self):
+            return 0
+
+    def launch(row, gpu_ids, args, work):
+        run_dir = work / row["name"].replace(" ", "_")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        window = {"step": 20, "loss": 1.0, "tokens_per_s_per_gpu": 1000.0 + len(row["name"]), "step_time_s": 0.2}
+        (run_dir / "metrics.jsonl").write_text(json.dumps(window) + "\n")
+        return Done()
+
+    monkeypatch.setattr(bt, "launch", launch)
+    monkeypatch.setattr(bt.time, "sleep", lambda s: None)
+    launch(bt.ROWS[0], [0], None, tmp_path / "earlier")  # a row of an earlier run, in the file to append to
+    earlier = bt.summarize(bt.ROWS[0], tmp_path / "earlier" / bt.ROWS[0]["name"].replace(" ", "_"), warmup=10)
+    (tmp_path / "results.json").write_text(json.dumps({"notes": "earlier", "rows": [earlier]}))
+    monkeypatch.setattr(sys, "argv", ["benchmark_training.py", "--append", "--out", str(tmp_path)])
+    args = bt.parse_args()
+    rows = [r for r in bt.ROWS if r["group"] == "bare"][:3]
+    seen = []
+
+    def save(results):
+        seen.append([r["name"] for r in results])
+        return bt.write_results(results, "now", tmp_path, append=True)
+
+    bt.run_all(rows, num_gpus=1, args=args, on_result=save)
+    assert seen == [[rows[0]["name"]], [r["name"] for r in rows[:2]], [r["name"] for r in rows]]
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in written["rows"]] == [bt.ROWS[0]["name"], *(r["name"] for r in rows)]
+    assert written["rows"][1]["tokens_per_s_per_gpu"] == 1000.0 + len(rows[0]["name"])
