@@ -122,7 +122,8 @@ def plot(results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r]
-    for group, title in (("model", "1 H200, Llama-3.2-1B body, 8k windows"),
+    gpu = ok[0].get("device", "GPU").removeprefix("NVIDIA ").split(" ")[0] if ok else "GPU"  # e.g. "H100"
+    for group, title in (("model", f"1 {gpu}, Llama-3.2-1B body, 8k windows"),
                          ("scaling", "THD, FP8 current / BF16, per GPU"),
                          ("cp", "Context parallelism, BF16, one long record")):  # fmt: skip
         rows = [r for r in ok if r["group"] == group]
@@ -154,7 +155,7 @@ def plot(results, out: Path) -> None:
         memory = ax.twinx()
         memory.plot(lengths, [r["peak_memory_gib"] for r in long], "s--", color="tab:red")
         memory.set_ylabel("peak memory (GiB)", color="tab:red")
-        ax.set_title("1 H200, BF16 THD, activation checkpointing, one window per step")
+        ax.set_title(f"1 {gpu}, BF16 THD, activation checkpointing, one window per step")
         fig.tight_layout()
         fig.savefig(out / "long_context.png", dpi=80)
         plt.close(fig)

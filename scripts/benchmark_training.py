@@ -379,6 +379,7 @@ def main():
                          and e["name"] == r["name"].removesuffix(" compiled") and "error" not in e), None)  # fmt: skip
             if twin:
                 r["eager_same_run_tokens_per_s_per_gpu"] = twin["tokens_per_s_per_gpu"]
+            r["device"] = device
         return write_results(results, notes, out, args.append)
 
     results = save(run_all([r for r in rows if r["gpus"] <= num_gpus], num_gpus, args, on_result=save))

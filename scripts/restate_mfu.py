@@ -1,6 +1,6 @@
-"""Re-state the MFU of `benchmarks/results.json` rows measured before MFU counted causal, per-sequence attention.
+"""Re-state the MFU of benchmark rows measured before MFU counted causal, per-sequence attention.
 
-    python scripts/restate_mfu.py benchmarks/results.json      # rewrites the file's old rows in place
+    python scripts/restate_mfu.py benchmarks/before_bc4df1c/results.json   # rewrites the old rows in place
 
 Such a row logged tokens/s/GPU x (6N + 12 L H D S) / peak, S the window length. Its data are known (the
 row's overrides on `L1_genomic_1b`, same seed), so this replays the micro-batches its rank 0 trained on in
