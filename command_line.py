@@ -193,6 +193,8 @@ def out_of_memory_message(cfg, error: Exception) -> str:
     options = []
     if not cfg.get("use_gradient_checkpointing"):
         options.append("use_gradient_checkpointing=true (recompute each layer in backward)")
+    if not cfg.get("activation_cpu_offload"):
+        options.append("activation_cpu_offload=true with use_gradient_checkpointing (layer inputs in CPU memory)")
     if not cfg.get("loss_chunk_size"):
         options.append("loss_chunk_size=4096 (never hold the full logits)")
     if cfg.dataset.micro_batch_size > 1:

@@ -148,6 +148,12 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"profiler.start_step={cfg.profiler.start_step} and profiler.end_step={cfg.profiler.end_step} must "
             "satisfy 1 <= start_step <= end_step (steps count from 1)."
         )
+    if cfg.activation_cpu_offload and (not cfg.use_gradient_checkpointing or cfg.use_torch_compile):
+        raise ValueError(
+            "activation_cpu_offload=true keeps checkpointed layers' inputs on the CPU: it needs "
+            f"use_gradient_checkpointing=true (now {cfg.use_gradient_checkpointing}) and runs those layers "
+            f"eagerly, so use_torch_compile=false (now {cfg.use_torch_compile})."
+        )
     _check_optimizer_numbers(cfg)
     _check_validation(cfg, entrypoint)
     _check_strategy_keys(cfg, entrypoint)

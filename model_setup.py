@@ -100,7 +100,7 @@ def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: b
     else:
         model = LlamaForCausalLM(config).to(device, dtype=config.dtype)  # the constructor ignores config.dtype
     if cfg.use_gradient_checkpointing:
-        apply_activation_checkpointing(model, use_te)
+        apply_activation_checkpointing(model, use_te, offload_to_cpu=cfg.activation_cpu_offload)
     if cfg.use_torch_compile:
         compile_decoder_layers(model)
     logger.info(
@@ -127,16 +127,33 @@ def quantized_init(cfg: DictConfig, config):
     return te.quantized_model_init(enabled=True, recipe=recipe_from_config(cfg.fp8_config))
 
 
-def apply_activation_checkpointing(model, use_te: bool) -> None:
-    """Recompute each decoder layer in backward: `checkpoint_wrapper` around TE layers, HF's own switch."""
-    if not use_te:
+def apply_activation_checkpointing(model, use_te: bool, offload_to_cpu: bool = False) -> None:
+    """Recompute each decoder layer in backward: `checkpoint_wrapper` around TE layers, HF's own switch.
+
+    With `offload_to_cpu` (`activation_cpu_offload`) each layer's input, the one activation a checkpointed layer
+    keeps for its recompute, waits for backward in pinned CPU memory (both models use `checkpoint_wrapper`).
+    """
+    if not use_te and not offload_to_cpu:
         model.gradient_checkpointing_enable()
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer)
+        layers[i] = checkpoint_wrapper(layer, checkpoint_fn=checkpoint_with_input_on_cpu if offload_to_cpu else None)
+
+
+def checkpoint_with_input_on_cpu(function, *args, **kwargs):
+    """`torch.utils.checkpoint.checkpoint` whose saved inputs go to CPU memory until backward recomputes.
+
+    Non-reentrant checkpointing saves the tensors among `args` through autograd's saved-tensor hooks before it
+    runs `function` under its own hooks (which keep nothing), so an outer `save_on_cpu` moves exactly those
+    inputs, a [tokens, hidden] activation per layer (2 GiB for a 512k-token window of the 1B body), and none of
+    the layer's internals. Their copies wait for the GPU: worth it for long windows only. Keyword arguments
+    (rotary embeddings, sequence offsets) stay where they are.
+    """
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 def shard_with_fsdp2(model, cfg: DictConfig, world_size: int, device: torch.device) -> None:

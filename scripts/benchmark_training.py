@@ -143,13 +143,16 @@ LONG_LENGTHS = (8, 32, 128, 256, 512, 1024)  # thousand tokens
 
 
 def long_context_rows():
-    """One window of 8k to 1M tokens per step on one GPU (and 1M with cp=2 on two).
+    """One window of 8k to 1M tokens per step on one GPU (and 1M with cp=2 on two, or with activation offload).
 
     Up to 128k: 3 steps, the last two measured; longer windows (a step takes 30 s to minutes): one step,
     measured with its warm-up (a few seconds of one-off setup, a small share of such a step).
     """
     rows = [row("long", f"long {k}k 1 GPU", "BF16", "THD", f"{LONG_CONTEXT} dataset.max_seq_length={k * 1024}",
                 steps=3 if k <= 128 else 1) for k in LONG_LENGTHS]  # fmt: skip
+    for k in (512, 1024):  # each layer's input in CPU memory until backward
+        overrides = f"{LONG_CONTEXT} activation_cpu_offload=true dataset.max_seq_length={k * 1024}"
+        rows.append(row("long", f"long {k}k 1 GPU offload", "BF16", "THD", overrides, steps=1))
     rows.append(row("long", "long 1024k CP 2 GPU", "BF16", "THD",
                     f"{LONG_CONTEXT} dataset.max_seq_length={1024 * 1024} cp_size=2", 2, "cp", steps=1))  # fmt: skip
     return rows

@@ -73,6 +73,37 @@ def test_model_keys(tmp_path, override, check):
     assert check(changed) and not check(default)
 
 
+def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_path, monkeypatch):
+    """Each training forward sends exactly the decoder layers' [B, L, hidden] inputs through `save_on_cpu`.
+
+    The layers' internals stay with the checkpoint, which keeps none; losses and export equal plain checkpointing.
+    """
+    packed = []
+
+    class RecordingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: (packed.append(tuple(tensor.shape)), pack(tensor))[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", RecordingSaveOnCpu)
+    common = ["num_train_steps=3", "use_gradient_checkpointing=true", "checkpoint.save_final_model=true"]
+    runs = {}
+    for name, offload in (("plain", "false"), ("offload", "true")):
+        cfg = make_cfg(tmp_path / name, *common, f"checkpoint.ckpt_dir={tmp_path / name / 'ckpt'}",
+                       f"activation_cpu_offload={offload}")  # fmt: skip
+        train_ddp.main(cfg)
+        runs[name] = losses(tmp_path / name), load_file(tmp_path / name / "ckpt" / "final_model" / "model.safetensors")
+    model = create_model(cfg, use_te=False, device=CPU, on_meta=False)
+    hidden, layers = model.config.hidden_size, len(model.model.layers)
+    assert len(packed) == 3 * layers and all(len(shape) == 3 and shape[-1] == hidden for shape in packed), packed
+    assert runs["offload"][0] == runs["plain"][0]  # the same numbers: only where the inputs wait changed
+    assert runs["offload"][1].keys() == runs["plain"][1].keys()
+    assert all(torch.equal(runs["offload"][1][k], runs["plain"][1][k]) for k in runs["plain"][1])
+    with pytest.raises(ValueError, match="use_gradient_checkpointing=true"):
+        validate_config(make_cfg(tmp_path, "activation_cpu_offload=true"), use_te=False)
+
+
 @pytest.mark.parametrize(
     ("world_size", "checkpointing", "reshard"), [(1, False, False), (1, True, True), (2, False, True)]
 )
