@@ -304,6 +304,7 @@ def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
         "data_wait_fraction": mean("data_wait_fraction"),
         "checkpoint_save_s": saves[-1] if saves else None,
         "loss_curve": [(m["step"], m["loss"]) for m in windows],
+        "step_time_curve": [(m["step"], m["step_time_s"]) for m in windows],  # e.g. a slow first window of a shape
     }
 
 

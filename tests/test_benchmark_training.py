@@ -68,3 +68,4 @@ def test_finished_rows_are_written_before_the_run_ends(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in written["rows"]] == [bt.ROWS[0]["name"], *(r["name"] for r in rows)]
     assert written["rows"][1]["tokens_per_s_per_gpu"] == 1000.0 + len(rows[0]["name"])
+    assert written["rows"][1]["step_time_curve"] == [[20, 0.2]]  # every window's step time, not only the mean
