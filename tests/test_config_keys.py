@@ -73,7 +73,8 @@ def test_model_keys(tmp_path, override, check):
     assert check(changed) and not check(default)
 
 
-def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("entrypoint", [train_ddp, train_fsdp2], ids=["ddp", "fsdp2"])
+def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_path, monkeypatch, entrypoint):
     """Each training forward sends exactly the decoder layers' [B, L, hidden] inputs through `save_on_cpu`.
 
     The layers' internals stay with the checkpoint, which keeps none; losses and export equal plain checkpointing.
@@ -92,7 +93,7 @@ def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_
     for name, offload in (("plain", "false"), ("offload", "true")):
         cfg = make_cfg(tmp_path / name, *common, f"checkpoint.ckpt_dir={tmp_path / name / 'ckpt'}",
                        f"activation_cpu_offload={offload}")  # fmt: skip
-        train_ddp.main(cfg)
+        entrypoint.main(cfg)
         runs[name] = losses(tmp_path / name), load_file(tmp_path / name / "ckpt" / "final_model" / "model.safetensors")
     model = create_model(cfg, use_te=False, device=CPU, on_meta=False)
     hidden, layers = model.config.hidden_size, len(model.model.layers)
