@@ -250,3 +250,4 @@ def test_out_of_memory_ends_in_one_line_naming_the_memory_options(tmp_path, monk
     assert error.startswith("Error: Out of GPU memory at dataset.max_seq_length=256 (CUDA out of memory. Tried")
     assert "loss_chunk_size=4096" in error and "cp_size=N" in error
     assert "use_gradient_checkpointing=true (" not in error  # already on: not suggested
+    assert "activation_cpu_offload=true" in error
