@@ -338,10 +338,9 @@ def run_all(rows: list[dict], num_gpus: int, args, on_result=lambda results: Non
     return sorted(results, key=lambda r: ORDER[r["name"]])
 
 
-def write_results(results: list[dict], notes: str, out: Path, append: bool) -> list[dict]:
-    """Write results.json and results.md (merged into the previous results.json with `append`)."""
-    if append and (out / "results.json").exists():  # e.g. one invocation per machine size
-        previous = json.loads((out / "results.json").read_text())
+def write_results(results: list[dict], notes: str, out: Path, previous: dict | None = None) -> list[dict]:
+    """Write results.json and results.md; rows of `previous` (an earlier results.json) that did not run now stay."""
+    if previous:  # --append, e.g. one invocation per machine size
         fresh = {r["name"] for r in results}
         results = sorted([r for r in previous["rows"] if r["name"] not in fresh] + results,
                          key=lambda r: ORDER[r["name"]])  # fmt: skip
@@ -372,19 +371,17 @@ def main():
              f"{args.warmup}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
     if args.profile_steps:  # the profiler slows the steps it records and writes its trace inside a window
         notes += f" Steps {args.profile_steps[0]}-{args.profile_steps[1]} profiled: compare no tokens/s of this run."
-    previous = out / "results.json"
-    previous = previous.read_text() if args.append and previous.exists() else None
+    results_json = out / "results.json"
+    previous = json.loads(results_json.read_text()) if args.append and results_json.exists() else None
 
-    def save(results):  # each time from the same starting file, so partial writes never compound
-        if previous is not None:
-            (out / "results.json").write_text(previous)
+    def save(results):  # after every row, merged into the results.json this run started from
         for r in results:  # compiled rows keep their eager twin of this same run (results.json may mix runs)
             twin = next((e for e in results if r["group"] == "compile"
                          and e["name"] == r["name"].removesuffix(" compiled") and "error" not in e), None)  # fmt: skip
             if twin:
                 r["eager_same_run_tokens_per_s_per_gpu"] = twin["tokens_per_s_per_gpu"]
             r["device"] = device
-        return write_results(results, notes, out, args.append)
+        return write_results(results, notes, out, previous)
 
     results = save(run_all([r for r in rows if r["gpus"] <= num_gpus], num_gpus, args, on_result=save))
     print((out / "results.md").read_text())

@@ -59,13 +59,16 @@ def test_finished_rows_are_written_before_the_run_ends(tmp_path, monkeypatch):
     rows = [r for r in bt.ROWS if r["group"] == "bare"][:3]
     seen = []
 
+    previous = json.loads((tmp_path / "results.json").read_text())
+
     def save(results):
         seen.append([r["name"] for r in results])
-        return bt.write_results(results, "now", tmp_path, append=True)
+        return bt.write_results(results, "now", tmp_path, previous)
 
     bt.run_all(rows, num_gpus=1, args=args, on_result=save)
     assert seen == [[rows[0]["name"]], [r["name"] for r in rows[:2]], [r["name"] for r in rows]]
     written = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in written["rows"]] == [bt.ROWS[0]["name"], *(r["name"] for r in rows)]
     assert written["rows"][1]["tokens_per_s_per_gpu"] == 1000.0 + len(rows[0]["name"])
+    assert written["notes"] == "earlier<br>now"  # merged into the starting file each time, never compounded
     assert written["rows"][1]["step_time_curve"] == [[20, 0.2]]  # every window's step time, not only the mean

@@ -103,6 +103,9 @@ def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_
     assert all(torch.equal(runs["offload"][1][k], runs["plain"][1][k]) for k in runs["plain"][1])
     with pytest.raises(ValueError, match="use_gradient_checkpointing=true"):
         validate_config(make_cfg(tmp_path, "activation_cpu_offload=true"), use_te=False)
+    with pytest.raises(ValueError, match="use_torch_compile=false"):
+        validate_config(make_cfg(tmp_path, "activation_cpu_offload=true", "use_gradient_checkpointing=true",
+                                 "use_torch_compile=true"), use_te=False)  # fmt: skip
 
 
 @pytest.mark.parametrize(
