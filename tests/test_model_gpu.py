@@ -189,26 +189,30 @@ def test_thd_model_runs_unpadded_rows_in_bshd(hf_model):
 def test_activation_cpu_offload_frees_the_layer_inputs_and_keeps_the_gradients(hf_model):
     """activation_cpu_offload: after the forward the checkpointed layers' inputs are off the GPU.
 
-    Each [T, hidden] BF16 input waits in CPU memory; backward brings it back and gives the same gradients as
-    plain checkpointing.
+    Each [T, hidden] BF16 input waits in CPU memory; backward brings it back and gives the gradients of plain
+    checkpointing, up to the run-to-run noise of TE's attention backward (not deterministic by default), which
+    two plain runs measure here.
     """
     from model_setup import apply_activation_checkpointing
 
     rows = torch.randint(4, 256, (1, 16384), generator=torch.Generator().manual_seed(3)).cuda()
     held, grads = {}, {}
-    for offload in (False, True):
+    for run, offload in (("plain", False), ("plain again", False), ("offload", True)):
         model = te_from_hf(hf_model, attn_input_format="thd").train()
         apply_activation_checkpointing(model, use_te=True, offload_to_cpu=offload)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         loss = model(input_ids=rows, labels=rows).loss
-        held[offload] = torch.cuda.memory_allocated() - before
+        held[run] = torch.cuda.memory_allocated() - before
         loss.backward()
-        grads[offload] = torch.cat([p.grad.flatten().float() for p in model.parameters()])
+        grads[run] = torch.cat([p.grad.flatten().float() for p in model.parameters()])
         del model, loss
     layer_inputs = len(hf_model.model.layers) * rows.numel() * hf_model.config.hidden_size * 2  # BF16 bytes
-    assert held[False] - held[True] >= 0.9 * layer_inputs, (held, layer_inputs)
-    assert torch.equal(grads[False], grads[True])
+    assert held["plain"] - held["offload"] >= 0.9 * layer_inputs, (held, layer_inputs)
+    noise = (grads["plain again"] - grads["plain"]).abs().max().item()
+    diff = (grads["offload"] - grads["plain"]).abs().max().item()
+    scale = grads["plain"].abs().max().item()
+    assert diff <= 2 * noise + 1e-6 * scale, (diff, noise, scale)
 
 
 def _train_losses(hf_model, fp8_recipe, steps=8):
