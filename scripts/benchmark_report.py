@@ -26,6 +26,12 @@ def window_k(row) -> int:
     return int(row["name"].split()[1].removesuffix("k"))
 
 
+def gpu_of(rows) -> str:
+    """The short GPU name of the first row that names one ("NVIDIA H100 80GB HBM3" -> "H100"), else "GPU"."""
+    device = next((r["device"] for r in rows if r.get("device")), "NVIDIA GPU")
+    return device.removeprefix("NVIDIA ").split(" ")[0]
+
+
 def longest(results, suffix: str) -> int | None:
     """The longest window (thousand tokens) of the long-context rows ending in `suffix` that trained."""
     done = [window_k(r) for r in results if r["group"] == "long" and r["name"].endswith(suffix) and "error" not in r]
@@ -38,6 +44,7 @@ def targets(results) -> list[tuple[str, float | None, float | None]]:
         (r for r in results if r["group"] == "model" and r["format"] == "BSHD" and "FP8" in r["precision"]
          and "error" not in r), key=lambda r: r["real_tokens_per_s_per_gpu"], default=None)  # fmt: skip
     real = "real_tokens_per_s_per_gpu"  # comparable across padded rows, packed rows and THD packs
+    plain, offload = longest(results, "1 GPU"), longest(results, "1 GPU offload")  # one GPU, thousand tokens
     model_rows = [r for r in results if r["group"] in ("model", "scaling") and "error" not in r]
     te_rows = [r for r in model_rows if not r["name"].startswith("HF")]
     rows = [
@@ -61,11 +68,9 @@ def targets(results) -> list[tuple[str, float | None, float | None]]:
         *[(f"BSHD packed rows / padded, real tokens/s, {p}, mixed 8k + 2k",
            ratio(results, f"TE {p} BSHD mixed", f"TE {p} BSHD padded mixed", key="real_tokens_per_s_per_gpu"), None)
           for p in ("BF16", "FP8 current")],
-        ("longest window trained on 1 GPU, checkpointing (thousand tokens)", longest(results, "1 GPU"), None),
-        ("longest window trained on 1 GPU, + activation_cpu_offload (thousand tokens)",
-         longest(results, "1 GPU offload"), None),
-        ("longest window trained on 1 GPU, either (thousand tokens)",
-         max(filter(None, (longest(results, "1 GPU"), longest(results, "1 GPU offload"))), default=None), 512),
+        ("longest window trained on 1 GPU, checkpointing (thousand tokens)", plain, None),
+        ("longest window trained on 1 GPU, + activation_cpu_offload (thousand tokens)", offload, None),
+        ("longest window trained on 1 GPU, either (thousand tokens)", max(plain or 0, offload or 0) or None, 512),
         ("longest window trained on 2 GPUs with cp=2 (thousand tokens)", longest(results, "CP 2 GPU"), 1024),
         ("FSDP2 2 GPUs / 1 GPU tokens/s (FP8 current)",
          ratio(results, "fsdp2 FP8 current 2 GPU", "fsdp2 FP8 current 1 GPU", scale=2), 1.9),
@@ -126,8 +131,7 @@ def plot(results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r]
-    gpu = ok[0].get("device", "GPU").removeprefix("NVIDIA ").split(" ")[0] if ok else "GPU"  # e.g. "H100"
-    for group, title in (("model", f"1 {gpu}, Llama-3.2-1B body, 8k windows"),
+    for group, title in (("model", f"1 {gpu_of(ok)}, Llama-3.2-1B body, 8k windows"),
                          ("scaling", "THD, FP8 current / BF16, per GPU"),
                          ("cp", "Context parallelism, BF16, one long record")):  # fmt: skip
         rows = [r for r in ok if r["group"] == group]
@@ -166,8 +170,8 @@ def plot(results, out: Path) -> None:
         ax.set_ylabel("thousand tokens/s", color="tab:blue")
         memory.set_ylabel("peak memory (GiB)", color="tab:red")
         fig.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.88))
-        long_gpu = next(r for rows in series.values() for r in rows).get("device", gpu).removeprefix("NVIDIA ")
-        ax.set_title(f"1 {long_gpu.split(' ')[0]}, BF16 THD, activation checkpointing, one window per step")
+        long_gpu = gpu_of([r for rows in series.values() for r in rows])
+        ax.set_title(f"1 {long_gpu}, BF16 THD, activation checkpointing, one window per step")
         fig.tight_layout()
         fig.savefig(out / "long_context.png", dpi=80)
         plt.close(fig)

@@ -367,8 +367,9 @@ def main():
         rows = [r for r in rows if r["name"] in args.only.split(",")]
     skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    own = ", ".join(f"{r['name']}: {r['steps']}" for r in rows if r["steps"])  # see summarize()
-    own = f" (steps of rows with their own count, all after step 1 measured, one-step rows whole: {own})" * bool(own)
+    own = ", ".join(f"{r['name']}: {r['steps']}" for r in rows if r["steps"])  # measured as summarize() says
+    if own:
+        own = f" (steps of rows with their own count, all after step 1 measured, one-step rows whole: {own})"
     notes = (f"{num_gpus} x {device}; `{' '.join(sys.argv)}`; {args.steps} steps per row, means after step "
              f"{args.warmup}{own}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
     if args.profile_steps:  # the profiler slows the steps it records and writes its trace inside a window

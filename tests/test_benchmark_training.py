@@ -72,3 +72,23 @@ def test_finished_rows_are_written_before_the_run_ends(tmp_path, monkeypatch):
     assert written["rows"][1]["tokens_per_s_per_gpu"] == 1000.0 + len(rows[0]["name"])
     assert written["notes"] == "earlier<br>now"  # merged into the starting file each time, never compounded
     assert written["rows"][1]["step_time_curve"] == [[20, 0.2]]  # every window's step time, not only the mean
+
+
+def test_longest_window_targets_count_offload_rows_and_skip_failed_ones():
+    """The one-GPU 512k goal is met by either plain checkpointing or activation_cpu_offload; errors never count."""
+    import benchmark_report as br
+
+    def long(name, **extra):
+        return {"group": "long", "name": name, **extra}
+
+    results = [long("long 256k 1 GPU"), long("long 512k 1 GPU", error="OOM"), long("long 512k 1 GPU offload"),
+               long("long 1024k 1 GPU offload", error="OOM"), long("long 1024k CP 2 GPU", error="x")]  # fmt: skip
+    measured = {what: value for what, value, _ in br.targets(results) if what.startswith("longest window")}
+    assert measured == {
+        "longest window trained on 1 GPU, checkpointing (thousand tokens)": 256,
+        "longest window trained on 1 GPU, + activation_cpu_offload (thousand tokens)": 512,
+        "longest window trained on 1 GPU, either (thousand tokens)": 512,
+        "longest window trained on 2 GPUs with cp=2 (thousand tokens)": None,
+    }
+    assert br.gpu_of([{"name": "x"}, {"device": "NVIDIA H100 80GB HBM3"}]) == "H100"
+    assert br.gpu_of([]) == "GPU"
