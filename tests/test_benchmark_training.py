@@ -58,7 +58,6 @@ def test_finished_rows_are_written_before_the_run_ends(tmp_path, monkeypatch):
     args = bt.parse_args()
     rows = [r for r in bt.ROWS if r["group"] == "bare"][:3]
     seen = []
-
     previous = json.loads((tmp_path / "results.json").read_text())
 
     def save(results):
