@@ -166,6 +166,8 @@ def plot(results, out: Path) -> None:
             memory.plot(lengths, [r["peak_memory_gib"] for r in rows], f"{marker}--", color="tab:red",
                         label=f"memory, {label}")  # fmt: skip
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)  # from zero, so a 2% difference looks like one
+        memory.set_ylim(bottom=0)
         ax.set_xlabel("window length (thousand tokens)")
         ax.set_ylabel("thousand tokens/s", color="tab:blue")
         memory.set_ylabel("peak memory (GiB)", color="tab:red")

@@ -145,14 +145,16 @@ LONG_LENGTHS = (8, 32, 128, 256, 512, 1024)  # thousand tokens
 def long_context_rows():
     """One window of 8k to 1M tokens per step on one GPU (and 1M with cp=2 on two, or with activation offload).
 
-    Up to 128k: 3 steps, the last two measured; longer windows (a step takes 30 s to minutes): one step,
-    measured with its warm-up (a few seconds of one-off setup, a small share of such a step).
+    Up to 128k: 3 steps, the last two measured; 256k and 512k (a step takes 1-2 minutes): 2 steps, the second
+    measured. The first step holds ~4 s of one-off setup (8k and 32k rows on an H100), too much to keep even in a
+    minute-long step. 1M (7-8 minutes a step, estimated): one step, its warm-up included (~1%).
     """
+    steps = {8: 3, 32: 3, 128: 3, 256: 2, 512: 2, 1024: 1}
     rows = [row("long", f"long {k}k 1 GPU", "BF16", "THD", f"{LONG_CONTEXT} dataset.max_seq_length={k * 1024}",
-                steps=3 if k <= 128 else 1) for k in LONG_LENGTHS]  # fmt: skip
+                steps=steps[k]) for k in LONG_LENGTHS]  # fmt: skip
     for k in (256, 512, 1024):  # each layer's input in CPU memory until backward (256k: the offload cost, paired)
         overrides = f"{LONG_CONTEXT} activation_cpu_offload=true dataset.max_seq_length={k * 1024}"
-        rows.append(row("long", f"long {k}k 1 GPU offload", "BF16", "THD", overrides, steps=1))
+        rows.append(row("long", f"long {k}k 1 GPU offload", "BF16", "THD", overrides, steps=steps[k]))
     rows.append(row("long", "long 1024k CP 2 GPU", "BF16", "THD",
                     f"{LONG_CONTEXT} dataset.max_seq_length={1024 * 1024} cp_size=2", 2, "cp", steps=1))  # fmt: skip
     return rows
@@ -219,16 +221,18 @@ def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a failed rerun must not report the last run's numbers
     steps = row["steps"] or args.steps
+    # A row with its own (few) steps logs each one, so its mean can leave out step 1's one-off setup.
+    log_every = 1 if row["steps"] else args.log_every
     if row["script"].startswith("bare"):  # overrides: the FP8 recipe name
         command = [sys.executable, "scripts/benchmark_model.py", "--train-row", row["script"], "--recipes",
                    row["overrides"], "--dna", str(long_dna_parquet(work)), "--metrics", str(run_dir / "metrics.jsonl"),
-                   "--steps", str(steps), "--log-every", str(args.log_every)]  # fmt: skip
+                   "--steps", str(steps), "--log-every", str(log_every)]  # fmt: skip
         if args.profile_steps:
             command += ["--profile-steps", *map(str, args.profile_steps)]
     else:
         data = {"long_dna": long_dna_parquet(work), "mixed_dna": mixed_dna_parquet(work)}
         overrides = row["overrides"].format(**data).split() + [
-            f"num_train_steps={steps}", f"logger.frequency={args.log_every}", f"run_dir={run_dir}",
+            f"num_train_steps={steps}", f"logger.frequency={log_every}", f"run_dir={run_dir}",
             "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
         ]  # fmt: skip
         if args.profile_steps:

@@ -91,3 +91,32 @@ def test_longest_window_targets_count_offload_rows_and_skip_failed_ones():
     }
     assert br.gpu_of([{"name": "x"}, {"device": "NVIDIA H100 80GB HBM3"}]) == "H100"
     assert br.gpu_of([]) == "GPU"
+
+
+def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp_path, monkeypatch):
+    """A 3-step long row logs every step, so its mean is steps 2-3 (not a window holding step 1's setup)."""
+    import json
+
+    import benchmark_training as bt
+
+    launched = []
+    monkeypatch.setattr(bt.subprocess, "Popen", lambda command, **kwargs: launched.append(command))
+    monkeypatch.setattr(bt, "long_dna_parquet", lambda work: tmp_path / "long.parquet")
+    monkeypatch.setattr(bt, "mixed_dna_parquet", lambda work: tmp_path / "mixed.parquet")
+    monkeypatch.setattr(sys, "argv", ["benchmark_training.py"])
+    args = bt.parse_args()
+    rows = {r["name"]: r for r in bt.ROWS}
+    for name in ("long 8k 1 GPU", "long 256k 1 GPU offload", "TE BF16 THD"):
+        bt.launch(rows[name], [0], args, tmp_path)
+    (short, longer, default) = launched
+    assert "num_train_steps=3" in short and "logger.frequency=1" in short
+    assert "num_train_steps=2" in longer and "logger.frequency=1" in longer
+    assert f"num_train_steps={args.steps}" in default and f"logger.frequency={args.log_every}" in default
+
+    run_dir = tmp_path / "long_8k_1_GPU"
+    first_step_setup = [{"step": 1, "tokens_per_s_per_gpu": 100.0, "step_time_s": 4.0}]
+    steady = [{"step": s, "tokens_per_s_per_gpu": 1000.0, "step_time_s": 0.2} for s in (2, 3)]
+    lines = [{**m, "loss": 5.0, "mfu": 0.5} for m in first_step_setup + steady]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
+    result = bt.summarize(rows["long 8k 1 GPU"], run_dir, warmup=args.warmup)
+    assert result["tokens_per_s_per_gpu"] == 1000.0 and result["step_time_s"] == pytest.approx(0.2)
