@@ -139,7 +139,7 @@ def padding_rows():
 
 # The longest window one GPU trains at: BF16 THD, activation checkpointing, one window per step.
 LONG_CONTEXT = f"{LONG_DNA} {THD} {BF16} use_gradient_checkpointing=true dataset.micro_batch_size=1"
-LONG_LENGTHS = (8, 32, 128, 256, 512, 1024)  # thousand tokens
+LONG_STEPS = {8: 3, 32: 3, 128: 3, 256: 2, 512: 2, 1024: 1}  # window (thousand tokens) -> steps the row runs
 
 
 def long_context_rows():
@@ -149,14 +149,13 @@ def long_context_rows():
     measured. The first step holds ~4 s of one-off setup (8k and 32k rows on an H100), too much to keep even in a
     minute-long step. 1M (7-8 minutes a step, estimated): one step, its warm-up included (~1%).
     """
-    steps = {8: 3, 32: 3, 128: 3, 256: 2, 512: 2, 1024: 1}
     rows = [row("long", f"long {k}k 1 GPU", "BF16", "THD", f"{LONG_CONTEXT} dataset.max_seq_length={k * 1024}",
-                steps=steps[k]) for k in LONG_LENGTHS]  # fmt: skip
+                steps=steps) for k, steps in LONG_STEPS.items()]  # fmt: skip
     for k in (256, 512, 1024):  # each layer's input in CPU memory until backward (256k: the offload cost, paired)
         overrides = f"{LONG_CONTEXT} activation_cpu_offload=true dataset.max_seq_length={k * 1024}"
-        rows.append(row("long", f"long {k}k 1 GPU offload", "BF16", "THD", overrides, steps=steps[k]))
-    rows.append(row("long", "long 1024k CP 2 GPU", "BF16", "THD",
-                    f"{LONG_CONTEXT} dataset.max_seq_length={1024 * 1024} cp_size=2", 2, "cp", steps=1))  # fmt: skip
+        rows.append(row("long", f"long {k}k 1 GPU offload", "BF16", "THD", overrides, steps=LONG_STEPS[k]))
+    overrides = f"{LONG_CONTEXT} dataset.max_seq_length={1024 * 1024} cp_size=2"
+    rows.append(row("long", "long 1024k CP 2 GPU", "BF16", "THD", overrides, 2, "cp", steps=LONG_STEPS[1024]))
     return rows
 
 

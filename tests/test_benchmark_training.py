@@ -108,7 +108,7 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
     rows = {r["name"]: r for r in bt.ROWS}
     for name in ("long 8k 1 GPU", "long 256k 1 GPU offload", "TE BF16 THD"):
         bt.launch(rows[name], [0], args, tmp_path)
-    (short, longer, default) = launched
+    short, longer, default = launched
     assert "num_train_steps=3" in short and "logger.frequency=1" in short
     assert "num_train_steps=2" in longer and "logger.frequency=1" in longer
     assert f"num_train_steps={args.steps}" in default and f"logger.frequency={args.log_every}" in default
