@@ -214,14 +214,23 @@ def parse_args():
     return p.parse_args()
 
 
+def schedule(row: dict, args) -> tuple[int, int, int]:
+    """(steps, log every, steps left out of the mean) of a row.
+
+    --steps, --log-every and --warmup, unless the row has its own few steps: then it logs each one and leaves out
+    step 1's one-off setup, or, with one step only (a very long window), keeps that step, setup included.
+    """
+    if not row["steps"]:
+        return args.steps, args.log_every, args.warmup
+    return row["steps"], 1, min(1, row["steps"] - 1)
+
+
 def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
     """Start one row on `gpu_ids` (torchrun, or the bare stack); its output goes to `<work>/<row>/stdout.log`."""
     run_dir = work / row["name"].replace(" ", "_")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a failed rerun must not report the last run's numbers
-    steps = row["steps"] or args.steps
-    # A row with its own (few) steps logs each one, so its mean can leave out step 1's one-off setup.
-    log_every = 1 if row["steps"] else args.log_every
+    steps, log_every, _ = schedule(row, args)
     if row["script"].startswith("bare"):  # overrides: the FP8 recipe name
         command = [sys.executable, "scripts/benchmark_model.py", "--train-row", row["script"], "--recipes",
                    row["overrides"], "--dna", str(long_dna_parquet(work)), "--metrics", str(run_dir / "metrics.jsonl"),
@@ -278,13 +287,12 @@ def mixed_dna_parquet(work: Path) -> Path:
     return path
 
 
-def summarize(row: dict, run_dir: Path, warmup: int) -> dict:
-    """The row's means after `warmup` steps from its metrics.jsonl, or its error."""
+def summarize(row: dict, run_dir: Path, left_out: int) -> dict:
+    """The row's means after its first `left_out` steps (`schedule`) from its metrics.jsonl, or its error."""
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
         run_dir / "metrics.jsonl").exists() else []  # fmt: skip
     windows = [m for m in lines if "tokens_per_s_per_gpu" in m]
-    # Short rows: all but step 1; a one-step row (a very long window) keeps its only step, warm-up included.
-    measured = [m for m in windows if m["step"] > (1 if row["steps"] else warmup) or row["steps"] == 1]
+    measured = [m for m in windows if m["step"] > left_out]
     if not measured:
         log = (run_dir / "stdout.log").read_text()
         start = max(log.find("Error executing job"), log.find("Traceback"))  # Hydra's report, else a traceback
@@ -330,7 +338,7 @@ def run_all(rows: list[dict], num_gpus: int, args, on_result=lambda results: Non
             if proc.poll() is not None:
                 running.remove((proc, row, gpu_ids))
                 free += gpu_ids
-                result = summarize(row, work / row["name"].replace(" ", "_"), args.warmup)
+                result = summarize(row, work / row["name"].replace(" ", "_"), schedule(row, args)[2])
                 status = (
                     "FAILED (see error)" if "error" in result else f"{result['tokens_per_s_per_gpu']:.0f} tok/s/GPU"
                 )
@@ -370,9 +378,9 @@ def main():
         rows = [r for r in rows if r["name"] in args.only.split(",")]
     skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    own = ", ".join(f"{r['name']}: {r['steps']}" for r in rows if r["steps"])  # measured as summarize() says
+    own = ", ".join(f"{r['name']}: {r['steps']}, after step {schedule(r, args)[2]}" for r in rows if r["steps"])
     if own:
-        own = f" (steps of rows with their own count, all after step 1 measured, one-step rows whole: {own})"
+        own = f" (rows with their own steps, each logged: {own})"
     notes = (f"{num_gpus} x {device}; `{' '.join(sys.argv)}`; {args.steps} steps per row, means after step "
              f"{args.warmup}{own}. Not run (too few GPUs): {', '.join(skipped) or 'none'}.")  # fmt: skip
     if args.profile_steps:  # the profiler slows the steps it records and writes its trace inside a window

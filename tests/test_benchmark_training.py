@@ -52,7 +52,7 @@ def test_finished_rows_are_written_before_the_run_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(bt, "launch", launch)
     monkeypatch.setattr(bt.time, "sleep", lambda s: None)
     launch(bt.ROWS[0], [0], None, tmp_path / "earlier")  # a row of an earlier run, in the file to append to
-    earlier = bt.summarize(bt.ROWS[0], tmp_path / "earlier" / bt.ROWS[0]["name"].replace(" ", "_"), warmup=10)
+    earlier = bt.summarize(bt.ROWS[0], tmp_path / "earlier" / bt.ROWS[0]["name"].replace(" ", "_"), left_out=10)
     (tmp_path / "results.json").write_text(json.dumps({"notes": "earlier", "rows": [earlier]}))
     monkeypatch.setattr(sys, "argv", ["benchmark_training.py", "--append", "--out", str(tmp_path)])
     args = bt.parse_args()
@@ -118,5 +118,11 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
     steady = [{"step": s, "tokens_per_s_per_gpu": 1000.0, "step_time_s": 0.2} for s in (2, 3)]
     lines = [{**m, "loss": 5.0, "mfu": 0.5} for m in first_step_setup + steady]
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
-    result = bt.summarize(rows["long 8k 1 GPU"], run_dir, warmup=args.warmup)
+    result = bt.summarize(rows["long 8k 1 GPU"], run_dir, bt.schedule(rows["long 8k 1 GPU"], args)[2])
     assert result["tokens_per_s_per_gpu"] == 1000.0 and result["step_time_s"] == pytest.approx(0.2)
+
+    one_step = rows["long 1024k 1 GPU offload"]  # a very long window: its only step is its measure, setup included
+    assert bt.schedule(one_step, args) == (1, 1, 0)
+    (run_dir / "metrics.jsonl").write_text(json.dumps(lines[0]))
+    assert bt.summarize(one_step, run_dir, bt.schedule(one_step, args)[2])["step_time_s"] == pytest.approx(4.0)
+    assert bt.schedule(rows["TE BF16 THD"], args) == (args.steps, args.log_every, args.warmup)
