@@ -38,6 +38,15 @@ def longest(results, suffix: str) -> int | None:
     return max(done, default=None)
 
 
+def long_context_series(results) -> dict[str, list[dict]]:
+    """The one-GPU long-context rows that trained, by memory option, shortest window first (the plot's lines)."""
+    ok = [r for r in results if r["group"] == "long" and "error" not in r]
+    return {
+        label: sorted((r for r in ok if r["name"].endswith(suffix)), key=window_k)
+        for label, suffix in (("checkpointing", "1 GPU"), ("+ activation_cpu_offload", "1 GPU offload"))
+    }
+
+
 def targets(results) -> list[tuple[str, float | None, float | None]]:
     """(what, measured, target) for each of the recipe's speed targets; target None: context, not a goal."""
     best_fp8_bshd = max(
@@ -152,10 +161,7 @@ def plot(results, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"throughput_{group}.png", dpi=80)
         plt.close(fig)
-    series = {
-        label: sorted((r for r in ok if r["group"] == "long" and r["name"].endswith(suffix)), key=window_k)
-        for label, suffix in (("checkpointing", "1 GPU"), ("+ activation_cpu_offload", "1 GPU offload"))
-    }
+    series = long_context_series(results)
     if any(series.values()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         memory = ax.twinx()
