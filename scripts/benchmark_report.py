@@ -183,11 +183,13 @@ def plot(results, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "long_context.png", dpi=80)
         plt.close(fig)
+    model_rows = [r for r in ok if r["group"] == "model"]
+    if not model_rows:
+        return
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in ok:
-        if r["group"] == "model":
-            steps, losses = zip(*r["loss_curve"])
-            ax.plot(steps, losses, label=r["name"])
+    for r in model_rows:
+        steps, losses = zip(*r["loss_curve"])
+        ax.plot(steps, losses, label=r["name"])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
