@@ -172,6 +172,9 @@ def plot(results, out: Path) -> None:
             memory.plot(lengths, [r["peak_memory_gib"] for r in rows], f"{marker}--", color="tab:red",
                         label=f"memory, {label}")  # fmt: skip
         ax.set_xscale("log", base=2)
+        lengths = sorted({window_k(r) for rows in series.values() for r in rows})
+        ax.set_xticks(lengths, [f"{k}k" for k in lengths])
+        ax.minorticks_off()
         ax.set_ylim(bottom=0)  # from zero, so a 2% difference looks like one
         memory.set_ylim(bottom=0)
         ax.set_xlabel("window length (thousand tokens)")
