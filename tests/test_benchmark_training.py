@@ -128,14 +128,13 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
     assert bt.schedule(rows["TE BF16 THD"], args) == (args.steps, args.log_every, args.warmup)
 
 
-def test_long_context_plot_draws_each_memory_option_by_window_length(tmp_path):
-    """Plain and offload rows are separate lines, shortest window first; failed and CP rows are not drawn."""
-    import benchmark_report as br
+def long_rows():
+    """Long-context results in no order: plain and offload rows, a failed one and a CP row."""
 
     def long(name, **extra):
         return {"group": "long", "name": name, "tokens_per_s_per_gpu": 1.0, "peak_memory_gib": 1.0, **extra}
 
-    results = [
+    return [
         long("long 256k 1 GPU"),
         long("long 8k 1 GPU"),
         long("long 512k 1 GPU", error="OOM"),
@@ -143,11 +142,23 @@ def test_long_context_plot_draws_each_memory_option_by_window_length(tmp_path):
         long("long 256k 1 GPU offload"),
         long("long 1024k CP 2 GPU"),
     ]
-    series = {label: [r["name"] for r in rows] for label, rows in br.long_context_series(results).items()}
+
+
+def test_long_context_plot_draws_each_memory_option_by_window_length():
+    """Plain and offload rows are separate lines, shortest window first; failed and CP rows are not drawn."""
+    import benchmark_report as br
+
+    series = {label: [r["name"] for r in rows] for label, rows in br.long_context_series(long_rows()).items()}
     assert series == {
         "checkpointing": ["long 8k 1 GPU", "long 256k 1 GPU"],
         "+ activation_cpu_offload": ["long 256k 1 GPU offload", "long 512k 1 GPU offload"],
     }
+
+
+def test_long_context_plot_is_written(tmp_path):
+    """The plot file of those rows (matplotlib is not a test requirement: skips without it)."""
     pytest.importorskip("matplotlib")
-    br.plot(results, tmp_path)
+    import benchmark_report as br
+
+    br.plot(long_rows(), tmp_path)
     assert (tmp_path / "long_context.png").stat().st_size > 0
