@@ -32,17 +32,22 @@ def gpu_of(rows) -> str:
     return device.removeprefix("NVIDIA ").split(" ")[0]
 
 
+def trained_long_rows(results, suffix: str) -> list[dict]:
+    """The long-context rows ending in `suffix` ("1 GPU", "1 GPU offload", "CP 2 GPU") that trained, shortest first."""
+    done = [r for r in results if r["group"] == "long" and r["name"].endswith(suffix) and "error" not in r]
+    return sorted(done, key=window_k)
+
+
 def longest(results, suffix: str) -> int | None:
-    """The longest window (thousand tokens) of the long-context rows ending in `suffix` that trained."""
-    done = [window_k(r) for r in results if r["group"] == "long" and r["name"].endswith(suffix) and "error" not in r]
-    return max(done, default=None)
+    """The longest window (thousand tokens) of `trained_long_rows(results, suffix)`."""
+    done = trained_long_rows(results, suffix)
+    return window_k(done[-1]) if done else None
 
 
 def long_context_series(results) -> dict[str, list[dict]]:
-    """The one-GPU long-context rows that trained, by memory option, shortest window first (the plot's lines)."""
-    ok = [r for r in results if r["group"] == "long" and "error" not in r]
+    """The one-GPU long-context plot's lines: the rows that trained, by memory option."""
     return {
-        label: sorted((r for r in ok if r["name"].endswith(suffix)), key=window_k)
+        label: trained_long_rows(results, suffix)
         for label, suffix in (("checkpointing", "1 GPU"), ("+ activation_cpu_offload", "1 GPU offload"))
     }
 
@@ -172,8 +177,8 @@ def plot(results, out: Path) -> None:
             memory.plot(lengths, [r["peak_memory_gib"] for r in rows], f"{marker}--", color="tab:red",
                         label=f"memory, {label}")  # fmt: skip
         ax.set_xscale("log", base=2)
-        lengths = sorted({window_k(r) for rows in series.values() for r in rows})
-        ax.set_xticks(lengths, [f"{k}k" for k in lengths])
+        ticks = sorted({window_k(r) for rows in series.values() for r in rows})
+        ax.set_xticks(ticks, [f"{k}k" for k in ticks])
         ax.minorticks_off()
         ax.set_ylim(bottom=0)  # from zero, so a 2% difference looks like one
         memory.set_ylim(bottom=0)
