@@ -113,18 +113,29 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
     assert "num_train_steps=2" in longer and "logger.frequency=1" in longer
     assert f"num_train_steps={args.steps}" in default and f"logger.frequency={args.log_every}" in default
 
-    run_dir = tmp_path / "long_8k_1_GPU"
     first_step_setup = [{"step": 1, "tokens_per_s_per_gpu": 100.0, "step_time_s": 4.0}]
     steady = [{"step": s, "tokens_per_s_per_gpu": 1000.0, "step_time_s": 0.2} for s in (2, 3)]
     lines = [{**m, "loss": 5.0, "mfu": 0.5} for m in first_step_setup + steady]
-    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
-    result = bt.summarize(rows["long 8k 1 GPU"], run_dir, bt.schedule(rows["long 8k 1 GPU"], args)[2])
-    assert result["tokens_per_s_per_gpu"] == 1000.0 and result["step_time_s"] == pytest.approx(0.2)
 
+    class Done:  # a row's process, already finished
+        def poll(self):
+            return 0
+
+    def ran(row, gpu_ids, args, work):  # the row logged its steps (as many as it has) and ended
+        run_dir = work / row["name"].replace(" ", "_")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines[: row["steps"]]))
+        return Done()
+
+    monkeypatch.setattr(bt, "launch", ran)
+    monkeypatch.setattr(bt.time, "sleep", lambda s: None)
+    args.work_dir = str(tmp_path / "ran")
+    # run_all summarizes each row as schedule() says: steps 2-3 of the 3-step row, the only step of a one-step row
     one_step = rows["long 1024k 1 GPU offload"]  # a very long window: its only step is its measure, setup included
+    three, one = bt.run_all([rows["long 8k 1 GPU"], one_step], num_gpus=1, args=args)
+    assert three["tokens_per_s_per_gpu"] == 1000.0 and three["step_time_s"] == pytest.approx(0.2)
+    assert one["step_time_s"] == pytest.approx(4.0)
     assert bt.schedule(one_step, args) == (1, 1, 0)
-    (run_dir / "metrics.jsonl").write_text(json.dumps(lines[0]))
-    assert bt.summarize(one_step, run_dir, bt.schedule(one_step, args)[2])["step_time_s"] == pytest.approx(4.0)
     assert bt.schedule(rows["TE BF16 THD"], args) == (args.steps, args.log_every, args.warmup)
 
 
