@@ -8,6 +8,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
+class Done:
+    """A row's process, already finished (what a fake `launch` returns)."""
+
+    def poll(self):
+        """Exit code 0: done."""
+        return 0
+
+
 @pytest.mark.parametrize("profile", [False, True])
 def test_profile_steps_reach_recipe_and_bare_rows(tmp_path, monkeypatch, profile):
     """`--profile-steps 12 14` profiles the same steps of a recipe row (profiler.*) and of a bare row."""
@@ -37,10 +45,6 @@ def test_finished_rows_are_written_before_the_run_ends(tmp_path, monkeypatch):
     import json
 
     import benchmark_training as bt
-
-    class Done:  # a row's process, already finished
-        def poll(self):
-            return 0
 
     def launch(row, gpu_ids, args, work):
         run_dir = work / row["name"].replace(" ", "_")
@@ -116,10 +120,6 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
     first_step_setup = [{"step": 1, "tokens_per_s_per_gpu": 100.0, "step_time_s": 4.0}]
     steady = [{"step": s, "tokens_per_s_per_gpu": 1000.0, "step_time_s": 0.2} for s in (2, 3)]
     lines = [{**m, "loss": 5.0, "mfu": 0.5} for m in first_step_setup + steady]
-
-    class Done:  # a row's process, already finished
-        def poll(self):
-            return 0
 
     def ran(row, gpu_ids, args, work):  # the row logged its steps (as many as it has) and ended
         run_dir = work / row["name"].replace(" ", "_")
