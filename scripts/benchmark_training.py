@@ -21,6 +21,7 @@ Writes `results.json`, `results.md` (the table and the target ratios) and PNG pl
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,8 +48,12 @@ LINGUA = (
 )
 
 
-# Context-parallel rows read one long record (the bundled records joined: 2.4 Mbp), so every window is full length.
+# Model rows read one long record (the bundled records joined: 2.4 Mbp), so every window is full length.
 LONG_DNA = "dataset.load_dataset_kwargs.path={long_dna} dataset.stride=0"
+# Context-parallel and long-window rows read records of exactly one window each, so that every step trains whole
+# windows: one 2.4 Mbp record would end in a short window (at 512k: 302,783 tokens), whose pack then holds two
+# sequences and half the attention work of one 512k window.
+WHOLE_WINDOWS = "dataset.load_dataset_kwargs.path={whole_windows} dataset.stride=0"
 # Records of 8,190 and 2,046 bases in turn, read in order: each BSHD micro-batch of 2 holds one 8,192-token
 # window and one of 2,048 (BOS and EOS included), the case where padding wastes the most.
 MIXED_DNA = "dataset.load_dataset_kwargs.path={mixed_dna} dataset.stride=0 dataset.buffer_size=1 dataset.num_workers=1"
@@ -76,7 +81,7 @@ def cp_rows():
               (2, 2, 196608, 1, 4, "p2p"))  # fmt: skip
     for cp, gpus, seq, batch, steps, comm in shapes:
         overrides = (
-            f"{LONG_DNA} {THD} {BF16} cp_size={cp} cp_comm_type={comm} dataset.max_seq_length={seq} "
+            f"{WHOLE_WINDOWS} {THD} {BF16} cp_size={cp} cp_comm_type={comm} dataset.max_seq_length={seq} "
             f"dataset.micro_batch_size={batch}"
         )
         name = f"CP {cp} GPU seq {seq // 1024}k" if gpus == cp else f"DP {gpus} GPU seq {seq // 1024}k"
@@ -138,7 +143,7 @@ def padding_rows():
 
 
 # The longest window one GPU trains at: BF16 THD, activation checkpointing, one window per step.
-LONG_CONTEXT = f"{LONG_DNA} {THD} {BF16} use_gradient_checkpointing=true dataset.micro_batch_size=1"
+LONG_CONTEXT = f"{WHOLE_WINDOWS} {THD} {BF16} use_gradient_checkpointing=true dataset.micro_batch_size=1"
 LONG_STEPS = {8: 3, 32: 3, 128: 3, 256: 2, 512: 2, 1024: 1}  # window (thousand tokens) -> steps the row runs
 
 
@@ -239,6 +244,9 @@ def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
             command += ["--profile-steps", *map(str, args.profile_steps)]
     else:
         data = {"long_dna": long_dna_parquet(work), "mixed_dna": mixed_dna_parquet(work)}
+        if "{whole_windows}" in row["overrides"]:
+            window = int(re.search(r"dataset\.max_seq_length=(\d+)", row["overrides"]).group(1))
+            data["whole_windows"] = whole_windows_parquet(work, window)
         overrides = row["overrides"].format(**data).split() + [
             f"num_train_steps={steps}", f"logger.frequency={log_every}", f"run_dir={run_dir}",
             "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
@@ -267,6 +275,22 @@ def long_dna_parquet(work: Path) -> Path:
         records = pq.read_table(RECIPE_DIR / "test_genomic_sequences.parquet").column("sequence").to_pylist()
         work.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"sequence": ["".join(records)]}), path)
+    return path
+
+
+def whole_windows_parquet(work: Path, window: int) -> Path:
+    """The joined record cut into records of `window - 2` bases (BOS and EOS make a window), the rest dropped."""
+    path = work / f"whole_windows_{window}.parquet"
+    if not path.exists():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        text = pq.read_table(long_dna_parquet(work)).column("sequence")[0].as_py()
+        bases = window - 2
+        if len(text) < bases:
+            raise ValueError(f"A window of {window} tokens needs {bases} bases; the bundled DNA has {len(text)}.")
+        records = [text[start : start + bases] for start in range(0, len(text) - bases + 1, bases)]
+        pq.write_table(pa.table({"sequence": records}), path)
     return path
 
 

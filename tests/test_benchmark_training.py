@@ -25,6 +25,7 @@ def test_profile_steps_reach_recipe_and_bare_rows(tmp_path, monkeypatch, profile
     monkeypatch.setattr(bt.subprocess, "Popen", lambda command, **kwargs: launched.append(command))
     monkeypatch.setattr(bt, "long_dna_parquet", lambda work: tmp_path / "long.parquet")
     monkeypatch.setattr(bt, "mixed_dna_parquet", lambda work: tmp_path / "mixed.parquet")
+    monkeypatch.setattr(bt, "whole_windows_parquet", lambda work, window: tmp_path / f"whole_{window}.parquet")
     monkeypatch.setattr(sys, "argv", ["benchmark_training.py", *(["--profile-steps", "12", "14"] if profile else [])])
     args = bt.parse_args()
     rows = {r["name"]: r for r in bt.ROWS}
@@ -107,6 +108,7 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
     monkeypatch.setattr(bt.subprocess, "Popen", lambda command, **kwargs: launched.append(command))
     monkeypatch.setattr(bt, "long_dna_parquet", lambda work: tmp_path / "long.parquet")
     monkeypatch.setattr(bt, "mixed_dna_parquet", lambda work: tmp_path / "mixed.parquet")
+    monkeypatch.setattr(bt, "whole_windows_parquet", lambda work, window: tmp_path / f"whole_{window}.parquet")
     monkeypatch.setattr(sys, "argv", ["benchmark_training.py"])
     args = bt.parse_args()
     rows = {r["name"]: r for r in bt.ROWS}
@@ -115,6 +117,7 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
     short, longer, default = launched
     assert "num_train_steps=3" in short and "logger.frequency=1" in short
     assert "num_train_steps=2" in longer and "logger.frequency=1" in longer
+    assert f"dataset.load_dataset_kwargs.path={tmp_path / 'whole_262144.parquet'}" in longer
     assert f"num_train_steps={args.steps}" in default and f"logger.frequency={args.log_every}" in default
 
     first_step_setup = [{"step": 1, "tokens_per_s_per_gpu": 100.0, "step_time_s": 4.0}]
@@ -173,3 +176,26 @@ def test_long_context_plot_is_written(tmp_path):
 
     br.plot(long_rows(), tmp_path)
     assert (tmp_path / "long_context.png").stat().st_size > 0
+
+
+def test_long_window_rows_train_one_whole_window_every_step(tmp_path):
+    """Each pack of a long-window row is one sequence of the full window, across the epoch boundary.
+
+    The joined 2.4 Mbp record alone ends in a short window: at 256k its pack held 40,653 + 221,491 tokens.
+    """
+    import benchmark_training as bt
+    import torch
+
+    from dataset import create_thd_dataloader
+    from distributed_config import DistributedConfig
+
+    window = 256 * 1024
+    rows = {r["name"]: r for r in bt.long_context_rows()}
+    assert "{whole_windows}" in rows["long 256k 1 GPU"]["overrides"]
+    path = bt.whole_windows_parquet(tmp_path, window)
+    loader, _ = create_thd_dataloader(DistributedConfig(), str(bt.RECIPE_DIR / "tokenizers/nucleotide_fast_tokenizer"),
+                                      {"path": str(path)}, micro_batch_size=1, max_seq_length=window, stride=0,
+                                      num_workers=2)  # fmt: skip
+    batches = iter(loader)
+    for _ in range(10):  # 9 windows a epoch
+        assert torch.diff(next(batches)["cu_seq_lens_q"]).tolist() == [window]
