@@ -150,9 +150,11 @@ LONG_STEPS = {8: 3, 32: 3, 128: 3, 256: 2, 512: 2, 1024: 1}  # window (thousand 
 def long_context_rows():
     """One window of 8k to 1M tokens per step on one GPU (and 1M with cp=2 on two, or with activation offload).
 
-    Up to 128k: 3 steps, the last two measured; 256k and 512k (a step takes 1-2 minutes): 2 steps, the second
-    measured. The first step holds one-off setup (on an H100, 8k: 3.3 s against 0.18 s for the next; 256k: ~1 s
-    more than the next). 1M (7-8 minutes a step, estimated): one step, its setup included (well under 1%).
+    Up to 128k: 3 steps, the last two measured; 256k and 512k: 2 steps, the second measured. The first step
+    holds one-off setup (on an H100, 8k: 3.3 s against 0.18 s for the next; 256k: ~1 s more than the next).
+    A step's time is about a x pairs + b x tokens; on an H100 the 128k and 256k rows (14.0 s, 53.4 s) give
+    12.7 s of attention and 1.3 s of the rest at 128k, so 512k takes ~3.5 minutes a step and 1M ~14 minutes:
+    one step, its setup included, longer than a lent device call's 10-minute limit.
     """
     rows = [row("long", f"long {k}k 1 GPU", "BF16", "THD", f"{LONG_CONTEXT} dataset.max_seq_length={k * 1024}",
                 steps=steps) for k, steps in LONG_STEPS.items()]  # fmt: skip
