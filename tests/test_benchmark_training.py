@@ -181,7 +181,7 @@ def test_long_context_plot_is_written(tmp_path):
 def test_long_window_rows_train_one_whole_window_every_step(tmp_path):
     """Each pack of a long-window row is one sequence of the full window, across the epoch boundary.
 
-    The joined 2.4 Mbp record alone ends in a short window: at 256k its pack held 40,653 + 221,491 tokens.
+    The joined 2.4 Mbp record alone ends in a short window: at 256k, step 2 held 40,653 + 221,491 tokens here.
     """
     import benchmark_training as bt
     import torch
@@ -197,5 +197,5 @@ def test_long_window_rows_train_one_whole_window_every_step(tmp_path):
                                       {"path": str(path)}, micro_batch_size=1, max_seq_length=window, stride=0,
                                       num_workers=2)  # fmt: skip
     batches = iter(loader)
-    for _ in range(10):  # 9 windows a epoch
+    for _ in range(10):  # 9 windows an epoch
         assert torch.diff(next(batches)["cu_seq_lens_q"]).tolist() == [window]
