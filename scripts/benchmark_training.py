@@ -51,7 +51,7 @@ LINGUA = (
 # Model rows read one long record (the bundled records joined: 2.4 Mbp), so every window is full length.
 LONG_DNA = "dataset.load_dataset_kwargs.path={long_dna} dataset.stride=0"
 # Context-parallel and long-window rows read records of exactly one window each, so that every step trains whole
-# windows: one 2.4 Mbp record would end in a short window (at 512k: 302,783 tokens), whose pack then holds two
+# windows: one 2.4 Mbp record would end in a short window (at 512k: 302,787 tokens), whose pack then holds two
 # sequences and half the attention work of one 512k window.
 WHOLE_WINDOWS = "dataset.load_dataset_kwargs.path={whole_windows} dataset.stride=0"
 # Records of 8,190 and 2,046 bases in turn, read in order: each BSHD micro-batch of 2 holds one 8,192-token
