@@ -19,6 +19,7 @@ Writes `results.json`, `results.md` (the table and the target ratios) and PNG pl
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -282,33 +283,30 @@ def long_dna_parquet(work: Path) -> Path:
 
 def whole_windows_parquet(work: Path, window: int) -> Path:
     """The joined record cut into records of `window - 2` bases (BOS and EOS make a window), the rest dropped."""
-    path = work / f"whole_windows_{window}.parquet"
-    if not path.exists():
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        text = pq.read_table(long_dna_parquet(work)).column("sequence")[0].as_py()
-        bases = window - 2
-        if len(text) < bases:
-            raise ValueError(f"A window of {window} tokens needs {bases} bases; the bundled DNA has {len(text)}.")
-        records = [text[start : start + bases] for start in range(0, len(text) - bases + 1, bases)]
-        pq.write_table(pa.table({"sequence": records}), path)
-    return path
+    return cut_parquet(work, f"whole_windows_{window}", itertools.repeat(window - 2))
 
 
 def mixed_dna_parquet(work: Path) -> Path:
     """The bundled DNA cut into records of 8,190 and 2,046 bases in turn (MIXED_DNA)."""
-    path = work / "mixed_dna.parquet"
+    return cut_parquet(work, "mixed_dna", itertools.cycle((8190, 2046)))
+
+
+def cut_parquet(work: Path, name: str, lengths) -> Path:
+    """`<work>/<name>.parquet`, made once: the joined record cut into records of `lengths` bases while they fit."""
+    path = work / f"{name}.parquet"
     if not path.exists():
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         text = pq.read_table(long_dna_parquet(work)).column("sequence")[0].as_py()
         records, start = [], 0
-        while start + 8190 <= len(text):
-            length = 8190 if len(records) % 2 == 0 else 2046
+        for length in lengths:
+            if start + length > len(text):
+                break
             records.append(text[start : start + length])
             start += length
+        if not records:
+            raise ValueError(f"{name}: the bundled DNA ({len(text)} bases) is shorter than one record.")
         pq.write_table(pa.table({"sequence": records}), path)
     return path
 

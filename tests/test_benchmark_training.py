@@ -16,16 +16,23 @@ class Done:
         return 0
 
 
+@pytest.fixture
+def fake_data(tmp_path, monkeypatch):
+    """The rows' parquet paths, under tmp_path and never written (for tests that only read the commands)."""
+    import benchmark_training as bt
+
+    monkeypatch.setattr(bt, "long_dna_parquet", lambda work: tmp_path / "long.parquet")
+    monkeypatch.setattr(bt, "mixed_dna_parquet", lambda work: tmp_path / "mixed.parquet")
+    monkeypatch.setattr(bt, "whole_windows_parquet", lambda work, window: tmp_path / f"whole_{window}.parquet")
+
+
 @pytest.mark.parametrize("profile", [False, True])
-def test_profile_steps_reach_recipe_and_bare_rows(tmp_path, monkeypatch, profile):
+def test_profile_steps_reach_recipe_and_bare_rows(tmp_path, monkeypatch, fake_data, profile):
     """`--profile-steps 12 14` profiles the same steps of a recipe row (profiler.*) and of a bare row."""
     import benchmark_training as bt
 
     launched = []
     monkeypatch.setattr(bt.subprocess, "Popen", lambda command, **kwargs: launched.append(command))
-    monkeypatch.setattr(bt, "long_dna_parquet", lambda work: tmp_path / "long.parquet")
-    monkeypatch.setattr(bt, "mixed_dna_parquet", lambda work: tmp_path / "mixed.parquet")
-    monkeypatch.setattr(bt, "whole_windows_parquet", lambda work, window: tmp_path / f"whole_{window}.parquet")
     monkeypatch.setattr(sys, "argv", ["benchmark_training.py", *(["--profile-steps", "12", "14"] if profile else [])])
     args = bt.parse_args()
     rows = {r["name"]: r for r in bt.ROWS}
@@ -98,7 +105,7 @@ def test_longest_window_targets_count_offload_rows_and_skip_failed_ones():
     assert br.gpu_of([]) == "GPU"
 
 
-def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp_path, monkeypatch):
+def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp_path, monkeypatch, fake_data):
     """A 3-step long row logs every step, so its mean is steps 2-3 (not a window holding step 1's setup)."""
     import json
 
@@ -106,9 +113,6 @@ def test_rows_with_their_own_few_steps_log_each_step_and_leave_out_the_first(tmp
 
     launched = []
     monkeypatch.setattr(bt.subprocess, "Popen", lambda command, **kwargs: launched.append(command))
-    monkeypatch.setattr(bt, "long_dna_parquet", lambda work: tmp_path / "long.parquet")
-    monkeypatch.setattr(bt, "mixed_dna_parquet", lambda work: tmp_path / "mixed.parquet")
-    monkeypatch.setattr(bt, "whole_windows_parquet", lambda work, window: tmp_path / f"whole_{window}.parquet")
     monkeypatch.setattr(sys, "argv", ["benchmark_training.py"])
     args = bt.parse_args()
     rows = {r["name"]: r for r in bt.ROWS}
@@ -199,3 +203,13 @@ def test_long_window_rows_train_one_whole_window_every_step(tmp_path):
     batches = iter(loader)
     for _ in range(10):  # 9 windows an epoch
         assert torch.diff(next(batches)["cu_seq_lens_q"]).tolist() == [window]
+
+
+def test_mixed_rows_read_8k_and_2k_records_in_turn(tmp_path):
+    """MIXED_DNA's records alternate 8,190 and 2,046 bases (one full and one short window per BSHD pair)."""
+    import benchmark_training as bt
+    import pyarrow.parquet as pq
+
+    lengths = [len(s) for s in pq.read_table(bt.mixed_dna_parquet(tmp_path)).column("sequence").to_pylist()]
+    assert len(lengths) > 80 and len(lengths) % 2 == 0  # a 40-step row's 80 windows, and whole pairs
+    assert lengths == [8190, 2046] * (len(lengths) // 2)
