@@ -49,7 +49,8 @@ LINGUA = (
 )
 
 
-# Model rows read one long record (the bundled records joined: 2.4 Mbp), so every window is full length.
+# The full-window rows against the bare stack read one long record (the bundled records joined: 2.4 Mbp), as the
+# bare stack does (`--dna`), so both train the same 8k windows (all full but one short one an epoch, 293 windows in).
 LONG_DNA = "dataset.load_dataset_kwargs.path={long_dna} dataset.stride=0"
 # Context-parallel and long-window rows read records of exactly one window each, so that every step trains whole
 # windows: one 2.4 Mbp record would end in a short window (at 512k: 302,787 tokens), whose pack then holds two
@@ -246,10 +247,10 @@ def launch(row: dict, gpu_ids: list[int], args, work: Path) -> subprocess.Popen:
         if args.profile_steps:
             command += ["--profile-steps", *map(str, args.profile_steps)]
     else:
-        data = {"long_dna": long_dna_parquet(work), "mixed_dna": mixed_dna_parquet(work)}
-        if "{whole_windows}" in row["overrides"]:
-            window = int(re.search(r"dataset\.max_seq_length=(\d+)", row["overrides"]).group(1))
-            data["whole_windows"] = whole_windows_parquet(work, window)
+        window = re.search(r"dataset\.max_seq_length=(\d+)", row["overrides"])
+        makers = {"long_dna": lambda: long_dna_parquet(work), "mixed_dna": lambda: mixed_dna_parquet(work),
+                  "whole_windows": lambda: whole_windows_parquet(work, int(window.group(1)))}  # fmt: skip
+        data = {key: make() for key, make in makers.items() if f"{{{key}}}" in row["overrides"]}  # the files it reads
         overrides = row["overrides"].format(**data).split() + [
             f"num_train_steps={steps}", f"logger.frequency={log_every}", f"run_dir={run_dir}",
             "checkpoint.resume_from_checkpoint=false", *args.overrides.split(),
