@@ -4,6 +4,7 @@ Each row is the whole step (data loader, loop, FSDP2 or DDP, fused AdamW) on the
 
     python scripts/benchmark_training.py                              # every row that fits the GPUs here
     python scripts/benchmark_training.py --groups model,lingua        # some groups only
+    python scripts/benchmark_training.py --groups long --row-steps "long 256k 1 GPU=1"  # a row's steps, this run
     python scripts/benchmark_training.py --plot-only benchmarks/results.json
 
 Each row is a `torchrun train_*.py --config-name L1_genomic_1b` run (Llama-3.2-1B body, vocab 256,
@@ -211,6 +212,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the averages")
     p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--row-steps", default="", metavar="NAME=N,...",
+                   help="these rows run N steps (e.g. a 512k row in one step, to fit a short GPU lease)")  # fmt: skip
     p.add_argument("--profile-steps", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
                    help="profile these steps of every row (<work-dir>/<row>/profiler/rank0_summary.txt)")  # fmt: skip
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
@@ -221,6 +224,18 @@ def parse_args():
         "--append", action="store_true", help="merge into --out's results.json (rows run now replace theirs)"
     )
     return p.parse_args()
+
+
+def chosen_rows(args) -> list[dict]:
+    """The rows of --groups and --only, with the steps --row-steps gives them."""
+    rows = [r for r in ROWS if r["group"] in args.groups.split(",")]
+    if args.only:
+        rows = [r for r in rows if r["name"] in args.only.split(",")]
+    steps = dict(item.rsplit("=", 1) for item in args.row_steps.split(",") if item)
+    unknown = sorted(set(steps) - {r["name"] for r in rows})
+    if unknown:
+        raise SystemExit(f"--row-steps names {unknown}, not among the rows chosen by --groups/--only: use their names")
+    return [{**r, "steps": int(steps[r["name"]])} if r["name"] in steps else r for r in rows]
 
 
 def schedule(row: dict, args) -> tuple[int, int, int]:
@@ -397,10 +412,7 @@ def main():
     import torch
 
     num_gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
-    groups = args.groups.split(",")
-    rows = [r for r in ROWS if r["group"] in groups]
-    if args.only:
-        rows = [r for r in rows if r["name"] in args.only.split(",")]
+    rows = chosen_rows(args)
     skipped = [r["name"] for r in rows if r["gpus"] > num_gpus]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     own = ", ".join(f"{r['name']}: {r['steps']}, after step {schedule(r, args)[2]}" for r in rows if r["steps"])

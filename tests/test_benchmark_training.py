@@ -213,3 +213,26 @@ def test_mixed_rows_read_8k_and_2k_records_in_turn(tmp_path):
     lengths = [len(s) for s in pq.read_table(bt.mixed_dna_parquet(tmp_path)).column("sequence").to_pylist()]
     assert len(lengths) > 160 and len(lengths) % 2 == 0  # more than a 50-step row reads (THD: ~160), whole pairs
     assert lengths == [8190, 2046] * (len(lengths) // 2)
+
+
+def test_row_steps_runs_a_row_in_the_steps_given_and_rejects_unknown_names(tmp_path, monkeypatch, fake_data):
+    """`--row-steps "long 512k 1 GPU offload=1"` runs that row one step (measured); others keep theirs."""
+    import benchmark_training as bt
+
+    only = "long 512k 1 GPU offload,long 256k 1 GPU offload"
+    monkeypatch.setattr(sys, "argv", ["benchmark_training.py", "--groups", "long", "--only", only,
+                                      "--row-steps", "long 512k 1 GPU offload=1"])  # fmt: skip
+    args = bt.parse_args()
+    rows = {r["name"]: r for r in bt.chosen_rows(args)}
+    assert set(rows) == set(only.split(","))
+    assert bt.schedule(rows["long 512k 1 GPU offload"], args) == (1, 1, 0)
+    assert bt.schedule(rows["long 256k 1 GPU offload"], args) == (2, 1, 1)
+    assert next(r for r in bt.ROWS if r["name"] == "long 512k 1 GPU offload")["steps"] == 2  # ROWS unchanged
+    launched = []
+    monkeypatch.setattr(bt.subprocess, "Popen", lambda command, **kwargs: launched.append(command))
+    bt.launch(rows["long 512k 1 GPU offload"], [0], args, tmp_path)
+    assert "num_train_steps=1" in launched[0]
+
+    args.row_steps = "long 512k 1 GPU=1"  # a row --only did not choose
+    with pytest.raises(SystemExit, match=r"\['long 512k 1 GPU'\]"):
+        bt.chosen_rows(args)
