@@ -235,6 +235,9 @@ def chosen_rows(args) -> list[dict]:
     unknown = sorted(set(steps) - {r["name"] for r in rows})
     if unknown:
         raise SystemExit(f"--row-steps names {unknown}, not among the rows chosen by --groups/--only: use their names")
+    bad = {name: n for name, n in steps.items() if not n.isdigit() or int(n) < 1}
+    if bad:
+        raise SystemExit(f"--row-steps {bad}: give each row a whole number of steps, 1 or more")
     return [{**r, "steps": int(steps[r["name"]])} if r["name"] in steps else r for r in rows]
 
 

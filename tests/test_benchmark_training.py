@@ -236,3 +236,29 @@ def test_row_steps_runs_a_row_in_the_steps_given_and_rejects_unknown_names(tmp_p
     args.row_steps = "long 512k 1 GPU=1"  # a row --only did not choose
     with pytest.raises(SystemExit, match=r"\['long 512k 1 GPU'\]"):
         bt.chosen_rows(args)
+    args.row_steps = "long 512k 1 GPU offload=0"
+    with pytest.raises(SystemExit, match="'long 512k 1 GPU offload': '0'"):
+        bt.chosen_rows(args)
+
+
+def test_main_runs_the_rows_with_their_row_steps_and_says_so_in_the_notes(tmp_path, monkeypatch):
+    """main() hands run_all the re-stepped row, and results.json's notes give the steps that row ran."""
+    import json
+
+    import benchmark_training as bt
+
+    ran = []
+
+    def run_all(rows, num_gpus, args, on_result=lambda results: None):
+        ran.extend(rows)
+        return [{**r, "error": "not run here"} for r in rows]
+
+    monkeypatch.setattr(bt, "run_all", run_all)
+    monkeypatch.setattr(bt, "plot", lambda results, out: None)
+    row = "long 512k 1 GPU offload"
+    argv = ["--groups", "long", "--only", row, "--row-steps", f"{row}=1", "--gpus", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["benchmark_training.py", *argv])
+    bt.main()
+    assert [(r["name"], r["steps"]) for r in ran] == [(row, 1)]
+    notes = json.loads((tmp_path / "results.json").read_text())["notes"]
+    assert f"{row}: 1, after step 0" in notes
