@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from baselines import MarkovModel
-from data_sources import load_raw_dataset, load_tokenizer
-from inference import encode, is_base, load_model, token_log_probs
+from data.sources import load_raw_dataset, load_tokenizer
+from use.baselines import MarkovModel
+from use.inference import encode, is_base, load_model, token_log_probs
 
 
 def parse_args(argv=None):
@@ -102,7 +102,7 @@ def load_baseline(args):
     order = int(args.model.split(":", 1)[1])
     model = MarkovModel(order).fit(seq for _, seq in tqdm(read_records(args.train_data, args.text_column),
                                                            desc=f"counting {order}-mers", unit=" rec"))  # fmt: skip
-    return model, load_tokenizer(str(Path(__file__).resolve().parent / "tokenizers" / "nucleotide_fast_tokenizer"))
+    return model, load_tokenizer("./tokenizers/nucleotide_fast_tokenizer")
 
 
 def main(argv=None) -> dict:

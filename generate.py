@@ -18,7 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from inference import encode, load_model
+from use.inference import encode, load_model
 
 
 def parse_args(argv=None):
@@ -45,7 +45,7 @@ def kv_cache(model, max_length: int):
     """TE's InferenceParams for the TE model (None for HF, which makes its own)."""
     if model.config.model_type != "nvllama":
         return None
-    from modeling_llama_te import HFInferenceParams
+    from model.modeling_llama_te import HFInferenceParams
 
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -83,7 +83,7 @@ def main(argv=None) -> list[tuple[str, str]]:
     if args.prompt is not None:
         prompts = [("prompt", args.prompt)]
     else:
-        from data_sources import load_raw_dataset
+        from data.sources import load_raw_dataset
 
         data = load_raw_dataset({"path": args.prompts, "streaming": True}, "sequence")
         prompts = [(r.get("name", str(i)), r["sequence"]) for i, r in enumerate(data)]

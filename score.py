@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_sources import load_raw_dataset
+from data.sources import load_raw_dataset
 from evaluate import record_windows
-from inference import encode, load_model, token_log_probs
+from use.inference import encode, load_model, token_log_probs
 
 COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 

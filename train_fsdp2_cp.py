@@ -21,28 +21,28 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from batches import count_label_tokens, create_dataloader, iter_batches, to_device
-from checkpoint import (
+from checkpointing.folders import prepare_checkpoint_dir, resume_from_latest
+from checkpointing.format import (
     load_checkpoint_fsdp2,
     save_checkpoint_fsdp2,
     save_final_model,
     wait_for_async_save,
 )
-from checkpoint_folders import prepare_checkpoint_dir, resume_from_latest
-from command_line import exit_on_user_error, normalize_command_line
-from config_checks import check_inputs, resolve_use_te, validate_config, validate_cp_config
-from distributed_config import DistributedConfig, all_reduce_sum, init_distributed
-from fp8_stats import FP8Stats
-from model_setup import checkpoint_bytes, create_model, fp8_autocast_factory, packs_bshd_batches, shard_with_fsdp2
-from optimizer_step import NonFiniteGuard, clip_grad_norm, create_optimizer
+from checkpointing.run_record import describe_run, run_dir_for, write_run_info
+from checkpointing.upstream import resume_from_upstream
+from config.checks import check_inputs, resolve_use_te, validate_config, validate_cp_config
+from config.command_line import exit_on_user_error, normalize_command_line
+from data.batches import count_label_tokens, create_dataloader, iter_batches, to_device
+from model.build import checkpoint_bytes, create_model, fp8_autocast_factory, packs_bshd_batches, shard_with_fsdp2
 from perf_logger import PerfLogger
-from preemption import Preemption
-from profiling import StepProfiler
-from python_gc import ScheduledGC
-from run_info import describe_run, run_dir_for, write_run_info
+from runtime.distributed import DistributedConfig, all_reduce_sum, init_distributed
+from runtime.preemption import Preemption
 from scheduler import get_cosine_annealing_schedule_with_warmup
-from upstream_checkpoint import resume_from_upstream
-from validation import Validator, best_so_far
+from training.fp8_stats import FP8Stats
+from training.gc_schedule import ScheduledGC
+from training.optimizer import NonFiniteGuard, clip_grad_norm, create_optimizer
+from training.profiling import StepProfiler
+from training.validation_loss import Validator, best_so_far
 
 logger = logging.getLogger(__name__)
 

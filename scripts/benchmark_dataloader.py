@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import create_bshd_dataloader, create_thd_dataloader  # noqa: E402
-from distributed_config import DistributedConfig  # noqa: E402
+from data.loader import create_bshd_dataloader, create_thd_dataloader  # noqa: E402
+from runtime.distributed import DistributedConfig  # noqa: E402
 
 
 def main():

@@ -75,7 +75,7 @@ def run(cmd: list[str], log: Path) -> float:
 
 def truncated(folder: Path, files: list[Path], bases: int) -> Path:
     """Each genome's first `bases` bases, as FASTA files in `folder`: the windows every model is scored on."""
-    from fasta import read_records
+    from data.fasta import read_records
 
     folder.mkdir(parents=True, exist_ok=True)
     for f in files:

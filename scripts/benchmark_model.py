@@ -80,7 +80,7 @@ class BareStack(nn.Module):
         )
         self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
-        from modeling_llama_te import RotaryEmbedding
+        from model.modeling_llama_te import RotaryEmbedding
 
         self.rope = RotaryEmbedding(config)
 
@@ -160,8 +160,8 @@ def make_model(kind: str, hf_config):
     """One row's model, seeded the same: `bare`/`bare_thd` stacks, HF (sdpa), or NVLlama (`bshd`/`thd`)."""
     from transformers import LlamaForCausalLM
 
-    from convert import te_config_from_hf
-    from modeling_llama_te import NVLlamaForCausalLM
+    from model.convert import te_config_from_hf
+    from model.modeling_llama_te import NVLlamaForCausalLM
 
     torch.manual_seed(0)
     if kind.startswith("bare"):
@@ -176,7 +176,7 @@ def measure(kind: str, recipe_name: str, hf_config, args) -> dict:
     """Time forward + backward + fused AdamW of one model kind and precision."""
     import transformer_engine.pytorch as te
 
-    from fp8 import build_fp8_recipe
+    from model.fp8 import build_fp8_recipe
 
     recipe = None if recipe_name == "none" else build_fp8_recipe(recipe_name)
     ids, thd = random_batches(args)
@@ -215,9 +215,9 @@ def train_bare_row(args, hf_config):
     import pyarrow.parquet as pq
     import transformer_engine.pytorch as te
 
-    from fp8 import build_fp8_recipe
+    from model.fp8 import build_fp8_recipe
     from perf_logger import ModelFlops, peak_flops
-    from profiling import StepProfiler
+    from training.profiling import StepProfiler
 
     recipe = None if args.recipes == "none" else build_fp8_recipe(args.recipes)
     text = pq.read_table(args.dna).column("sequence")[0].as_py().encode()

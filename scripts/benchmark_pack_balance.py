@@ -23,8 +23,8 @@ sys.path.insert(0, str(RECIPE_DIR / "tests"))
 
 from conftest import make_cfg  # noqa: E402
 
-from batches import create_dataloader  # noqa: E402
-from distributed_config import DistributedConfig  # noqa: E402
+from data.batches import create_dataloader  # noqa: E402
+from runtime.distributed import DistributedConfig  # noqa: E402
 
 ATTENTION_SHARE, FULL_PACK = 0.43, 2 * 8192**2
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distributed_config import all_reduce_sum  # noqa: E402
-from preemption import Preemption  # noqa: E402
+from runtime.distributed import all_reduce_sum  # noqa: E402
+from runtime.preemption import Preemption  # noqa: E402
 
 
 def main(steps: int = 20, trials: int = 3, matmuls: int = 50):

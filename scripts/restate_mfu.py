@@ -22,11 +22,11 @@ from hydra import compose, initialize_config_dir
 RECIPE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE_DIR))
 
-from batches import create_dataloader  # noqa: E402
-from command_line import normalize_command_line  # noqa: E402
-from distributed_config import DistributedConfig  # noqa: E402
-from model_setup import build_model_config  # noqa: E402
+from config.command_line import normalize_command_line  # noqa: E402
+from data.batches import create_dataloader  # noqa: E402
+from model.build import build_model_config  # noqa: E402
 from perf_logger import PEAK_BF16_FLOPS, ModelFlops  # noqa: E402
+from runtime.distributed import DistributedConfig  # noqa: E402
 
 
 def l1_config(overrides: list[str]):

@@ -61,7 +61,7 @@ def automatic_gc_after_each_test():
 @pytest.fixture
 def tokenizer():
     """The bundled nucleotide tokenizer."""
-    from data_sources import load_tokenizer
+    from data.sources import load_tokenizer
 
     return load_tokenizer(TOKENIZER)
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collator import BshdCollator, ThdCollator, cp_shard_indices, shard_batch_for_cp  # noqa: E402
-from modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM  # noqa: E402
+from data.collate import BshdCollator, ThdCollator, cp_shard_indices, shard_batch_for_cp  # noqa: E402
+from model.modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM  # noqa: E402
 
 
 def make_model(fmt: str) -> NVLlamaForCausalLM:

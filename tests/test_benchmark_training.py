@@ -190,8 +190,8 @@ def test_long_window_rows_train_one_whole_window_every_step(tmp_path):
     import benchmark_training as bt
     import torch
 
-    from dataset import create_thd_dataloader
-    from distributed_config import DistributedConfig
+    from data.loader import create_thd_dataloader
+    from runtime.distributed import DistributedConfig
 
     window = 256 * 1024
     rows = {r["name"]: r for r in bt.long_context_rows()}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import make_cfg
 
-import checkpoint_folders
+import checkpointing.folders as checkpoint_folders
 import train_ddp
 import train_fsdp2
-from checkpoint_folders import CheckpointMismatchError, complete_checkpoints, read_run_info
+from checkpointing.folders import CheckpointMismatchError, complete_checkpoints, read_run_info
 
 
 def digest(folder: Path) -> str:

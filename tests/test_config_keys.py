@@ -23,12 +23,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import train_ddp
 import train_fsdp2
-from batches import create_dataloader
-from config_checks import DEFAULTS_YAML, validate_config, validate_cp_config
-from data_sources import load_raw_dataset
-from distributed_config import DistributedConfig
-from model_setup import build_model_config, create_model
-from optimizer_step import create_optimizer
+from config.checks import DEFAULTS_YAML, validate_config, validate_cp_config
+from data.batches import create_dataloader
+from data.sources import load_raw_dataset
+from model.build import build_model_config, create_model
+from runtime.distributed import DistributedConfig
+from training.optimizer import create_optimizer
 
 CPU = torch.device("cpu")
 ONE_RANK = DistributedConfig(0, 0, 1)
@@ -116,7 +116,7 @@ def test_fsdp2_reshards_after_forward_unless_one_rank_has_memory_to_spare(tmp_pa
     """One rank keeps gathered parameters to backward, unless use_gradient_checkpointing asks for memory first."""
     import torch.distributed.fsdp as fsdp
 
-    from model_setup import shard_with_fsdp2
+    from model.build import shard_with_fsdp2
 
     calls = []
     monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: calls.append(kwargs["reshard_after_forward"]))
@@ -167,7 +167,7 @@ def test_gc_collect_every_n_steps_schedules_the_collector(tmp_path, monkeypatch,
     """2: no automatic GC in the loop, full collections before it and after steps 2 and 4; null: untouched."""
     import gc
 
-    import python_gc
+    import training.gc_schedule as python_gc
 
     calls, enabled_in_loop = [], []
     proxy = types.SimpleNamespace(**{name: getattr(gc, name) for name in ("disable", "enable", "freeze", "unfreeze")})
@@ -380,7 +380,7 @@ def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path):
 
 def test_fp8_stats_config_is_checked_before_anything_runs(tmp_path, monkeypatch):
     """fp8_stats_config.enabled needs TE + FP8, and nvdlfw_inspect; its effect is tests/test_keys_gpu.py's."""
-    from fp8_stats import FP8Stats
+    from training.fp8_stats import FP8Stats
 
     with pytest.raises(ValueError, match="needs the TE model and fp8_config.enabled=true"):
         validate_config(make_cfg(tmp_path, "fp8_stats_config.enabled=true"), use_te=True)
@@ -395,7 +395,7 @@ def test_fp8_stats_config_is_checked_before_anything_runs(tmp_path, monkeypatch)
 
 def test_fp8_stats_file_and_log_dir_reach_tes_debug_tools(tmp_path, monkeypatch):
     """What FP8Stats hands nvdlfw_inspect (faked here; the real run is tests/test_upstream_gpu.py)."""
-    from fp8_stats import FP8Stats
+    from training.fp8_stats import FP8Stats
 
     calls = {}
     api = types.ModuleType("nvdlfw_inspect.api")
@@ -427,7 +427,7 @@ def test_gpu_busy_fraction_is_the_union_of_kernel_intervals():
 
     from torch.autograd import DeviceType
 
-    from profiling import gpu_busy_fraction
+    from training.profiling import gpu_busy_fraction
 
     def event(start, end, device=DeviceType.CUDA):
         return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device)

@@ -6,10 +6,10 @@ import torch
 from conftest import RECIPE_DIR
 from hydra import compose, initialize_config_dir
 
-from batches import count_label_tokens, create_dataloader
-from collator import IGNORE_INDEX, BshdCollator, ThdCollator, cp_shard_indices, shard_batch_for_cp
-from config_checks import validate_cp_config
-from distributed_config import DistributedConfig
+from config.checks import validate_cp_config
+from data.batches import count_label_tokens, create_dataloader
+from data.collate import IGNORE_INDEX, BshdCollator, ThdCollator, cp_shard_indices, shard_batch_for_cp
+from runtime.distributed import DistributedConfig
 
 
 def random_sequences(seed: int, n: int = 6) -> list[dict]:

@@ -8,8 +8,8 @@ from conftest import RECIPE_DIR, TOKENIZER
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from convert import hf_config_from_te, hf_to_te_state_dict, te_config_from_hf, te_to_hf_state_dict
-from export import export_hf_model, export_te_model
+from checkpointing.export import export_hf_model, export_te_model
+from model.convert import hf_config_from_te, hf_to_te_state_dict, te_config_from_hf, te_to_hf_state_dict
 
 
 def tiny_hf_config(tie: bool) -> LlamaConfig:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import PARQUET, TOKENIZER
 
-from balanced_packing import BalancedPackingDataset
-from collator import IGNORE_INDEX, BshdCollator, ThdCollator, TokenPackingDataset, mask_genomic_labels
-from dataset import create_bshd_dataloader, create_thd_dataloader
-from distributed_config import DistributedConfig
-from windowing import WindowTokenizer, byte_token_ids, is_byte_tokenizer, window_starts
+from data.collate import IGNORE_INDEX, BshdCollator, ThdCollator, mask_genomic_labels
+from data.loader import create_bshd_dataloader, create_thd_dataloader
+from data.packing import BalancedPackingDataset, TokenPackingDataset
+from data.windows import WindowTokenizer, byte_token_ids, is_byte_tokenizer, window_starts
+from runtime.distributed import DistributedConfig
 
 # ---- tokenizer ----
 
@@ -287,7 +287,7 @@ def test_packed_rows_hold_the_padded_batches_tokens_and_targets(pad_to_multiple_
 
     The packed row holds the same windows, targets and target count, and no pads.
     """
-    from batches import count_label_tokens
+    from data.batches import count_label_tokens
 
     kwargs = dict(LOADER_KW, num_workers=0, pad_to_multiple_of=pad_to_multiple_of, uppercase_labels=True,
                   load_dataset_kwargs={"path": PARQUET})  # fmt: skip

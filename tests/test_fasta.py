@@ -8,9 +8,9 @@ import torch
 from conftest import PARQUET, TOKENIZER, losses, make_cfg
 
 import train_fsdp2
-from data_sources import load_raw_dataset
-from dataset import create_thd_dataloader, create_tokenized_dataset
-from distributed_config import DistributedConfig
+from data.loader import create_thd_dataloader, create_tokenized_dataset
+from data.sources import load_raw_dataset
+from runtime.distributed import DistributedConfig
 
 RECORDS = pq.read_table(PARQUET).column("sequence").to_pylist()[:40]
 ONE_RANK = DistributedConfig(0, 0, 1)
@@ -34,7 +34,7 @@ def write_fasta(path, records, fastq: bool = False, per_file: int | None = None)
 
 
 def windows(load_dataset_kwargs) -> list[list[int]]:
-    from data_sources import load_tokenizer
+    from data.sources import load_tokenizer
 
     ds = create_tokenized_dataset(ONE_RANK, load_tokenizer(TOKENIZER), load_dataset_kwargs, 512, 32)
     return [list(w["input_ids"]) for w in ds]

@@ -25,9 +25,9 @@ from conftest import (
 )
 
 import train_ddp
-from checkpoint_folders import MARKER, complete_checkpoints
-from config_checks import validate_config, validate_cp_config
-from optimizer_step import NonFiniteGuard
+from checkpointing.folders import MARKER, complete_checkpoints
+from config.checks import validate_config, validate_cp_config
+from training.optimizer import NonFiniteGuard
 
 SCRIPTS = {
     "ddp": ["train_ddp.py"],

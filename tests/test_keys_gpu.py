@@ -16,8 +16,8 @@ from test_model_gpu import hf_config
 
 import train_ddp
 import train_fsdp2
-from model_setup import fp8_autocast_factory
-from optimizer_step import create_optimizer
+from model.build import fp8_autocast_factory
+from training.optimizer import create_optimizer
 
 pytestmark = pytest.mark.gpu
 GPU = ["use_te=true", "dataset.num_workers=1", "logger.frequency=5"]
@@ -108,7 +108,7 @@ def test_torch_compile_trains_like_eager(tmp_path, monkeypatch, script, override
 
 
 def test_meta_init_matches_direct_construction():
-    from modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
+    from model.modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
 
     config = NVLlamaConfig(**hf_config(hidden_size=512, intermediate_size=1024).to_dict())
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_fsdp2_meta_init_matches_direct_construction(tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
+    from model.modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
 
     if not dist.is_initialized():
         dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)

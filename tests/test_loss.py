@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from modeling_llama_te import chunked_cross_entropy
+from model.modeling_llama_te import chunked_cross_entropy
 
 
 @pytest.mark.parametrize("num_items", [None, 50.0])

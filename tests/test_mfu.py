@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from distributed_config import DistributedConfig
-from model_setup import build_model_config
+from model.build import build_model_config
 from perf_logger import ModelFlops, PerfLogger, count_parameters, head_dim_of
+from runtime.distributed import DistributedConfig
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def hf_model():
 
 
 def te_from_hf(hf_model, **overrides):
-    from convert import convert_llama_hf_to_te
+    from model.convert import convert_llama_hf_to_te
 
     return convert_llama_hf_to_te(hf_model, **overrides).eval()
 
@@ -80,7 +80,7 @@ def test_bshd_logits_and_loss_match_hf(hf_model):
 
 @torch.no_grad()
 def test_thd_packed_equals_sequences_one_by_one(hf_model):
-    from collator import ThdCollator
+    from data.collate import ThdCollator
 
     te_thd = te_from_hf(hf_model, attn_input_format="thd")
     te_bshd = te_from_hf(hf_model, attn_input_format="bshd")
@@ -104,7 +104,7 @@ def test_thd_packed_equals_sequences_one_by_one(hf_model):
 
 def test_chunked_loss_matches_full_logits_loss(hf_model):
     """`loss_chunk_size` (no [tokens, vocab] logits) gives HF's loss and the same gradients, in BF16."""
-    from collator import ThdCollator
+    from data.collate import ThdCollator
 
     batch = ThdCollator(pad_token_id=1)([{"input_ids": s.numpy()} for s in sequences()])
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -122,7 +122,7 @@ def test_chunked_loss_matches_full_logits_loss(hf_model):
 
 @torch.no_grad()
 def test_thd_with_padding_between_sequences(hf_model):
-    from collator import ThdCollator
+    from data.collate import ThdCollator
 
     te_model = te_from_hf(hf_model, attn_input_format="thd")
     seqs = sequences(2)
@@ -158,8 +158,8 @@ def test_thd_model_runs_unpadded_rows_in_bshd(hf_model):
     Rows give the BSHD model's logits exactly; with activation checkpointing the recompute in backward keeps
     the forward's layout (same gradients).
     """
-    from collator import ThdCollator
-    from model_setup import apply_activation_checkpointing
+    from data.collate import ThdCollator
+    from model.build import apply_activation_checkpointing
 
     thd_model, bshd_model = (te_from_hf(hf_model, attn_input_format=f) for f in ("thd", "bshd"))
     rows = torch.stack([s[:96] for s in sequences(7) if len(s) >= 96] * 2).cuda()  # [2, 96], no padding
@@ -193,7 +193,7 @@ def test_activation_cpu_offload_frees_the_layer_inputs_and_keeps_the_gradients(h
     checkpointing, up to the run-to-run noise of TE's attention backward (not deterministic by default), which
     two plain runs measure here.
     """
-    from model_setup import apply_activation_checkpointing
+    from model.build import apply_activation_checkpointing
 
     rows = torch.randint(4, 256, (1, 16384), generator=torch.Generator().manual_seed(3)).cuda()
     held, grads = {}, {}
@@ -221,7 +221,7 @@ def _train_losses(hf_model, fp8_recipe, steps=8):
     torch.manual_seed(0)
     model = te_from_hf(hf_model, attn_input_format="thd").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    from collator import ThdCollator
+    from data.collate import ThdCollator
 
     batch = ThdCollator(pad_token_id=1, pad_to_multiple_of=16)(
         [{"input_ids": s.numpy()} for s in sequences(4) + sequences(5)]
@@ -242,7 +242,7 @@ def _train_losses(hf_model, fp8_recipe, steps=8):
     "recipe", ["DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling"]
 )
 def test_fp8_recipes_train_close_to_bf16(hf_model, recipe):
-    from fp8 import build_fp8_recipe
+    from model.fp8 import build_fp8_recipe
 
     try:
         fp8_recipe = build_fp8_recipe(recipe, "HYBRID")
@@ -257,7 +257,7 @@ def test_fp8_recipes_train_close_to_bf16(hf_model, recipe):
 
 
 def test_unsupported_recipe_names_the_gpu_generation():
-    from fp8 import build_fp8_recipe
+    from model.fp8 import build_fp8_recipe
 
     if torch.cuda.get_device_capability()[0] >= 10:
         pytest.skip("Blackwell runs every recipe")
@@ -267,7 +267,7 @@ def test_unsupported_recipe_names_the_gpu_generation():
 
 @torch.no_grad()
 def test_cached_greedy_generation_equals_uncached(hf_model):
-    from modeling_llama_te import HFInferenceParams
+    from model.modeling_llama_te import HFInferenceParams
 
     te_model = te_from_hf(hf_model, attn_input_format="thd")
     config = te_model.config
@@ -310,7 +310,7 @@ def test_output_hidden_states_match_hf(hf_model, fmt):
 
 
 def test_hf_te_hf_model_round_trip_is_exact(hf_model):
-    from convert import convert_llama_te_to_hf
+    from model.convert import convert_llama_te_to_hf
 
     back = convert_llama_te_to_hf(te_from_hf(hf_model))
     original = hf_model.state_dict()
@@ -320,7 +320,7 @@ def test_hf_te_hf_model_round_trip_is_exact(hf_model):
 
 @torch.no_grad()
 def test_exports_load_through_automodel_and_llama(hf_model, tmp_path):
-    from export import export_hf_model, export_te_model
+    from checkpointing.export import export_hf_model, export_te_model
 
     te_model = te_from_hf(hf_model)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)

@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import ENV, FAST, RECIPE_DIR, TORCHRUN_2, losses, run_command
 
-from checkpoint_folders import complete_checkpoints
+from checkpointing.folders import complete_checkpoints
 
 # One loader worker, so that a signal to the process group reaches a worker too.
 PREEMPTIBLE = [*FAST, "dataset.num_workers=1", "checkpoint.save_every_n_steps=100000"]

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_a_full_window_row_is_restated_in_closed_form(tmp_path, monkeypatch):
     import restate_mfu
 
-    from model_setup import build_model_config
+    from model.build import build_model_config
     from perf_logger import PEAK_BF16_FLOPS, count_parameters, head_dim_of
 
     cp_row = {"group": "cp", "name": "CP 2 GPU seq 16k", "gpus": 2, "tokens_per_s_per_gpu": 44_000.0, "mfu": 0.55,

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 import train_ddp
 import train_fsdp2
-from checkpoint_folders import MARKER, find_latest_checkpoint, prune_checkpoints
-from config_checks import DEFAULTS_YAML, check_keys_and_types
+from checkpointing.folders import MARKER, find_latest_checkpoint, prune_checkpoints
+from config.checks import DEFAULTS_YAML, check_keys_and_types
 from scheduler import get_cosine_annealing_schedule_with_warmup
 
 
@@ -172,8 +172,8 @@ def test_hf_reference_keeps_packed_sequences_apart(tmp_path):
     """
     import numpy as np
 
-    from collator import ThdCollator
-    from model_setup import create_model
+    from data.collate import ThdCollator
+    from model.build import create_model
 
     torch.manual_seed(0)
     model = create_model(make_cfg(tmp_path, "use_sequence_packing=true"), False, torch.device("cpu"), False).eval()

@@ -71,7 +71,7 @@ def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, monkeypatc
     Both see the same windows and targets, so their losses agree. train_fsdp2_cp.py at cp_size=1 too.
     Micro-batches of full windows run in TE's BSHD layout inside training, padded ones as a THD row.
     """
-    from modeling_llama_te import NVLlamaModel
+    from model.modeling_llama_te import NVLlamaModel
 
     layouts, set_layout = [], NVLlamaModel._set_attention_layout
     monkeypatch.setattr(NVLlamaModel, "_set_attention_layout", lambda m, f: layouts.append(f) or set_layout(m, f))

@@ -12,11 +12,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 import train_ddp
 import train_fsdp2
-from checkpoint_folders import CheckpointMismatchError, find_latest_checkpoint
-from model_setup import create_model
-from optimizer_step import create_optimizer
+from checkpointing.folders import CheckpointMismatchError, find_latest_checkpoint
+from checkpointing.upstream import resume_from_upstream
+from model.build import create_model
 from scheduler import get_cosine_annealing_schedule_with_warmup
-from upstream_checkpoint import resume_from_upstream
+from training.optimizer import create_optimizer
 
 CPU = torch.device("cpu")
 

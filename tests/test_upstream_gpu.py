@@ -18,9 +18,9 @@ from test_upstream_checkpoint import write_upstream
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import train_fsdp2
-from model_setup import create_model, fp8_autocast_factory
-from optimizer_step import create_optimizer
+from model.build import create_model, fp8_autocast_factory
 from scheduler import get_cosine_annealing_schedule_with_warmup
+from training.optimizer import create_optimizer
 
 pytestmark = pytest.mark.gpu
 GPU = ["use_te=true", "dataset.num_workers=1", "logger.frequency=1"]
@@ -77,7 +77,7 @@ def test_quantized_init_trains_like_bf16_weights_and_exports(tmp_path, recipe):
 
 @torch.no_grad()
 def test_layer_precision_null_keeps_layers_in_bf16_under_fp8(tmp_path):
-    from modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
+    from model.modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
 
     cfg = gpu_cfg(tmp_path, *FP8)
     fp8_autocast = fp8_autocast_factory(cfg, use_te=True)

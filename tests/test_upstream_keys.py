@@ -11,10 +11,10 @@ import sys
 import pytest
 from conftest import ENV, FAST, RECIPE_DIR, make_cfg
 
-from checkpoint_folders import read_run_info
-from command_line import normalize_command_line
-from config_checks import validate_config
-from model_setup import build_model_config
+from checkpointing.folders import read_run_info
+from config.checks import validate_config
+from config.command_line import normalize_command_line
+from model.build import build_model_config
 
 
 def normalized(*args):
@@ -133,7 +133,7 @@ def test_config_errors_for_upstream_values(tmp_path, overrides, message):
 )
 def test_attn_input_format_decides_how_bshd_batches_run(tmp_path, packing, layout, built):
     """Padded BSHD by asking for bshd; otherwise the TE model takes BSHD micro-batches as packed rows (thd)."""
-    from model_setup import packs_bshd_batches
+    from model.build import packs_bshd_batches
 
     extra = [f"+config_kwargs.attn_input_format={layout}"] if layout else []
     cfg = make_cfg(tmp_path, f"use_sequence_packing={packing}", *extra, "+config_kwargs.self_attn_mask_type=causal",
@@ -148,7 +148,7 @@ def test_attn_input_format_decides_how_bshd_batches_run(tmp_path, packing, layou
 
 
 def test_config_kwargs_the_model_config_lacks_are_refused(tmp_path):
-    from model_setup import build_model_config
+    from model.build import build_model_config
 
     cfg = make_cfg(tmp_path, "+config_kwargs.fp8_first_last_bf16=true")
     with pytest.raises(ValueError, match=r"config_kwargs \['fp8_first_last_bf16'\] are not fields of LlamaConfig"):
@@ -219,8 +219,8 @@ def test_per_layer_precision_and_quantized_init_are_checked(tmp_path, overrides,
 
 
 def test_per_layer_precision_reaches_the_te_model_config(tmp_path):
-    from convert import hf_config_from_te
-    from modeling_llama_te import NVLlamaConfig
+    from model.convert import hf_config_from_te
+    from model.modeling_llama_te import NVLlamaConfig
 
     cfg = make_cfg(tmp_path, "+config_kwargs.num_hidden_layers=3", "+config_kwargs.layer_precision=[null,fp8,null]",
                    "+config_kwargs.use_quantized_model_init=true")  # fmt: skip
@@ -235,7 +235,7 @@ def test_out_of_memory_ends_in_one_line_naming_the_memory_options(tmp_path, monk
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from command_line import exit_on_user_error
+    from config.command_line import exit_on_user_error
 
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))  # as when launched by Hydra
 

@@ -16,7 +16,7 @@ import generate
 import score
 import train_ddp
 import train_fsdp2
-from inference import encode, is_base, load_model, token_log_probs
+from use.inference import encode, is_base, load_model, token_log_probs
 
 GENOME = pq.read_table(PARQUET).column("sequence").to_pylist()[:2]  # two real records as two "chromosomes"
 
@@ -150,7 +150,7 @@ def test_generation_is_reproducible_and_stops_at_eos(trained, tmp_path):
 
 
 def test_markov_baseline_probabilities_and_evaluate_path(tmp_path):
-    from baselines import MarkovModel
+    from use.baselines import MarkovModel
 
     model = MarkovModel(order=1, alpha=1.0).fit(["AACAGT", "acgN"])  # lowercase counts; N breaks a context
     counts_after_a = {"A": 1, "C": 2, "G": 1, "T": 0}  # AA, AC, AG (from AACAGT) and ac (from acgN)

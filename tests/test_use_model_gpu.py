@@ -8,7 +8,7 @@ import pytest
 from test_use_model import GENOME, trained  # noqa: F401  (the module-scoped trained model fixture)
 
 import generate
-from inference import encode, load_model, token_log_probs
+from use.inference import encode, load_model, token_log_probs
 
 pytestmark = pytest.mark.gpu
 

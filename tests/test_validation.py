@@ -11,12 +11,12 @@ from conftest import TOKENIZER, make_cfg
 from test_fasta import write_fasta
 
 import train_fsdp2
-from checkpoint_folders import read_run_info
-from data_sources import load_tokenizer
-from dataset import create_tokenized_dataset
-from distributed_config import DistributedConfig
-from model_setup import create_model
-from validation import Validator, validation_windows
+from checkpointing.folders import read_run_info
+from data.loader import create_tokenized_dataset
+from data.sources import load_tokenizer
+from model.build import create_model
+from runtime.distributed import DistributedConfig
+from training.validation_loss import Validator, validation_windows
 
 RNG = np.random.default_rng(0)
 # Random records: a window of one never occurs in another, so a window tells which record it came from.
@@ -110,7 +110,7 @@ def test_validation_in_training_exports_the_best_and_resumes_it(tmp_path, genome
     ],  # fmt: skip
 )
 def test_validation_config_errors(tmp_path, overrides, message):
-    from config_checks import validate_config
+    from config.checks import validate_config
 
     with pytest.raises(ValueError, match=message):
         validate_config(make_cfg(tmp_path, *overrides), use_te=False)
@@ -129,7 +129,7 @@ def validation_on_two_ranks_equals_one_process(tmp_path, genome, *overrides, use
     """Train on two ranks with validation at the end; one process re-validates the export: the same figure."""
     from conftest import FAST, TORCHRUN_2, run_command
 
-    from inference import load_model
+    from use.inference import load_model
 
     args = [f"dataset.load_dataset_kwargs.path={genome}", "validation.enabled=true", "validation.fraction=0.2",
             "validation.num_windows=20", "validation.every_n_steps=100", "num_train_steps=4",

@@ -15,7 +15,7 @@ layers are named by module path with TE's layer number (from 1): `model.model.la
 import logging
 from pathlib import Path
 
-from data_sources import resolve_path
+from runtime.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 

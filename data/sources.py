@@ -16,20 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from fasta import fasta_files, is_fasta, load_fasta_dataset
+from data.fasta import fasta_files, is_fasta, load_fasta_dataset
+from runtime.paths import RECIPE_DIR, resolve_path
 
 logger = logging.getLogger(__name__)
-RECIPE_DIR = Path(__file__).resolve().parent
 # Local files read by another `datasets` builder than parquet, by suffix (optionally .gz).
 TEXT_TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A relative path is looked up in the working directory first, then in the recipe folder."""
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    return RECIPE_DIR / path if (RECIPE_DIR / path).exists() else path
 
 
 def _looks_local(path: str) -> bool:

@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from checkpoint_folders import MARKER, read_run_info
-from config_checks import te_available
-from convert import hf_config_from_te, hf_to_te_state_dict, te_config_from_hf, te_to_hf_state_dict
-from data_sources import load_tokenizer
+from checkpointing.folders import MARKER, read_run_info
+from config.checks import te_available
+from data.sources import load_tokenizer
+from model.convert import hf_config_from_te, hf_to_te_state_dict, te_config_from_hf, te_to_hf_state_dict
 
 BASES = np.frombuffer(b"ACGTacgt", dtype=np.uint8)
 
@@ -50,7 +50,7 @@ def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat
     if not hf_config.tie_word_embeddings and "lm_head.weight" not in state:
         raise ValueError(f"{path} holds no lm_head.weight but its config says the embeddings are not tied.")
     if use_te:
-        from modeling_llama_te import NVLlamaForCausalLM
+        from model.modeling_llama_te import NVLlamaForCausalLM
 
         config = te_config_from_hf(hf_config, attn_input_format="thd", dtype=dtype)
         model = NVLlamaForCausalLM(config)
@@ -77,7 +77,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _from_checkpoint(path: Path):
     """The HF config, TE-named weights and tokenizer of a `step_N` checkpoint (DDP or FSDP2 DCP)."""
-    from model_setup import build_model_config
+    from model.build import build_model_config
 
     info = read_run_info(path)
     if info is None:

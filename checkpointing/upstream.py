@@ -25,8 +25,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from checkpoint import split_extra_state
-from checkpoint_folders import CheckpointMismatchError, last_line
+from checkpointing.folders import CheckpointMismatchError, last_line
+from checkpointing.format import split_extra_state
 
 logger = logging.getLogger(__name__)
 LAYOUTS = {"train_fsdp2": ".metadata", "train_ddp": "checkpoint.pt"}  # upstream subfolder -> file a save ends with

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from convert import hf_config_from_te, te_to_hf_state_dict
-from fp8 import is_fp8_tensor
-from modeling_llama_te import AUTO_MAP, NVLlamaConfig
+from model.convert import hf_config_from_te, te_to_hf_state_dict
+from model.fp8 import is_fp8_tensor
+from model.modeling_llama_te import AUTO_MAP, NVLlamaConfig
 
-MODELING_FILE = Path(__file__).resolve().parent / "modeling_llama_te.py"
+MODELING_FILE = Path(__file__).resolve().parents[1] / "model" / "modeling_llama_te.py"
 
 
 def _save_weights(state_dict: dict[str, torch.Tensor], path: Path, tied: bool) -> None:

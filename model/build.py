@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, LlamaForCausalLM
 
-from data_sources import resolve_path
 from perf_logger import count_parameters
+from runtime.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 # config_kwargs that only the TE model's config has (HF's LlamaConfig would drop them).
@@ -69,7 +69,7 @@ def build_model_config(cfg: DictConfig, use_te: bool):
         # one (its default), tokens attend across the packed sequences.
         hf_config.use_cache = False
         return hf_config
-    from convert import te_config_from_hf
+    from model.convert import te_config_from_hf
 
     return te_config_from_hf(
         hf_config,
@@ -93,7 +93,7 @@ def create_model(cfg: DictConfig, use_te: bool, device: torch.device, on_meta: b
     """
     config = build_model_config(cfg, use_te)
     if use_te:
-        from modeling_llama_te import NVLlamaForCausalLM
+        from model.modeling_llama_te import NVLlamaForCausalLM
 
         with torch.device("meta") if on_meta else nullcontext(), quantized_init(cfg, config):
             model = NVLlamaForCausalLM(config)
@@ -122,7 +122,7 @@ def quantized_init(cfg: DictConfig, config):
         return nullcontext()
     import transformer_engine.pytorch as te
 
-    from fp8 import recipe_from_config
+    from model.fp8 import recipe_from_config
 
     return te.quantized_model_init(enabled=True, recipe=recipe_from_config(cfg.fp8_config))
 
@@ -192,7 +192,7 @@ def fp8_autocast_factory(cfg: DictConfig, use_te: bool):
         return nullcontext
     import transformer_engine.pytorch as te
 
-    from fp8 import recipe_from_config
+    from model.fp8 import recipe_from_config
 
     recipe = recipe_from_config(cfg.fp8_config) if cfg.fp8_config.enabled else None
     return lambda: te.autocast(enabled=recipe is not None, recipe=recipe)

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-RECIPE_DIR = Path(__file__).resolve().parent
+from runtime.paths import RECIPE_DIR
+
 RUN_INFO_FILE = "run_info.yaml"
 # What a checkpoint's weights and optimizer state are shaped by; resume refuses a checkpoint that differs in any.
 MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
-from distributed_config import barrier
-from run_info import RUN_INFO_FILE
+from checkpointing.run_record import RUN_INFO_FILE
+from runtime.distributed import barrier
 
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from batches import to_device
-from collator import IGNORE_INDEX, BshdCollator, PackedRowsCollator, ThdCollator
-from dataset import create_tokenized_dataset
-from distributed_config import DistributedConfig, all_reduce_sum
+from data.batches import to_device
+from data.collate import IGNORE_INDEX, BshdCollator, PackedRowsCollator, ThdCollator
+from data.loader import create_tokenized_dataset
+from runtime.distributed import DistributedConfig, all_reduce_sum
 
 ACGT_IDS = torch.tensor([ord(c) for c in "ACGTacgt"])
 
@@ -74,7 +74,7 @@ def micro_batches(cfg: DictConfig, windows: list, tokenizer, pack_rows: bool = F
 
 def best_so_far(ckpt_dir) -> float:
     """The `val_bits_per_base` of `<ckpt_dir>/best_model`, so that a resumed run keeps the best it had."""
-    from checkpoint_folders import read_run_info
+    from checkpointing.folders import read_run_info
 
     info = read_run_info(Path(ckpt_dir) / "best_model") if ckpt_dir else None
     return (info or {}).get("best", {}).get("val_bits_per_base", math.inf)

@@ -14,7 +14,7 @@ import logging
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fp8 import is_fp8_tensor
+from model.fp8 import is_fp8_tensor
 
 logger = logging.getLogger(__name__)
 

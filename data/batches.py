@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from collator import IGNORE_INDEX
-from dataset import create_bshd_dataloader, create_thd_dataloader
-from distributed_config import DistributedConfig
+from data.collate import IGNORE_INDEX
+from data.loader import create_bshd_dataloader, create_thd_dataloader
+from runtime.distributed import DistributedConfig
 
 
 def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: int = 1, cp_rank: int | None = None,

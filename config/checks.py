@@ -12,8 +12,8 @@ import logging
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from command_line import DEFAULTS_YAML, FREE_FORM_GROUPS, upstream_hint
-from data_sources import resolve_path
+from config.command_line import DEFAULTS_YAML, FREE_FORM_GROUPS, upstream_hint
+from runtime.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def _check_fp8(cfg: DictConfig, use_te: bool) -> None:
             f"FP8 needs micro-batches whose token count is a multiple of 16, but the THD budget is {budget}; "
             "set dataset.token_micro_batch_size (or max_seq_length) to a multiple of 16."
         )
-    from fp8 import build_fp8_recipe  # a recipe this GPU cannot run fails here, naming the GPU it needs
+    from model.fp8 import build_fp8_recipe  # a recipe this GPU cannot run fails here, naming the GPU it needs
 
     build_fp8_recipe(cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs))
 
@@ -293,8 +293,8 @@ def check_inputs(cfg: DictConfig, use_te: bool) -> None:
     Reads the tokenizer and the model config (small files) and checks that local data paths exist; the
     data itself is read later, by the loader.
     """
-    from data_sources import load_tokenizer, local_fasta_files, normalize_load_kwargs
-    from model_setup import build_model_config
+    from data.sources import load_tokenizer, local_fasta_files, normalize_load_kwargs
+    from model.build import build_model_config
 
     sources = [cfg.dataset.load_dataset_kwargs]
     if cfg.validation.enabled and cfg.validation.load_dataset_kwargs is not None:
