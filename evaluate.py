@@ -19,12 +19,12 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from data.sources import load_raw_dataset, load_tokenizer
+from data.dna import is_base
+from data.sources import load_tokenizer, read_records
 from use.baselines import MarkovModel
-from use.inference import encode, is_base, load_model, token_log_probs
+from use.inference import load_model, record_windows, token_log_probs
 
 
 def parse_args(argv=None):
@@ -40,11 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--use-te", choices=["auto", "true", "false"], default="auto")
     p.add_argument("--out", default=None, help="per-record results: .tsv, .csv or .json")
     return p.parse_args(argv)
-
-
-def record_windows(tokenizer, sequence: str, window: int) -> list[np.ndarray]:
-    """`<BOS>` + consecutive chunks of `window - 1` characters: every base predicted exactly once."""
-    return [encode(tokenizer, sequence[i : i + window - 1]) for i in range(0, len(sequence), window - 1)]
 
 
 def evaluate(model, tokenizer, records, window: int, batch_tokens: int) -> list[dict]:
@@ -87,12 +82,6 @@ def write_rows(rows: list[dict], out: Path, summary: dict) -> None:
         )  # the summary's timing is not a column
         writer.writeheader()
         writer.writerows([*rows, {"name": "ALL", **summary}])
-
-
-def read_records(path: str, text_column: str):
-    """(name, sequence) of every record of a FASTA/FASTQ/parquet file or folder, streamed."""
-    data = load_raw_dataset({"path": path, "streaming": True}, text_column)
-    return ((r.get("name", str(i)), r[text_column]) for i, r in enumerate(data))
 
 
 def load_baseline(args):

@@ -18,6 +18,8 @@ import time
 import torch
 from tqdm import tqdm
 
+from data.sources import read_records
+from model.shape import head_dim_of
 from use.inference import encode, load_model
 
 
@@ -48,10 +50,10 @@ def kv_cache(model, max_length: int):
     from model.modeling_llama_te import HFInferenceParams
 
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache = HFInferenceParams(max_batch_size=1, max_sequence_length=max_length, max_ctx_len=max_length,
-                              num_heads_kv=config.num_key_value_heads, head_dim_k=head_dim, dtype=model.dtype,
-                              qkv_format="thd")  # fmt: skip
+    cache = HFInferenceParams(
+        max_batch_size=1, max_sequence_length=max_length, max_ctx_len=max_length, qkv_format="thd",
+        num_heads_kv=config.num_key_value_heads, head_dim_k=head_dim_of(config), dtype=model.dtype,
+    )  # fmt: skip
     for layer_number in range(1, config.num_hidden_layers + 1):
         cache.allocate_memory(layer_number)
     return cache
@@ -83,10 +85,7 @@ def main(argv=None) -> list[tuple[str, str]]:
     if args.prompt is not None:
         prompts = [("prompt", args.prompt)]
     else:
-        from data.sources import load_raw_dataset
-
-        data = load_raw_dataset({"path": args.prompts, "streaming": True}, "sequence")
-        prompts = [(r.get("name", str(i)), r["sequence"]) for i, r in enumerate(data)]
+        prompts = list(read_records(args.prompts))
     greedy = args.greedy or args.temperature == 0
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": args.temperature,
                                                     "top_k": args.top_k, "top_p": args.top_p}  # fmt: skip

@@ -1,4 +1,8 @@
-"""One log line per interval, `metrics.jsonl`, a tqdm bar on rank 0, and wandb when enabled.
+"""One log line per interval, the run folder (`metrics.jsonl`, the run record), a tqdm bar on rank 0, wandb.
+
+    perf = PerfLogger(dist_config, device, run_dir, model.config, run_info=run_info, frequency=10, num_train_steps=250)
+    batches = iter_batches(dataloader, device, watch=perf.count_batch)   # FLOPs, tokens and data waits
+    metrics = perf.log_step(step, loss_sum, num_tokens, grad_norm, lr)  # a dict on log steps, else None
 
 Per-step values stay on the device and are read only on log steps (the loop's NaN/Inf check,
 `optimizer_step.NonFiniteGuard`, reads its verdict a step late, without a sync, when the optimizer is
@@ -21,27 +25,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
+
+from checkpointing.run_record import write_run_files
+from model.shape import count_parameters, head_dim_of
 
 logger = logging.getLogger(__name__)
 
 # Peak dense BF16 tensor FLOP/s by device-name fragment (vendor data sheets).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "GB200": 2500e12, "A100": 312e12}
-
-
-def head_dim_of(config) -> int:
-    """The attention head size (`head_dim`, else hidden size / heads)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def count_parameters(config, with_embedding: bool = True) -> int:
-    """Parameters of a Llama of this config: layers (norms included), final norm, LM head, embedding."""
-    hidden, head_dim = config.hidden_size, head_dim_of(config)
-    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o, k, v
-    layer = attention + 3 * hidden * config.intermediate_size + 2 * hidden
-    lm_head = 0 if config.tie_word_embeddings and with_embedding else config.vocab_size * hidden
-    return config.num_hidden_layers * layer + hidden + lm_head + (config.vocab_size * hidden if with_embedding else 0)
 
 
 class ModelFlops:
@@ -105,32 +97,47 @@ def wandb_metrics(values: dict) -> dict:
 class PerfLogger:
     """Accumulates per-step values on the device and writes one line per `logger.frequency` steps."""
 
-    def __init__(self, dist_config, cfg, run_dir: Path, model_config, device: torch.device, start_step=0):
+    def __init__(
+        self, dist_config, device: torch.device, run_dir: Path, model_config, *, run_info: dict, frequency: int,
+        num_train_steps: int, start_step: int = 0, cp_size: int = 1, wandb_init_args=None,
+    ):
+        """Rank 0 writes `run_info` (`checkpointing.run_record`) and its config into `run_dir`, and starts W&B.
+
+        `frequency`: `logger.frequency`; `wandb_init_args`: that group (no W&B while its mode is "disabled").
+        """
         self.is_main = dist_config.is_main_process()
         self.world_size = dist_config.world_size
-        self.frequency = cfg.logger.frequency
+        self.frequency = frequency
         self.device = device
-        self.model_flops = ModelFlops(model_config, cfg.cp_size)
+        self.model_flops = ModelFlops(model_config, cp_size)
         self.peak = peak_flops(device)
         self.metrics_path = run_dir / "metrics.jsonl"
+        if self.is_main:
+            write_run_files(run_dir, run_info)
         self._reset()
         # The bar only in a terminal: in a log file its carriage-return updates would glue onto the log lines.
         interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=cfg.num_train_steps, initial=start_step, disable=not (self.is_main and interactive),
-                        dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(total=num_train_steps, initial=start_step, disable=not (self.is_main and interactive),
+                        dynamic_ncols=True)
         self.wandb = None
-        if self.is_main and cfg.wandb_init_args.get("mode", "disabled") != "disabled":
+        wandb_init_args = dict(wandb_init_args or {})
+        if self.is_main and wandb_init_args.get("mode", "disabled") != "disabled":
             import wandb  # only imported when asked for
 
-            config = OmegaConf.to_container(cfg, resolve=True)  # the resolved config travels with the W&B run
-            self.wandb = wandb.init(**cfg.wandb_init_args, dir=str(run_dir), config=config)
+            self.wandb = wandb.init(**wandb_init_args, dir=str(run_dir), config=run_info["config"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
 
     def _reset(self):
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.tokens = torch.zeros((), device=self.device, dtype=torch.float64)  # real (label) tokens, all ranks
         self.padded_tokens = 0  # input tokens incl. padding, this rank
         self.data_wait_s = 0.0  # time the loop blocked waiting for the next batches, this rank
-        self.flops = 0.0  # model FLOPs of this rank's micro-batches (`add_work`)
+        self.flops = 0.0  # model FLOPs of this rank's micro-batches (`count_batch`)
         self.steps = 0
         self.window_start = time.perf_counter()
         if self.device.type == "cuda":
@@ -152,13 +159,14 @@ class PerfLogger:
             pause["seconds"] = time.perf_counter() - start
             self.window_start += pause["seconds"]
 
-    def add_data_wait(self, seconds: float) -> None:
-        """Count time the loop blocked waiting for batches."""
-        self.data_wait_s += seconds
+    def count_batch(self, batch: dict, waited_s: float) -> None:
+        """Count a micro-batch's model FLOPs (MFU) and tokens, and the time the loop waited for it.
 
-    def add_work(self, micro_batches: list[dict]) -> None:
-        """Count the model FLOPs of a step's micro-batches (CPU tensors: call before moving them) for MFU."""
-        self.flops += sum(self.model_flops.of_batch(batch) for batch in micro_batches)
+        `data.batches.iter_batches` calls this with the batch still on the CPU, so counting costs no GPU sync.
+        """
+        self.flops += self.model_flops.of_batch(batch)
+        self.padded_tokens += batch["input_ids"].numel()
+        self.data_wait_s += waited_s
 
     def log_event(self, **values) -> None:
         """A one-off record (a checkpoint's save time, validation figures) in metrics.jsonl, the log and W&B."""
@@ -169,7 +177,7 @@ class PerfLogger:
             if self.wandb is not None:
                 self.wandb.log(wandb_metrics(values), step=values.get("step"))
 
-    def log_step(self, step: int, loss_sum, num_tokens, padded_tokens: int, grad_norm, lr: float, force=False):
+    def log_step(self, step: int, loss_sum, num_tokens, grad_norm, lr: float, force=False):
         """Add one step; on log steps (or `force`) reduce the window, write the line and return its metrics.
 
         `loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count; `grad_norm`:
@@ -177,7 +185,6 @@ class PerfLogger:
         """
         self.loss_sum += loss_sum.detach()
         self.tokens += num_tokens
-        self.padded_tokens += padded_tokens
         self.steps += 1
         self.bar.update(1)
         # Step 1 also gets a line on the console (early feedback), but it is not an event: the first event
@@ -222,7 +229,8 @@ class PerfLogger:
         return metrics
 
     def finish(self):
-        """Close the progress bar and the wandb run."""
+        """Close the progress bar and the wandb run (also when the run fails: the context manager's exit)."""
         self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None

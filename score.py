@@ -25,11 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.sources import load_raw_dataset
-from evaluate import record_windows
-from use.inference import encode, load_model, token_log_probs
-
-COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
+from data.dna import reverse_complement
+from data.sources import read_records
+from use.inference import encode, load_model, record_windows, token_log_probs
 
 
 def parse_args(argv=None):
@@ -89,11 +87,6 @@ def variant_windows(fetch, length: int, pos0: int, ref: str, alt: str, bases: in
     ref_window = fetch(start, start + bases)
     offset = pos0 - start
     return start, ref_window, ref_window[:offset] + alt + ref_window[offset + len(ref) :]
-
-
-def reverse_complement(sequence: str) -> str:
-    """The other strand, 5' to 3'."""
-    return sequence.translate(COMPLEMENT)[::-1]
 
 
 def read_variants(reference, vcf_path: str, bases: int, on_mismatch: str, counts: dict):
@@ -179,8 +172,7 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
     start, out = time.perf_counter(), Path(args.out)
     if args.command == "sequences":
-        data = load_raw_dataset({"path": args.input, "streaming": True}, args.text_column)
-        records = ((r.get("name", str(i)), r[args.text_column]) for i, r in enumerate(data))
+        records = read_records(args.input, args.text_column)
         scored = list(score_sequences(model, tokenizer, tqdm(records, unit=" seq"), args.window, args.batch_windows))
         with out.open("w", newline="") as f:
             writer = csv.writer(f, delimiter="," if out.suffix == ".csv" else "\t")

@@ -13,36 +13,28 @@ only the lines that differ between the two strategies.
 
 import logging
 import sys
-import time
+from contextlib import ExitStack, closing
 
 import hydra
 import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import set_seed
 
-from checkpointing.folders import prepare_checkpoint_dir, resume_from_latest
-from checkpointing.format import (
-    load_checkpoint_fsdp2,
-    save_checkpoint_fsdp2,
-    save_final_model,
-    wait_for_async_save,
-)
-from checkpointing.run_record import describe_run, run_dir_for, write_run_info
-from checkpointing.upstream import resume_from_upstream
-from config.checks import check_inputs, resolve_use_te, validate_config
+from checkpointing.checkpointer import Checkpointer, prepare_checkpoint_dir
+from checkpointing.run_record import describe_run, run_dir_for
+from config.checks import check_config
 from config.command_line import exit_on_user_error, normalize_command_line
-from data.batches import count_label_tokens, create_dataloader, iter_batches, to_device
-from model.build import checkpoint_bytes, create_model, fp8_autocast_factory, packs_bshd_batches, shard_with_fsdp2
+from data.batches import count_label_tokens, create_dataloader, iter_batches
+from model.build import create_model
+from model.fp8 import fp8_autocast_factory
+from model.parallelize import shard_with_fsdp2
 from perf_logger import PerfLogger
-from runtime.distributed import DistributedConfig, all_reduce_sum, init_distributed
+from runtime.distributed import DistributedConfig, all_reduce_sum, process_group
 from runtime.preemption import Preemption
 from scheduler import get_cosine_annealing_schedule_with_warmup
-from training.fp8_stats import FP8Stats
-from training.gc_schedule import ScheduledGC
 from training.optimizer import NonFiniteGuard, clip_grad_norm, create_optimizer
-from training.profiling import StepProfiler
-from training.validation_loss import Validator, best_so_far
+from training.step_hooks import StepHooks
+from training.validation_loss import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -51,142 +43,140 @@ logger = logging.getLogger(__name__)
 @exit_on_user_error  # a bad key, value, path or data: one line, exit code 2
 def main(cfg: DictConfig) -> float:
     """Train as `cfg` says; returns the last logged loss."""
-    # --- Config and distributed setup ---
-    use_te = resolve_use_te(cfg.use_te)
-    validate_config(cfg, use_te, entrypoint="fsdp2")
-    check_inputs(cfg, use_te)  # data paths, tokenizer and model config, before anything heavy
+    options = check_config(cfg, entrypoint="fsdp2")  # every key, value and input, before anything is built
     dist_config = DistributedConfig()
-    device = init_distributed(dist_config)
-    logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)
-    logger.info(
-        "Running the %s model on %s (%d ranks)", "TE" if use_te else "HF reference", device, dist_config.world_size
-    )
-    set_seed(cfg.seed)
+    with ExitStack() as cleanup:  # closes what is set up below in reverse order, also when the run fails
+        # --- Distributed setup, checkpoint folder, run folder ---
+        device = cleanup.enter_context(process_group(dist_config))
+        logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)
+        logger.info(
+            "Running the %s model on %s (%d ranks)",
+            "TE" if options.use_te else "HF reference",
+            device,
+            dist_config.world_size,
+        )
+        set_seed(cfg.seed)
+        prepare_checkpoint_dir(cfg.checkpoint, options.model, dist_config.rank, device)  # before anything is built
+        run_dir = run_dir_for(cfg.run_dir)  # metrics.jsonl, config.yaml, run_info.yaml, profiler trace, FP8 stats
+        hooks = cleanup.enter_context(
+            StepHooks(cfg.profiler, cfg.gc_collect_every_n_steps, cfg.fp8_stats_config, run_dir, dist_config.rank)
+        )
 
-    # --- Checkpoint folder: checked before anything is built (emptied first with checkpoint.overwrite) ---
-    ckpt_dir = cfg.checkpoint.ckpt_dir
-    if ckpt_dir:
-        prepare_checkpoint_dir(cfg.checkpoint, checkpoint_bytes(cfg, use_te), dist_config.rank, device)
+        # --- Model ---
+        model = create_model(options.model, device)  # compiles each decoder layer if use_torch_compile
+        hooks.name_layers(model)
+        run_info = describe_run(cfg, dist_config.world_size, options.use_te, device, model.config)
 
-    # --- Model ---
-    run_dir = run_dir_for(cfg)  # metrics.jsonl, config.yaml, profiler trace, FP8 statistics
-    fp8_stats = FP8Stats(cfg, run_dir, dist_config.rank)  # fp8_stats_config: TE's debug tools, before the model
-    on_meta = use_te and cfg.use_meta_device
-    model = create_model(cfg, use_te, device, on_meta=on_meta)  # compiles each decoder layer if use_torch_compile
-    fp8_stats.name_layers(model)
-    run_info = describe_run(cfg, dist_config.world_size, use_te, device, model.config)  # goes into every checkpoint
+        # --- FSDP2 wrapping: each decoder layer, then the root (embedding, final norm, LM head) ---
+        shard_with_fsdp2(
+            model,
+            dist_config.world_size,
+            device,
+            fp32_master_weights=cfg.fp32_master_weights,
+            use_gradient_checkpointing=cfg.use_gradient_checkpointing,
+        )
+        if options.model.on_meta:
+            model.init_empty_weights(device)  # after sharding: each rank materialises only its shard
 
-    # --- FSDP2 wrapping: each decoder layer, then the root (embedding, final norm, LM head) ---
-    shard_with_fsdp2(model, cfg, dist_config.world_size, device)
-    if on_meta:
-        model.init_empty_weights(device)  # after sharding: each rank materialises only its shard
+        # --- Optimizer, schedule, data ---
+        optimizer = create_optimizer(model, cfg.adamw_kwargs, cfg.no_weight_decay_on_norms_biases_embeddings, device)
+        scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
+        fp8_autocast = fp8_autocast_factory(cfg.fp8_config, options.use_te)
+        dataloader, tokenizer = create_dataloader(dist_config, cfg.dataset, options.batches)
 
-    # --- Optimizer and schedule ---
-    optimizer = create_optimizer(cfg, model, device)
-    scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
-    fp8_autocast = fp8_autocast_factory(cfg, use_te)
+        # --- Checkpoints, resume, validation ---
+        checkpointer = Checkpointer(
+            cfg.checkpoint,
+            run_info,
+            dist_config.rank,
+            strategy="fsdp2",
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            dataloader=dataloader,
+            tokenizer=tokenizer,
+        )
+        step = checkpointer.resume(device)  # the newest complete checkpoint (a damaged one falls back), else 0
+        validator = None
+        if cfg.validation.enabled:  # held-out windows; a new best is exported if asked for
+            validator = Validator(
+                cfg.validation,
+                cfg.dataset,
+                options.batches,
+                tokenizer,
+                dist_config,
+                device,
+                last_step=cfg.num_train_steps,
+                best=checkpointer.best_so_far(),
+                on_best=checkpointer.export_best,
+            )
 
-    # --- Data ---
-    pack_rows = packs_bshd_batches(cfg, use_te)  # TE + BSHD: padded micro-batches come as packed rows
-    dataloader, tokenizer = create_dataloader(cfg, dist_config, pack_rows=pack_rows)
-    validation = cfg.validation.enabled  # held-out windows, evaluated every validation.every_n_steps
-    validator = Validator(cfg, tokenizer, dist_config, device, best_so_far(ckpt_dir), pack_rows) if validation \
-        else None  # fmt: skip
+        # --- Training loop ---
+        # Loss normalisation: each micro-step's loss is its summed token losses divided by the target tokens of
+        # the whole optimizer step on all ranks (times world size, because gradient reduction averages over
+        # ranks), so every token weighs the same however the tokens fall into micro-batches, ranks and padding
+        # (torchtitan's choice; HF's default would be a mean of per-batch means). Gradients are reduced only on
+        # the last micro-step (`set_requires_gradient_sync`); backward runs outside FP8 autocast, as TE advises.
+        perf = cleanup.enter_context(
+            PerfLogger(
+                dist_config,
+                device,
+                run_dir,
+                model.config,
+                run_info=run_info,
+                frequency=cfg.logger.frequency,
+                num_train_steps=cfg.num_train_steps,
+                start_step=step,
+                wandb_init_args=cfg.wandb_init_args,
+            )
+        )
+        preemption = cleanup.enter_context(Preemption())  # SIGTERM/SIGUSR1: save the current step and exit 0
+        guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
+        batches = cleanup.enter_context(closing(iter_batches(dataloader, device, watch=perf.count_batch)))
+        last_loss = float("nan")
+        model.train()
+        while step < cfg.num_train_steps:
+            hooks.step_begins(step + 1)
+            micro_batches = [next(batches) for _ in range(cfg.grad_acc_steps)]
+            num_tokens = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches).double())
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            for i, batch in enumerate(micro_batches):
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                with fp8_autocast():
+                    loss = model(**batch, num_items_in_batch=num_tokens / dist_config.world_size).loss
+                loss.backward()
+                loss_sum += loss.detach() * num_tokens / dist_config.world_size
+            grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
+            totals = all_reduce_sum(torch.stack([loss_sum, preemption.flag(device)]))  # the stop flag rides along
+            guard.step(step + 1, totals[0], grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            hooks.step_ends(step)  # FP8 statistics, profiler, GC schedule
+            stop = preemption.agreed_to_stop(totals[1])  # read one step late: the same step on every rank, no sync
+            metrics = perf.log_step(
+                step,
+                totals[0],
+                num_tokens,
+                grad_norm,
+                scheduler.get_last_lr()[0],
+                force=stop or step == cfg.num_train_steps,
+            )
+            last_loss = metrics["loss"] if metrics else last_loss
+            if checkpointer.due(step, stop):
+                with perf.paused() as pause:  # left out of the window's step time and tokens/s
+                    checkpointer.save(step)
+                perf.log_event(step=step, checkpoint_save_s=pause["seconds"])
+            if validator and validator.due(step):
+                with perf.paused():
+                    perf.log_event(step=step, **validator.run(model, step))
+            if stop:
+                logger.warning("Preempted (%s): saved step %d, exiting.", preemption.received or "another rank", step)
+                break
 
-    # --- Resume ---
-    step = 0
-
-    def load(path):
-        return load_checkpoint_fsdp2(path, model, optimizer, scheduler, dataloader, dist_config.rank)
-
-    if ckpt_dir and cfg.checkpoint.resume_from_checkpoint:  # the newest complete one; a damaged one falls back
-        step = resume_from_latest(ckpt_dir, load, device, run_info)  # refuses another shape or packing mode
-        # none of ours: the newest of upstream's <ckpt_dir>/train_fsdp2/step_N folders, if any
-        step = step or resume_from_upstream(ckpt_dir, "train_fsdp2", model, optimizer, scheduler)
-
-    save_every = cfg.checkpoint.save_every_n_steps  # null: no interval saves (a preempted run still saves)
-
-    def save(step):
-        save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, dist_config.rank,
-                              cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save, run_info)  # fmt: skip
-
-    def export(name="final_model", **info):  # an HF directory of the current weights (all ranks take part)
-        save_final_model(ckpt_dir, model, tokenizer, dist_config.rank, use_te, fsdp2=True,
-                         run_info={**run_info, **info}, name=name)  # fmt: skip
-
-    # --- Training loop ---
-    # Loss normalisation: each micro-step's loss is its summed token losses divided by the target tokens of
-    # the whole optimizer step on all ranks (times world size, because gradient reduction averages over
-    # ranks), so every token weighs the same however the tokens fall into micro-batches, ranks and padding
-    # (torchtitan's choice; HF's default would be a mean of per-batch means). Gradients are reduced only on
-    # the last micro-step (`set_requires_gradient_sync`); backward runs outside FP8 autocast, as TE advises.
-    if dist_config.is_main_process():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        write_run_info(run_dir, run_info)
-    perf = PerfLogger(dist_config, cfg, run_dir, model.config, device, step)
-    preemption = Preemption()  # SIGTERM/SIGUSR1: save the current step and exit 0
-    profiler = StepProfiler(cfg.profiler, run_dir, dist_config.rank)  # profiler.enabled: trace chosen steps
-    guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
-    batches = iter_batches(dataloader, device)  # fails clearly if a rank has no data
-    gc_schedule = ScheduledGC(cfg.gc_collect_every_n_steps)  # no full GC pass mid-step
-    last_loss = float("nan")
-    model.train()
-    while step < cfg.num_train_steps:
-        profiler.step_begins(step + 1)
-        wait_start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(cfg.grad_acc_steps)]
-        perf.add_data_wait(time.perf_counter() - wait_start)
-        perf.add_work(micro_batches)  # model FLOPs from the real sequence lengths (MFU)
-        micro_batches = [to_device(batch, device) for batch in micro_batches]
-        num_tokens = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches).double())
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for i, batch in enumerate(micro_batches):
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            with fp8_autocast():
-                loss = model(**batch, num_items_in_batch=num_tokens / dist_config.world_size).loss
-            loss.backward()
-            loss_sum += loss.detach() * num_tokens / dist_config.world_size
-        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
-        totals = all_reduce_sum(torch.stack([loss_sum, preemption.flag(device)]))  # the stop flag rides along
-        guard.step(step + 1, totals[0], grad_norm)  # optimizer.step(), unless NaN/Inf: skip or stop
-        scheduler.step()
-        fp8_stats.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        profiler.step_ends(step)
-        gc_schedule.step(step)
-
-        stop = preemption.agreed_to_stop(totals[1])  # read one step late: the same step on every rank, no sync
-        padded = sum(b["input_ids"].numel() for b in micro_batches)
-        lr = scheduler.get_last_lr()[0]
-        metrics = perf.log_step(step, totals[0], num_tokens, padded, grad_norm, lr,
-                                force=stop or step == cfg.num_train_steps)  # fmt: skip
-        last_loss = metrics["loss"] if metrics else last_loss
-        if ckpt_dir and (stop or (save_every and step % save_every == 0)):
-            with perf.paused() as pause:  # left out of the window's step time and tokens/s
-                save(step)
-            perf.log_event(step=step, checkpoint_save_s=pause["seconds"])
-        if validator and validator.due(step):  # held-out windows; the best one is exported if asked for
-            with perf.paused():
-                val = validator.run(model)
-                if val.pop("improved") and ckpt_dir and cfg.checkpoint.save_best_model:
-                    export("best_model", best={"step": step, **val})
-            perf.log_event(step=step, **val)
-        if stop:
-            logger.warning("Preempted (%s): saved step %d, exiting.", preemption.received or "another rank", step)
-            break
-
-    # --- Cleanup ---
-    guard.check()  # the last step's NaN/Inf verdict
-    gc_schedule.close()
-    profiler.close()  # if the run stopped before profiler.end_step
-    fp8_stats.close()
-    if ckpt_dir:
-        wait_for_async_save(ckpt_dir, cfg.checkpoint.max_checkpoints, dist_config.rank)
-    if ckpt_dir and cfg.checkpoint.save_final_model:
-        export()
-    perf.finish()
-    dist.destroy_process_group()
+        # --- After the loop ---
+        guard.check()  # the last step's NaN/Inf verdict
+        checkpointer.finish()  # the save in flight, then final_model if checkpoint.save_final_model
     return last_loss
 
 

@@ -1,9 +1,9 @@
 """The checkpoint folder: complete `step_N/` folders, the run that wrote them, resume, pruning, checks.
 
-    prepare_checkpoint_dir(cfg.checkpoint, bytes_needed, rank, device) # before the model is built
     step = resume_from_latest(ckpt_dir, load, device, run_info)        # the newest loadable checkpoint
+    prune_checkpoints(ckpt_dir, max_checkpoints=3, run_id=run_id)      # after a newer one is complete
 
-A `COMPLETE` marker is written last, so only complete folders are resumed. Each folder's `run_info.yaml`
+A folder counts once its save finished (`format.is_complete`: the marker written last). Each folder's `run_info.yaml`
 names the run that wrote it (`run_id`) and the model's shape. A run never mixes with another: a fresh
 run refuses a folder holding another run's complete checkpoints (unless `checkpoint.overwrite=true`,
 which removes them first), resuming into a different shape or packing mode is refused, and a complete
@@ -17,18 +17,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
-from checkpointing.run_record import RUN_INFO_FILE
-from runtime.distributed import barrier
+from checkpointing.format import MARKER, is_complete, unmark
+from checkpointing.run_record import read_run_info
 
 logger = logging.getLogger(__name__)
-MARKER = "COMPLETE"
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that belongs to a different model or run: never loaded, never a reason to fall back."""
+
+
+def step_folder(ckpt_dir, step: int) -> Path:
+    """The folder of the checkpoint after `step` optimizer steps."""
+    return Path(ckpt_dir) / f"step_{step}"
 
 
 def step_of(path: Path) -> int:
@@ -36,29 +39,24 @@ def step_of(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
 
-def _is_step_folder(path: Path) -> bool:
+def is_step_folder(path: Path) -> bool:
+    """A folder named `step_N` (N digits)."""
     return path.is_dir() and path.name.removeprefix("step_").isdigit()
 
 
 def complete_checkpoints(ckpt_dir, warn: bool = True) -> list[Path]:
     """Complete `step_N` folders, oldest first."""
-    found = [p for p in Path(ckpt_dir).glob("step_*") if _is_step_folder(p)]
+    found = [p for p in Path(ckpt_dir).glob("step_*") if is_step_folder(p)]
     for p in found:
-        if warn and not (p / MARKER).exists():
+        if warn and not is_complete(p):
             logger.warning("Ignoring incomplete checkpoint %s (no %s marker: the save did not finish).", p, MARKER)
-    return sorted((p for p in found if (p / MARKER).exists()), key=step_of)
+    return sorted((p for p in found if is_complete(p)), key=step_of)
 
 
 def find_latest_checkpoint(ckpt_dir) -> Path | None:
     """The newest complete `step_N` folder, or None."""
     complete = complete_checkpoints(ckpt_dir) if ckpt_dir and Path(ckpt_dir).exists() else []
     return complete[-1] if complete else None
-
-
-def read_run_info(path: Path) -> dict | None:
-    """A checkpoint's `run_info.yaml` as a dict (None for checkpoints written before it existed)."""
-    file = Path(path) / RUN_INFO_FILE
-    return OmegaConf.to_container(OmegaConf.load(file)) if file.exists() else None
 
 
 def written_by(path: Path, run_id: str | None) -> bool:
@@ -131,56 +129,5 @@ def prune_checkpoints(ckpt_dir, max_checkpoints: int | None, run_id: str | None 
     if not max_checkpoints:
         return
     for old in [p for p in complete_checkpoints(ckpt_dir, warn=False) if written_by(p, run_id)][:-max_checkpoints]:
-        (old / MARKER).unlink()  # first make it incomplete, so a crash here never leaves a half-deleted "complete" one
+        unmark(old)  # first make it incomplete, so a crash here never leaves a half-deleted "complete" one
         shutil.rmtree(old, ignore_errors=True)
-
-
-def prepare_checkpoint_dir(checkpoint_cfg, bytes_needed: int, rank: int, device: torch.device) -> None:
-    """Check `checkpoint.ckpt_dir` before anything is built; with `overwrite`, remove the old checkpoints.
-
-    The folder must be a writable folder, hold nothing named like a checkpoint that is not one, have room for
-    one checkpoint (`bytes_needed`), and, unless the run resumes, hold no complete checkpoint. Every rank
-    checks; if one fails, all raise (so none waits for the others).
-    """
-    problem = _check_folder(checkpoint_cfg, bytes_needed, rank)
-    failed = torch.tensor(float(problem is not None), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
-        raise ValueError(problem or "checkpoint.ckpt_dir failed its checks on another rank; see that rank's log.")
-    complete = complete_checkpoints(checkpoint_cfg.ckpt_dir, warn=False)
-    if complete and not checkpoint_cfg.resume_from_checkpoint and rank == 0:  # overwrite=true (checked above)
-        logger.warning(
-            "checkpoint.overwrite=true: deleting %s in %s.", [p.name for p in complete], checkpoint_cfg.ckpt_dir
-        )
-        for old in complete:
-            (old / MARKER).unlink()
-            shutil.rmtree(old)
-    barrier()
-
-
-def _check_folder(checkpoint_cfg, bytes_needed: int, rank: int) -> str | None:
-    """What is wrong with the checkpoint folder, in one line with the fix, or None."""
-    path, name = Path(checkpoint_cfg.ckpt_dir).expanduser(), f"checkpoint.ckpt_dir={checkpoint_cfg.ckpt_dir!r}"
-    if path.exists() and not path.is_dir():
-        return f"{name} is a file, not a folder; point checkpoint.ckpt_dir at a folder."
-    probe = path / f".write_test_rank{rank}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        return f"{name} is not writable ({e.strerror}); choose a folder this job can write to."
-    strays = sorted(p.name for p in path.glob("step_*") if not _is_step_folder(p))
-    if strays:
-        return f"{name} holds {strays}, named like checkpoints but not checkpoint folders; move them away."
-    free = shutil.disk_usage(path).free
-    if free < bytes_needed:
-        return (f"{name} has {free / 2**30:.1f} GiB free, and one checkpoint of this model needs about "
-                f"{bytes_needed / 2**30:.1f} GiB; free space or choose another checkpoint.ckpt_dir.")  # fmt: skip
-    complete = complete_checkpoints(path, warn=False)
-    if complete and not checkpoint_cfg.resume_from_checkpoint and not checkpoint_cfg.overwrite:
-        return (f"{name} already holds complete checkpoints ({[p.name for p in complete]}) and this run does not "
-                "resume (checkpoint.resume_from_checkpoint=false). Use a new checkpoint.ckpt_dir, or "
-                "checkpoint.overwrite=true to delete them first.")  # fmt: skip
-    return None

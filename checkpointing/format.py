@@ -1,20 +1,20 @@
-"""Checkpoints under `checkpoint.ckpt_dir`: one `step_N/` folder per save, and the final export.
+"""What one `step_N/` checkpoint holds: the only module that names its files.
+
+    save_ddp(path, step, model=..., optimizer=..., scheduler=..., dataloader=..., rank=rank)
+    step = load_fsdp2(path, model=..., optimizer=..., scheduler=..., dataloader=..., rank=rank)
+    weights = read_model_weights(path, template)             # for inference: no process group needed
 
 A checkpoint holds the model, optimizer, scheduler, step, RNG states, TE's FP8 scaling state
-(`_extra_state`) and every rank's dataloader state (`rank_R.pt`, one per rank). DDP writes the
-model and optimizer with `torch.save` on rank 0; FSDP2 writes them sharded with
-`torch.distributed.checkpoint` (optionally asynchronously, one save in flight).
-
-A `COMPLETE` marker is written last, after every rank has finished, with `run_info.yaml` (the run and
-the model shape); which folders count, resume, pruning and the folder checks are `checkpoint_folders.py`.
-Older complete checkpoints of the same run are pruned to `max_checkpoints` only after a newer one is
-complete.
+(`_extra_state`) and every rank's dataloader state (`rank_R.pt`, one per rank). DDP writes the model and
+optimizer whole from rank 0 (`model_optimizer.pt`); FSDP2 writes them sharded with
+`torch.distributed.checkpoint` (`dcp/`, optionally in the background: `save_fsdp2` then returns the write's
+future). The `COMPLETE` marker, written last with `run_info.yaml` once every rank has finished
+(`mark_complete`), is what makes a folder a checkpoint (`checkpointing/folders.py` reads it).
 """
 
 import logging
 import os
 import random
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,19 +22,42 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from checkpointing.folders import MARKER, prune_checkpoints, read_run_info
 from checkpointing.run_record import write_run_info
-from runtime.distributed import barrier
 
 logger = logging.getLogger(__name__)
-_pending_async_save = None  # (future, folder) of the FSDP2 save in flight
+MARKER = "COMPLETE"  # written last: a folder without it is a save that did not finish
+MODEL_OPTIMIZER_FILE = "model_optimizer.pt"  # DDP: model and optimizer, whole
+DCP_FOLDER = "dcp"  # FSDP2: model and optimizer, sharded
+
+
+def rank_file(rank: int) -> str:
+    """The file of one rank's own state: step, scheduler, RNG, FP8 scaling state, data loader position."""
+    return f"rank_{rank}.pt"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether `path` is a checkpoint whose save finished (its marker exists)."""
+    return (Path(path) / MARKER).exists()
+
+
+def mark_complete(path: Path, run_info: dict | None) -> None:
+    """Make `path` a checkpoint: its run record, then the marker (call on one rank, after every rank wrote)."""
+    if run_info is not None:
+        write_run_info(path, run_info)
+    (Path(path) / MARKER).write_text("ok\n")
+
+
+def unmark(path: Path) -> None:
+    """Make a complete checkpoint incomplete before deleting it, so a crash mid-delete never leaves half a one."""
+    (Path(path) / MARKER).unlink()
+
+
+def split_extra_state(model_state: dict) -> tuple[dict, dict]:
+    """(weights, TE's `_extra_state` entries: FP8 scaling state) of a model state dict."""
+    extra = {k: v for k, v in model_state.items() if k.endswith("_extra_state")}
+    return {k: v for k, v in model_state.items() if k not in extra}, extra
 
 
 def _rank_state(step: int, scheduler, dataloader, extra_model_state: dict) -> dict:
@@ -61,19 +84,20 @@ def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
     resharded by DCP), but the data streams cannot be resharded: the loader then starts its stream anew,
     and RNG states are not restored.
     """
-    saved_ranks = len(list(path.glob("rank_*.pt")))
+    saved_ranks = len(list(path.glob(rank_file("*"))))
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if saved_ranks != world_size:
         if rank == 0:
             logger.warning(
                 "%s was saved by %d ranks and this run has %d: model, optimizer, scheduler and step are restored, "
                 "but the data loader starts its stream from the beginning and RNG states are fresh. Resume with "
-                "%d ranks to continue the exact data order.", path, saved_ranks, world_size, saved_ranks,
+                "%d ranks to continue the exact data order.",
+                path, saved_ranks, world_size, saved_ranks,
             )  # fmt: skip
-        state = torch.load(path / "rank_0.pt", weights_only=False)
+        state = torch.load(path / rank_file(0), weights_only=False)
         scheduler.load_state_dict(state["scheduler"])
         return state
-    state = torch.load(path / f"rank_{rank}.pt", weights_only=False)  # our own file: holds numpy RNG state
+    state = torch.load(path / rank_file(rank), weights_only=False)  # our own file: holds numpy RNG state
     scheduler.load_state_dict(state["scheduler"])
     if "dataloader" in state and hasattr(dataloader, "load_state_dict"):
         dataloader.load_state_dict(state["dataloader"])
@@ -105,56 +129,22 @@ def _trusted_te_extra_state():
             os.environ[key] = previous
 
 
-def split_extra_state(model_state: dict) -> tuple[dict, dict]:
-    """(weights, TE's `_extra_state` entries: FP8 scaling state) of a model state dict."""
-    extra = {k: v for k, v in model_state.items() if k.endswith("_extra_state")}
-    return {k: v for k, v in model_state.items() if k not in extra}, extra
+# --- DDP: the model and optimizer whole, from rank 0 ---
 
 
-def _finish(path: Path, rank: int, ckpt_dir, max_checkpoints, run_info: dict | None) -> None:
-    barrier()  # every rank has written its part
-    if os.environ.get("RECIPE_FAULT_KILL_BEFORE_MARKER") == path.name:  # fault-injection tests only
-        os.kill(os.getpid(), 9)
-    if rank == 0:
-        if run_info is not None:
-            write_run_info(path, run_info)
-        (path / MARKER).write_text("ok\n")
-        prune_checkpoints(ckpt_dir, max_checkpoints, (run_info or {}).get("run_id"))
-        logger.info("Saved checkpoint %s", path)
-    barrier()
-
-
-def _prepare_folder(ckpt_dir, step: int, rank: int, run_info: dict | None) -> Path:
-    path = Path(ckpt_dir) / f"step_{step}"
-    saved = read_run_info(path) if (path / MARKER).exists() else None
-    if saved and run_info and saved.get("run_id") != run_info.get("run_id"):
-        raise RuntimeError(f"{path} is a complete checkpoint of another run; it is never overwritten.")
-    if rank == 0 and path.exists():
-        shutil.rmtree(path)  # a leftover of a crashed save, or a damaged checkpoint of this run resume fell back from
-    barrier()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-# --- DDP ---
-
-
-def save_checkpoint_ddp(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None,
-                        run_info: dict | None = None):  # fmt: skip
-    """Write `step_N/`: model and optimizer whole from rank 0, each rank's own state, then the marker."""
-    path = _prepare_folder(ckpt_dir, step, rank, run_info)
+def save_ddp(path: Path, step: int, *, model, optimizer, scheduler, dataloader, rank: int) -> None:
+    """Write rank 0's `model_optimizer.pt` and this rank's `rank_R.pt` into `path`."""
     module = model.module if hasattr(model, "module") else model
     weights, extra = split_extra_state(module.state_dict())
     if rank == 0:
-        torch.save({"model": weights, "optimizer": optimizer.state_dict()}, path / "model_optimizer.pt")
-    torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")
-    _finish(path, rank, ckpt_dir, max_checkpoints, run_info)
+        torch.save({"model": weights, "optimizer": optimizer.state_dict()}, path / MODEL_OPTIMIZER_FILE)
+    torch.save(_rank_state(step, scheduler, dataloader, extra), path / rank_file(rank))
 
 
-def load_checkpoint_ddp(path: Path, model, optimizer, scheduler, dataloader, rank: int) -> int:
-    """Restore a `save_checkpoint_ddp` folder into the (DDP-wrapped or bare) model; returns its step."""
+def load_ddp(path: Path, *, model, optimizer, scheduler, dataloader, rank: int) -> int:
+    """Restore a `save_ddp` folder into the (DDP-wrapped or bare) model; returns its step."""
     module = model.module if hasattr(model, "module") else model
-    state = torch.load(path / "model_optimizer.pt", map_location="cpu", weights_only=False)
+    state = torch.load(path / MODEL_OPTIMIZER_FILE, map_location="cpu", weights_only=False)
     rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
     with _trusted_te_extra_state():
         module.load_state_dict({**state["model"], **rank_state["model_extra_state"]})
@@ -162,51 +152,29 @@ def load_checkpoint_ddp(path: Path, model, optimizer, scheduler, dataloader, ran
     return rank_state["step"]
 
 
-# --- FSDP2 ---
+# --- FSDP2: the model and optimizer sharded with DCP ---
 
 
-def save_checkpoint_fsdp2(ckpt_dir, step, model, optimizer, scheduler, dataloader, rank: int, max_checkpoints=None,
-                          async_save: bool = False, run_info: dict | None = None):  # fmt: skip
-    """Write `step_N/`: sharded model and optimizer with DCP, each rank's own state, then the marker.
-
-    With `async_save` the DCP write runs in the background; the next save or `wait_for_async_save` finishes
-    it and only then writes the marker.
-    """
-    wait_for_async_save(ckpt_dir, max_checkpoints, rank)
-    path = _prepare_folder(ckpt_dir, step, rank, run_info)
+def save_fsdp2(path: Path, step: int, *, model, optimizer, scheduler, dataloader, rank: int, async_save: bool):
+    """Write `dcp/` and this rank's `rank_R.pt`; with `async_save`, returns the future of DCP's background write."""
     model_state, optim_state = get_state_dict(model, optimizer)
     weights, extra = split_extra_state(model_state)
-    torch.save(_rank_state(step, scheduler, dataloader, extra), path / f"rank_{rank}.pt")
+    torch.save(_rank_state(step, scheduler, dataloader, extra), path / rank_file(rank))
     state = {"model": weights, "optimizer": optim_state}
     if async_save:
-        global _pending_async_save
-        _pending_async_save = (dcp.async_save(state, checkpoint_id=str(path / "dcp")), path, run_info)
-        return
-    dcp.save(state, checkpoint_id=str(path / "dcp"))
-    _finish(path, rank, ckpt_dir, max_checkpoints, run_info)
+        return dcp.async_save(state, checkpoint_id=str(path / DCP_FOLDER))
+    dcp.save(state, checkpoint_id=str(path / DCP_FOLDER))
+    return None
 
 
-def wait_for_async_save(ckpt_dir, max_checkpoints, rank: int) -> None:
-    """Finish the save in flight (its marker is written only now); call before the next save and at exit."""
-    global _pending_async_save
-    if _pending_async_save is None:
-        return
-    future, path, run_info = _pending_async_save
-    _pending_async_save = None
-    future.result()
-    _finish(path, rank, ckpt_dir, max_checkpoints, run_info)
-
-
-def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, rank: int) -> int:
-    """Restore a `save_checkpoint_fsdp2` folder (DCP reshards to this world size); returns its step."""
+def load_fsdp2(path: Path, *, model, optimizer, scheduler, dataloader, rank: int) -> int:
+    """Restore a `save_fsdp2` folder (DCP reshards to this world size); returns its step."""
     model_state, optim_state = get_state_dict(model, optimizer)
     weights, _ = split_extra_state(model_state)
     state = {"model": weights, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-        options=StateDictOptions(strict=False),
-    )  # fmt: skip
+    dcp.load(state, checkpoint_id=str(path / DCP_FOLDER))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))  # fmt: skip
     rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
     if rank_state["model_extra_state"]:
         with _trusted_te_extra_state():
@@ -214,44 +182,17 @@ def load_checkpoint_fsdp2(path: Path, model, optimizer, scheduler, dataloader, r
     return rank_state["step"]
 
 
-# --- Final export ---
+# --- Reading the weights back without a training setup (inference) ---
 
 
-def save_final_model(ckpt_dir, model, tokenizer, rank: int, use_te: bool, fsdp2: bool,
-                     run_info: dict | None = None, name: str = "final_model") -> Path:  # fmt: skip
-    """Write `<ckpt_dir>/<name>`, a Hugging Face directory (`AutoModelForCausalLM` loads it).
+def read_model_weights(path: Path, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint of either strategy, with `template`'s names and shapes (DCP shards).
 
-    Written next to it first and swapped in at the end, so an earlier export is never left half-replaced.
+    No process group is needed: DCP reads the shards of any world size into the template's full tensors.
     """
-    from checkpointing.export import export_te_model
-
-    final = Path(ckpt_dir) / name
-    path = final.with_name(f"{name}.partial")
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    module = model.module if hasattr(model, "module") else model
-    if fsdp2:  # a collective: every rank takes part, rank 0 receives the full tensors
-        # FP8 weights (use_quantized_model_init) cannot be offloaded as they are (TE's tensor refuses
-        # `copy_(..., non_blocking=True)`): gathered on the GPU, then dequantized and moved by the export.
-        offload = not getattr(module.config, "use_quantized_model_init", False)
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-    else:
-        state = module.state_dict()
-    if rank == 0:
-        if use_te:
-            export_te_model(path, state, module.config, tokenizer)
-        else:
-            module.config.use_cache = True  # off for training only (see model_setup.build_model_config)
-            module.save_pretrained(path, state_dict=state)
-            module.config.use_cache = False
-            tokenizer.save_pretrained(path)
-        if run_info is not None:
-            write_run_info(path, run_info)
-        old = final.with_name(f"{name}.old")
-        if final.exists():
-            final.rename(old)
-        path.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        logger.info("Exported the model to %s", final)
-    barrier()
-    return final
+    path = Path(path)
+    if (path / MODEL_OPTIMIZER_FILE).exists():  # DDP: one file
+        return torch.load(path / MODEL_OPTIMIZER_FILE, map_location="cpu", weights_only=False)["model"]
+    state = {"model": template}
+    dcp.load(state, checkpoint_id=str(path / DCP_FOLDER))
+    return state["model"]

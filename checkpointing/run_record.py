@@ -1,10 +1,11 @@
-"""What made a run, written next to its results.
+"""The run record: what made a run, written next to its results (the one module that knows `run_info.yaml`).
 
-The run folder, every `step_N/` and `final_model/` get a `run_info.yaml`: the resolved config, the git
-revision, the world size, library versions and the device.
+The run folder, every `step_N/` and every export get a `run_info.yaml`: the resolved config, the git
+revision, the world size, library versions, the device, the model's shape and the run's id.
 
-    info = describe_run(cfg, world_size, use_te, device)
-    write_run_info(run_dir_for(cfg), info)
+    info = describe_run(cfg, world_size, use_te, device, model.config)
+    write_run_files(run_dir_for(cfg.run_dir), info)          # config.yaml and run_info.yaml (one rank)
+    read_run_info(ckpt_dir / "step_500")                     # as a dict, or None
 """
 
 import platform
@@ -24,10 +25,10 @@ MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
                     "num_key_value_heads", "head_dim", "tie_word_embeddings")  # fmt: skip
 
 
-def run_dir_for(cfg: DictConfig) -> Path:
+def run_dir_for(run_dir: str | None) -> Path:
     """`run_dir`, else Hydra's output folder (`outputs/<date>/<time>`), else `outputs/run`; created."""
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
+    if run_dir:
+        path = Path(run_dir)
     else:
         try:
             from hydra.core.hydra_config import HydraConfig
@@ -101,3 +102,15 @@ def describe_run(cfg: DictConfig, world_size: int, use_te: bool, device: torch.d
 def write_run_info(folder: Path, info: dict) -> None:
     """Write `run_info.yaml` into `folder` (call on one rank)."""
     (Path(folder) / RUN_INFO_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(info)))
+
+
+def write_run_files(run_dir: Path, info: dict) -> None:
+    """The run folder's `config.yaml` (the resolved config) and `run_info.yaml` (call on one rank)."""
+    (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(info["config"])))
+    write_run_info(run_dir, info)
+
+
+def read_run_info(path: Path) -> dict | None:
+    """The `run_info.yaml` of a run folder, checkpoint or export as a dict (None where there is none)."""
+    file = Path(path) / RUN_INFO_FILE
+    return OmegaConf.to_container(OmegaConf.load(file)) if file.exists() else None

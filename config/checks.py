@@ -1,9 +1,9 @@
 """Config checks, run before anything is built: every key known, every value of the right type and range.
 
-    use_te = resolve_use_te(cfg.use_te)
-    validate_config(cfg, use_te, entrypoint="fsdp2")   # or "ddp", "fsdp2_cp"
+    options = check_config(cfg, entrypoint="fsdp2")   # or "ddp", "fsdp2_cp"; what the builders take
 
-Each error is a `ValueError` (or `FileNotFoundError`) that names the key, the value and the fix.
+Each error is a `ValueError` (or `FileNotFoundError`) that names the key, the value and the fix. Then the
+inputs are tried (data paths, tokenizer, model config: small files), so that a typo fails in seconds.
 """
 
 import difflib
@@ -13,6 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from config.command_line import DEFAULTS_YAML, FREE_FORM_GROUPS, upstream_hint
+from config.options import Options, options_from
+from data.sources import load_tokenizer, local_fasta_files, normalize_load_kwargs
+from model.build import build_model_config, te_available
+from model.fp8 import build_fp8_recipe
+from runtime.distributed import DistributedConfig
 from runtime.paths import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -23,13 +28,15 @@ ENTRYPOINTS = ("ddp", "fsdp2", "fsdp2_cp")
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
 
 
-def te_available() -> bool:
-    """True where the TE model can run: TransformerEngine imports and a CUDA GPU is present."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
+def check_config(cfg: DictConfig, entrypoint: str) -> Options:
+    """Check `cfg` for the entrypoint ("ddp", "fsdp2" or "fsdp2_cp") and try its inputs; what the builders take."""
+    use_te = resolve_use_te(cfg.use_te)
+    validate_config(cfg, use_te, entrypoint)
+    if entrypoint == "fsdp2_cp":
+        validate_cp_config(cfg, use_te, DistributedConfig().world_size)
+    options = options_from(cfg, use_te)
+    check_inputs(cfg, options)
+    return options
 
 
 def resolve_use_te(use_te) -> bool:
@@ -223,8 +230,7 @@ def _check_fp8(cfg: DictConfig, use_te: bool) -> None:
             f"FP8 needs micro-batches whose token count is a multiple of 16, but the THD budget is {budget}; "
             "set dataset.token_micro_batch_size (or max_seq_length) to a multiple of 16."
         )
-    from model.fp8 import build_fp8_recipe  # a recipe this GPU cannot run fails here, naming the GPU it needs
-
+    # a recipe this GPU cannot run fails here, naming the GPU generation it needs
     build_fp8_recipe(cfg.fp8_config.fp8_recipe, cfg.fp8_config.fp8_format, dict(cfg.fp8_config.fp8_recipe_kwargs))
 
 
@@ -269,7 +275,7 @@ def _check_precision_kwargs(cfg: DictConfig, use_te: bool) -> None:
 def _check_attention_kwargs(cfg: DictConfig) -> None:
     """Upstream's `config_kwargs.attn_input_format` and `self_attn_mask_type`: honoured or refused, never ignored.
 
-    Packed batches need thd. BSHD batches run as packed rows in thd by default (`model_setup.packs_bshd_batches`:
+    Packed batches need thd. BSHD batches run as packed rows in thd by default (`config.options.packs_rows`:
     no work on padding); bshd keeps them padded. The mask must be causal.
     """
     layout = OmegaConf.select(cfg, "config_kwargs.attn_input_format")
@@ -287,15 +293,12 @@ def _check_attention_kwargs(cfg: DictConfig) -> None:
         )
 
 
-def check_inputs(cfg: DictConfig, use_te: bool) -> None:
+def check_inputs(cfg: DictConfig, options: Options) -> None:
     """Fail in seconds what would fail after the model is built: data paths, tokenizer, model config.
 
     Reads the tokenizer and the model config (small files) and checks that local data paths exist; the
     data itself is read later, by the loader.
     """
-    from data.sources import load_tokenizer, local_fasta_files, normalize_load_kwargs
-    from model.build import build_model_config
-
     sources = [cfg.dataset.load_dataset_kwargs]
     if cfg.validation.enabled and cfg.validation.load_dataset_kwargs is not None:
         sources.append(cfg.validation.load_dataset_kwargs)
@@ -304,4 +307,4 @@ def check_inputs(cfg: DictConfig, use_te: bool) -> None:
         if not local_fasta_files(kwargs):
             normalize_load_kwargs(kwargs)  # a missing local file or folder is an error here
     load_tokenizer(cfg.dataset.tokenizer_name_or_path)
-    build_model_config(cfg, use_te)
+    build_model_config(options.model)

@@ -1,62 +1,70 @@
-"""What the training loop does with data.
+"""What the training loop does with data: build the loader, stream its batches to the device, count targets.
 
-Build the loader from the config, make sure every rank has batches, move them to the device, and count
-their prediction targets.
+    dataloader, tokenizer = create_dataloader(dist_config, cfg.dataset, options.batches)
+    batches = iter_batches(dataloader, device, watch=perf.count_batch)   # device batches; `watch` sees each
+    num_targets = count_label_tokens(next(batches))
 
-    dataloader, tokenizer = create_dataloader(cfg, dist_config)
-    batches = iter_batches(dataloader, device)
-    batch = to_device(next(batches), device)
+`BatchOptions` is how micro-batches are laid out; it follows from keys of several groups
+(`config.options.batch_options`), and validation lays out its windows the same way.
 """
 
-import itertools
 import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from data.collate import IGNORE_INDEX
 from data.loader import create_bshd_dataloader, create_thd_dataloader
 from runtime.distributed import DistributedConfig
 
 
-def create_dataloader(cfg: DictConfig, dist_config: DistributedConfig, cp_size: int = 1, cp_rank: int | None = None,
-                      pack_rows: bool = False):  # fmt: skip
-    """BSHD or THD (`use_sequence_packing`) loader and the tokenizer, from the `dataset` group.
+@dataclass(frozen=True)
+class BatchOptions:
+    """How windows become micro-batches, beyond the `dataset` group's own keys."""
 
-    `pack_rows` (`model_setup.packs_bshd_batches`): BSHD micro-batches come as packed rows of their windows.
+    use_sequence_packing: bool = False  # THD packs of the token budget; else BSHD micro-batches of windows
+    pack_rows: bool = False  # BSHD micro-batches with padding as one packed row (the TE model, no CP)
+    pad_for_fp8: bool = False  # FP8 GEMMs need token counts that are multiples of 16
+    holdout_fraction: float = 0.0  # records kept out of training for validation (`validation.fraction`)
 
-    FP8 pads token counts to multiples of 16. With context parallelism every sequence is padded so that it
-    splits into 2 x cp_size equal chunks (of multiples of 16 tokens per rank with FP8), and with `cp_rank`
-    the loader yields that rank's shards.
+
+def create_dataloader(
+    dist_config: DistributedConfig, dataset, batches: BatchOptions, cp_size: int = 1, cp_rank: int | None = None
+):
+    """BSHD or THD loader and the tokenizer, from the `dataset` group laid out as `batches` says.
+
+    With context parallelism every sequence is padded so that it splits into 2 x cp_size equal chunks (of
+    multiples of 16 tokens per rank with FP8), and with `cp_rank` the loader yields that rank's shards.
     """
-    kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
-    kwargs.update(cp_rank=cp_rank, cp_size=cp_size)
-    if cfg.validation.enabled and cfg.validation.load_dataset_kwargs is None:
-        kwargs["holdout_fraction"] = cfg.validation.fraction  # the validation records never reach training
-    if cfg.fp8_config.enabled:
+    kwargs = OmegaConf.to_container(dataset, resolve=True) if OmegaConf.is_config(dataset) else dict(dataset)
+    kwargs.update(cp_rank=cp_rank, cp_size=cp_size, holdout_fraction=batches.holdout_fraction)
+    if batches.pad_for_fp8:
         kwargs["pad_to_multiple_of"] = 16
     if cp_size > 1:
-        divisor = 2 * cp_size * (8 if cfg.fp8_config.enabled else 1)
-        if cfg.use_sequence_packing:
-            divisor = math.lcm(divisor, cfg.dataset.pad_sequences_to_be_divisible_by or 1)  # a user's value too
+        divisor = 2 * cp_size * (8 if batches.pad_for_fp8 else 1)
+        if batches.use_sequence_packing:
+            divisor = math.lcm(divisor, kwargs.get("pad_sequences_to_be_divisible_by") or 1)  # a user's value too
             kwargs.update(pad_sequences_to_be_divisible_by=divisor, pad_to_multiple_of=None)
         else:
             kwargs["pad_to_multiple_of"] = divisor
-    make = create_thd_dataloader if cfg.use_sequence_packing else create_bshd_dataloader
-    if not cfg.use_sequence_packing:
-        kwargs["pack_rows"] = pack_rows
-    return make(dist_config, **kwargs)
+    if batches.use_sequence_packing:
+        return create_thd_dataloader(dist_config, **kwargs)
+    return create_bshd_dataloader(dist_config, pack_rows=batches.pack_rows, **kwargs)
 
 
-def iter_batches(dataloader, device: torch.device):
-    """The loader's batches, once every rank has shown it has some.
+def iter_batches(dataloader, device: torch.device, watch: Callable[[dict, float], None] | None = None) -> Iterator:
+    """The loader's batches on `device`, once every rank has shown it has some.
 
     A rank without data would otherwise leave the others waiting in their next collective until a timeout.
-    (The loader streams endlessly afterwards.)
+    (The loader streams endlessly afterwards.) `watch(batch, seconds)` gets each batch while it is still on
+    the CPU (counting its work costs no GPU sync) and the time the loop waited for it.
     """
-    batches = iter(dataloader)
-    first = next(batches, None)
+    loader = iter(dataloader)
+    first = next(loader, None)
     empty = torch.tensor(float(first is None), device=device)
     if dist.is_initialized():
         dist.all_reduce(empty)
@@ -65,7 +73,14 @@ def iter_batches(dataloader, device: torch.device):
             f"{int(empty.item())} of {dist.get_world_size() if dist.is_initialized() else 1} rank(s) got no data: "
             "the data set has fewer records (or files/row groups) than ranks. Use fewer ranks or more data."
         )
-    return itertools.chain([first], batches)
+    batch, waited = first, 0.0  # the first batch was fetched above, before the loop
+    while batch is not None:
+        if watch is not None:
+            watch(batch, waited)
+        yield to_device(batch, device)
+        start = time.perf_counter()
+        batch = next(loader, None)
+        waited = time.perf_counter() - start
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

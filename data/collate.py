@@ -15,9 +15,9 @@ model's shift the last token of one sequence never predicts the first token of t
 import numpy as np
 import torch
 
+from data.dna import BASE_IDS, BASE_IDS_ANY_CASE
+
 IGNORE_INDEX = -100
-_ACGT = np.frombuffer(b"ACGT", dtype=np.uint8)
-_ACGT_ANY_CASE = np.frombuffer(b"ACGTacgt", dtype=np.uint8)
 
 
 def mask_genomic_labels(labels: np.ndarray, uppercase_labels: bool, mask_degenerate_bases: bool, eos_id: int):
@@ -32,7 +32,7 @@ def mask_genomic_labels(labels: np.ndarray, uppercase_labels: bool, mask_degener
         lower = (labels >= ord("a")) & (labels <= ord("z"))
         labels[lower] -= ord("a") - ord("A")
     if mask_degenerate_bases:
-        keep = np.isin(labels, _ACGT if uppercase_labels else _ACGT_ANY_CASE) | (labels == eos_id)
+        keep = np.isin(labels, BASE_IDS if uppercase_labels else BASE_IDS_ANY_CASE) | (labels == eos_id)
         labels[~keep & (labels != IGNORE_INDEX)] = IGNORE_INDEX
     return labels
 
@@ -173,6 +173,20 @@ class PackedRowsCollator:
         if len(lengths) == 1 and lengths.pop() % self.multiple == 0:
             return self.rows(samples)
         return self.packed(samples)
+
+
+def make_collator(tokenizer, *, packed: bool, pack_rows: bool = False, pad_to_multiple_of: int | None = None,
+                  pad_sequences_to_be_divisible_by: int | None = None, uppercase_labels: bool = False,
+                  mask_degenerate_bases: bool = False):
+    """The collator of a layout: THD packs (`packed`), packed rows (`pack_rows`) or padded BSHD, with the label policy.
+
+    Training's loader and validation both take theirs from here, so their batches are laid out alike.
+    """
+    policy = dict(uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases,
+                  eos_token_id=tokenizer.eos_token_id)
+    if packed:
+        return ThdCollator(tokenizer.pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by, **policy)
+    return (PackedRowsCollator if pack_rows else BshdCollator)(tokenizer.pad_token_id, pad_to_multiple_of, **policy)
 
 
 def cp_shard_indices(cu_seq_lens_padded: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:

@@ -29,7 +29,7 @@ def fasta_files(path: Path) -> list[str]:
     return sorted(str(p) for p in path.rglob("*") if p.is_file() and is_fasta(p))
 
 
-def read_records(files: list[str], text_column: str = "sequence"):
+def fasta_records(files: list[str], text_column: str = "sequence"):
     """Yield `{"name": ..., text_column: ...}` for every record of `files`, in order."""
     import dnaio
 
@@ -72,4 +72,4 @@ def load_fasta_dataset(files: list[str], text_column: str, streaming: bool):
 
 def _records_of_shard(files: list[str], text_column: str):
     # `datasets` hands each shard its part of the `files` list: whole files per rank and worker.
-    yield from read_records(files, text_column)
+    yield from fasta_records(files, text_column)

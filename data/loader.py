@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from data.collate import BshdCollator, ContextParallelCollator, PackedRowsCollator, ThdCollator
+from data.collate import ContextParallelCollator, make_collator
 from data.holdout import held_out_filter
 from data.packing import BalancedPackingDataset, TokenPackingDataset
 from data.sources import describe_decode_error, load_raw_dataset, load_tokenizer
@@ -202,10 +202,8 @@ def create_bshd_dataloader(
     tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
                                       stride, buffer_size, seed, text_column, num_workers, num_epochs,
                                       holdout_fraction)  # fmt: skip
-    policy = dict(uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases,
-                  eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    collate = PackedRowsCollator if pack_rows else BshdCollator
-    collator = collate(tokenizer.pad_token_id, pad_to_multiple_of, **policy)
+    collator = make_collator(tokenizer, packed=False, pack_rows=pack_rows, pad_to_multiple_of=pad_to_multiple_of,
+                             uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases)
     loader = _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader, cp_rank, cp_size,
                           prefetch_factor)  # fmt: skip
     return loader, tokenizer
@@ -252,8 +250,9 @@ def create_thd_dataloader(
         packed = BalancedPackingDataset(stream, budget, packing_lookahead)
     else:
         packed = TokenPackingDataset(stream, budget, split_samples)
-    collator = ThdCollator(tokenizer.pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by,
-                           uppercase_labels, mask_degenerate_bases, tokenizer.eos_token_id)  # fmt: skip
+    collator = make_collator(tokenizer, packed=True, pad_to_multiple_of=pad_to_multiple_of,
+                             pad_sequences_to_be_divisible_by=pad_sequences_to_be_divisible_by,
+                             uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases)
     loader = _make_loader(packed, collator, None, num_workers, use_stateful_dataloader, cp_rank, cp_size,
                           prefetch_factor)  # fmt: skip
     return loader, tokenizer

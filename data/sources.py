@@ -2,6 +2,7 @@
 
     ds = load_raw_dataset({"path": "./test_genomic_sequences.parquet", "streaming": True}, "sequence")
     tokenizer = load_tokenizer("./tokenizers/nucleotide_fast_tokenizer")
+    for name, sequence in read_records("genome.fa.gz"): ...     # what evaluate.py, score.py, generate.py read
 
 A relative path is looked up in the working directory first, then in the recipe folder, so the tier
 configs' `./...` paths work from anywhere. Missing files, unreadable parquet, empty data sets and wrong
@@ -209,3 +210,12 @@ def _select_text_column(ds, text_column: str):
     if ds.column_names is None:
         return ds.select_columns(keep).cast(datasets.Features({c: datasets.Value("string") for c in keep}))
     return ds.select_columns(keep) if keep != columns else ds
+
+
+def read_records(path: str, text_column: str = "sequence"):
+    """(name, sequence) of every record of a FASTA/FASTQ/parquet/CSV/JSON file or folder, streamed.
+
+    A record without a name (a table without a `name` column) is named by its position, from "0".
+    """
+    data = load_raw_dataset({"path": path, "streaming": True}, text_column)
+    return ((r.get("name") or str(i), r[text_column]) for i, r in enumerate(data))

@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
+from model.shape import head_dim_of
 
 _RENAMES = {  # HF suffix in a layer -> TE suffix (one tensor each)
     "input_layernorm.weight": "self_attention.layernorm_qkv.layer_norm_weight",
@@ -25,8 +26,7 @@ _FC1 = "layernorm_mlp.fc1_weight"
 
 
 def _shape(config) -> tuple[int, int, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_attention_heads, config.num_key_value_heads, head_dim
+    return config.num_attention_heads, config.num_key_value_heads, head_dim_of(config)
 
 
 def hf_to_te_state_dict(hf_state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

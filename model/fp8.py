@@ -1,10 +1,12 @@
 """FP8 recipes from the config, by TE class name, with a clear error where the GPU cannot run them.
 
 recipe = build_fp8_recipe("Float8CurrentScaling", "HYBRID", {})
-with te.autocast(enabled=True, recipe=recipe): ...
+fp8_autocast = fp8_autocast_factory(cfg.fp8_config, use_te)     # the training loop's context
+with fp8_autocast(): ...
 """
 
 import functools
+from contextlib import nullcontext
 
 # recipe class name -> (TE availability check, the GPUs that run it)
 _REQUIREMENTS = {
@@ -18,7 +20,17 @@ _REQUIREMENTS = {
 
 def recipe_from_config(fp8_config):
     """The recipe of the `fp8_config` group (`fp8_recipe`, `fp8_format`, `fp8_recipe_kwargs`)."""
-    return build_fp8_recipe(fp8_config.fp8_recipe, fp8_config.fp8_format, dict(fp8_config.fp8_recipe_kwargs))
+    return build_fp8_recipe(fp8_config["fp8_recipe"], fp8_config["fp8_format"], dict(fp8_config["fp8_recipe_kwargs"]))
+
+
+def fp8_autocast_factory(fp8_config, use_te: bool):
+    """A no-argument context factory: TE autocast with the `fp8_config` group's recipe, or a null context."""
+    if not use_te:
+        return nullcontext
+    import transformer_engine.pytorch as te
+
+    recipe = recipe_from_config(fp8_config) if fp8_config["enabled"] else None
+    return lambda: te.autocast(enabled=recipe is not None, recipe=recipe)
 
 
 @functools.cache

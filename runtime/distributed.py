@@ -4,11 +4,12 @@ Rank and world size come from the environment torchrun sets (a plain `python` ru
 `init_distributed` starts the process group; `all_reduce_sum` and `barrier` are the collectives the loop uses.
 
     dist_config = DistributedConfig()
-    device = init_distributed(dist_config)   # NCCL on GPUs, gloo on CPUs
+    device = cleanup.enter_context(process_group(dist_config))   # NCCL on GPUs, gloo on CPUs; destroyed at exit
 """
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,17 @@ def init_distributed(dist_config: DistributedConfig) -> torch.device:
             device_id=device if device.type == "cuda" else None,
         )
     return device
+
+
+@contextmanager
+def process_group(dist_config: DistributedConfig):
+    """`init_distributed` (yields the device), and the process group destroyed at exit, also when the run fails."""
+    device = init_distributed(dist_config)
+    try:
+        yield device
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Preemption: SIGTERM or SIGUSR1 ends the run with a checkpoint of the current step and exit code 0.
 
-    preemption = Preemption()                                   # installs the handlers
+    preemption = cleanup.enter_context(Preemption())            # installs the handlers (restored at exit)
     totals = all_reduce_sum(torch.stack([loss_sum, preemption.flag(device)]))
     if preemption.agreed_to_stop(totals[1]):                    # the same on every rank
         save(step)
@@ -62,8 +62,15 @@ class Preemption:
         self.received = None  # the signal's name, on the ranks that got one
         self.received_at = None  # time.monotonic() of its arrival
         self._pending = None  # (reduced flag on the host, CUDA event or None) of the previous step
-        for sig in SIGNALS:
-            signal.signal(sig, self._record)
+        self._previous_handlers = {sig: signal.signal(sig, self._record) for sig in SIGNALS}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Put back the handlers that were there before (a later run in this process installs its own)."""
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
 
     def _record(self, signum, frame) -> None:
         if self.received is None:

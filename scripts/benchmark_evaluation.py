@@ -75,13 +75,13 @@ def run(cmd: list[str], log: Path) -> float:
 
 def truncated(folder: Path, files: list[Path], bases: int) -> Path:
     """Each genome's first `bases` bases, as FASTA files in `folder`: the windows every model is scored on."""
-    from data.fasta import read_records
+    from data.fasta import fasta_records
 
     folder.mkdir(parents=True, exist_ok=True)
     for f in files:
         out = folder / f"{f.parent.parent.name}_{f.name.removesuffix('.gz')}"
         if not out.exists():
-            record = next(read_records([str(f)]))
+            record = next(fasta_records([str(f)]))
             out.write_text(f">{record['name']}\n{record['sequence'][:bases]}\n")
     return folder
 

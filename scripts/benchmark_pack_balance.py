@@ -21,9 +21,8 @@ RECIPE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE_DIR))
 sys.path.insert(0, str(RECIPE_DIR / "tests"))
 
-from conftest import make_cfg  # noqa: E402
+from conftest import build_loader, make_cfg  # noqa: E402
 
-from data.batches import create_dataloader  # noqa: E402
 from runtime.distributed import DistributedConfig  # noqa: E402
 
 ATTENTION_SHARE, FULL_PACK = 0.43, 2 * 8192**2
@@ -35,7 +34,7 @@ def pack_costs(config_name: str, world: int, lookahead: int, steps: int) -> np.n
     for rank in range(world):
         cfg = make_cfg(RECIPE_DIR / "outputs" / "pack_balance", "dataset.num_workers=0",
                        f"dataset.packing_lookahead={lookahead}", name=config_name, base=[])  # fmt: skip
-        loader, _ = create_dataloader(cfg, DistributedConfig(rank, rank, world))
+        loader, _ = build_loader(cfg, DistributedConfig(rank, rank, world))
         for step, batch in zip(range(steps), loader):
             lengths = np.diff(batch["cu_seq_lens_q"].numpy()).astype(np.float64)
             costs[step, rank] = 1 - ATTENTION_SHARE + ATTENTION_SHARE * (lengths**2).sum() / FULL_PACK

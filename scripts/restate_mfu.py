@@ -23,6 +23,7 @@ RECIPE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE_DIR))
 
 from config.command_line import normalize_command_line  # noqa: E402
+from config.options import batch_options, model_options  # noqa: E402
 from data.batches import create_dataloader  # noqa: E402
 from model.build import build_model_config  # noqa: E402
 from perf_logger import PEAK_BF16_FLOPS, ModelFlops  # noqa: E402
@@ -38,8 +39,9 @@ def l1_config(overrides: list[str]):
 def flops_per_token(overrides: list[str], gpus: int, first: int, last: int) -> float:
     """FLOPs per input token of rank 0's micro-batches `first`..`last` (1-based) for a row's overrides."""
     cfg = l1_config(overrides)
-    counter = ModelFlops(build_model_config(cfg, use_te=False))
-    loader, _ = create_dataloader(cfg, DistributedConfig(rank=0, local_rank=0, world_size=gpus))
+    counter = ModelFlops(build_model_config(model_options(cfg, use_te=False)))
+    ranks = DistributedConfig(rank=0, local_rank=0, world_size=gpus)
+    loader, _ = create_dataloader(ranks, cfg.dataset, batch_options(cfg, use_te=False))
     flops = tokens = 0.0
     for batch in itertools.islice(loader, first - 1, last):
         flops += counter.of_batch(batch)
@@ -58,7 +60,7 @@ def main():
     results = json.loads(path.read_text())
     os.chdir(RECIPE_DIR)  # the tier files name data and configs relative to the recipe
     peak = PEAK_BF16_FLOPS["H200"]
-    full_windows = ModelFlops(build_model_config(l1_config([]), use_te=False))
+    full_windows = ModelFlops(build_model_config(model_options(l1_config([]), use_te=False)))
     cache = {}
     for row in results["rows"]:
         if "error" in row or row.get("mfu_convention") == "causal":

@@ -2,10 +2,11 @@
 
 `gpu` tests need a CUDA GPU with TransformerEngine, `multi_gpu` tests two of them; both are skipped
 cleanly elsewhere (CI runs on CPUs). Helpers: `make_cfg` composes a tier config as Hydra would,
-`losses` reads a run's per-step losses, `run_command` runs a training command in a subprocess.
+`build_model`/`build_loader`/`build_optimizer` build from it as the entrypoints do, `losses` reads a run's
+per-step losses, `run_command` runs a training command in a subprocess.
 """
 
-import gc
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,13 @@ from hydra import compose, initialize_config_dir
 RECIPE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE_DIR))
 
+from config.options import batch_options, model_options  # noqa: E402
+from data.batches import create_dataloader  # noqa: E402
+from model.build import build_model_config, create_model, te_available  # noqa: E402
+from runtime.distributed import DistributedConfig  # noqa: E402
+from training.optimizer import create_optimizer  # noqa: E402
+from training.validation_loss import Validator  # noqa: E402
+
 CONFIG_DIR = str(RECIPE_DIR / "hydra_config")
 TOKENIZER = str(RECIPE_DIR / "tokenizers" / "nucleotide_fast_tokenizer")
 PARQUET = str(RECIPE_DIR / "test_genomic_sequences.parquet")
@@ -31,31 +39,15 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_P
 ENV.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _has_te() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
-
-
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests without a GPU and TE, `multi_gpu` tests with fewer than two GPUs."""
-    has_te = _has_te()
+    has_te = te_available()
     n_gpus = torch.cuda.device_count() if has_te else 0
     for item in items:
         if "gpu" in item.keywords and not has_te:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU with TransformerEngine"))
         if "multi_gpu" in item.keywords and n_gpus < 2:
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs with TransformerEngine"))
-
-
-@pytest.fixture(autouse=True)
-def automatic_gc_after_each_test():
-    """A training run in this process that stopped with an error left its loop's GC schedule (`python_gc`) on."""
-    yield
-    gc.unfreeze()
-    gc.enable()
 
 
 @pytest.fixture
@@ -70,6 +62,36 @@ def make_cfg(run_dir, *overrides, name: str = "L0_sanity", base=FAST):
     """The tier config `name` with `base` and `overrides` applied, writing into `run_dir`."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.2"):
         return compose(config_name=name, overrides=[*base, f"run_dir={run_dir}", *overrides])
+
+
+def build_model(cfg, use_te: bool = False, device="cpu", on_meta: bool = False):
+    """The model `cfg` describes, as the entrypoints build it (before wrapping), on `device` or on meta."""
+    options = dataclasses.replace(model_options(cfg, use_te), use_meta_device=on_meta)
+    return create_model(options, torch.device(device))
+
+
+def build_model_config_of(cfg, use_te: bool = False):
+    """The model config (HF `LlamaConfig`, or `NVLlamaConfig` for TE) that `cfg` describes."""
+    return build_model_config(model_options(cfg, use_te))
+
+
+def build_loader(cfg, ranks=None, use_te: bool = False, cp_size: int = 1, cp_rank=None):
+    """`(loader, tokenizer)` as the entrypoints build them from `cfg` (one rank unless `ranks` says otherwise)."""
+    ranks = ranks or DistributedConfig(0, 0, 1)
+    return create_dataloader(ranks, cfg.dataset, batch_options(cfg, use_te), cp_size, cp_rank)
+
+
+def build_optimizer(cfg, model, device="cpu"):
+    """AdamW as the entrypoints build it from `cfg`."""
+    no_decay_exempt = cfg.no_weight_decay_on_norms_biases_embeddings
+    return create_optimizer(model, cfg.adamw_kwargs, no_decay_exempt, torch.device(device))
+
+
+def build_validator(cfg, tokenizer, device="cpu", use_te: bool = False, **layout):
+    """One process's `Validator` for `cfg`, its batches laid out as training's (`layout` overrides, e.g. pack_rows)."""
+    batches = dataclasses.replace(batch_options(cfg, use_te), **layout)
+    ranks = DistributedConfig(0, 0, 1)
+    return Validator(cfg.validation, cfg.dataset, batches, tokenizer, ranks, torch.device(device), last_step=0)
 
 
 def losses(run_dir) -> dict[int, float]:

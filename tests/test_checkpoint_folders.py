@@ -15,7 +15,8 @@ from conftest import make_cfg
 import checkpointing.folders as checkpoint_folders
 import train_ddp
 import train_fsdp2
-from checkpointing.folders import CheckpointMismatchError, complete_checkpoints, read_run_info
+from checkpointing.folders import CheckpointMismatchError, complete_checkpoints
+from checkpointing.run_record import read_run_info
 
 
 def digest(folder: Path) -> str:

@@ -16,7 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ENV, FAST, RECIPE_DIR, losses, make_cfg
+from conftest import (
+    ENV,
+    FAST,
+    RECIPE_DIR,
+    build_loader,
+    build_model,
+    build_model_config_of,
+    build_optimizer,
+    losses,
+    make_cfg,
+)
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -24,11 +34,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 import train_ddp
 import train_fsdp2
 from config.checks import DEFAULTS_YAML, validate_config, validate_cp_config
-from data.batches import create_dataloader
 from data.sources import load_raw_dataset
-from model.build import build_model_config, create_model
 from runtime.distributed import DistributedConfig
-from training.optimizer import create_optimizer
 
 CPU = torch.device("cpu")
 ONE_RANK = DistributedConfig(0, 0, 1)
@@ -55,7 +62,7 @@ def test_every_default_key_is_named_in_a_test():
 
 
 def first_batch(cfg) -> dict:
-    loader, _ = create_dataloader(cfg, ONE_RANK)
+    loader, _ = build_loader(cfg, ONE_RANK)
     return next(iter(loader))
 
 
@@ -68,8 +75,8 @@ def first_batch(cfg) -> dict:
     ],
 )
 def test_model_keys(tmp_path, override, check):
-    default = create_model(make_cfg(tmp_path), use_te=False, device=CPU, on_meta=False)
-    changed = create_model(make_cfg(tmp_path, override), use_te=False, device=CPU, on_meta=False)
+    default = build_model(make_cfg(tmp_path), use_te=False, device=CPU, on_meta=False)
+    changed = build_model(make_cfg(tmp_path, override), use_te=False, device=CPU, on_meta=False)
     assert check(changed) and not check(default)
 
 
@@ -95,7 +102,7 @@ def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_
                        f"activation_cpu_offload={offload}")  # fmt: skip
         entrypoint.main(cfg)
         runs[name] = losses(tmp_path / name), load_file(tmp_path / name / "ckpt" / "final_model" / "model.safetensors")
-    model = create_model(cfg, use_te=False, device=CPU, on_meta=False)
+    model = build_model(cfg, use_te=False, device=CPU, on_meta=False)
     hidden, layers = model.config.hidden_size, len(model.model.layers)
     assert len(packed) == 3 * layers and all(len(shape) == 3 and shape[-1] == hidden for shape in packed), packed
     assert runs["offload"][0] == runs["plain"][0]  # the same numbers: only where the inputs wait changed
@@ -116,14 +123,14 @@ def test_fsdp2_reshards_after_forward_unless_one_rank_has_memory_to_spare(tmp_pa
     """One rank keeps gathered parameters to backward, unless use_gradient_checkpointing asks for memory first."""
     import torch.distributed.fsdp as fsdp
 
-    from model.build import shard_with_fsdp2
+    from model.parallelize import shard_with_fsdp2
 
     calls = []
     monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: calls.append(kwargs["reshard_after_forward"]))
     monkeypatch.setattr(torch.distributed.device_mesh, "init_device_mesh", lambda *args: None)
     cfg = make_cfg(tmp_path, f"use_gradient_checkpointing={str(checkpointing).lower()}")
-    model = create_model(cfg, use_te=False, device=CPU, on_meta=False)
-    shard_with_fsdp2(model, cfg, world_size, CPU)
+    model = build_model(cfg, use_te=False, device=CPU, on_meta=False)
+    shard_with_fsdp2(model, world_size, CPU, fp32_master_weights=False, use_gradient_checkpointing=checkpointing)
     assert calls == [reshard] * (len(model.model.layers) + 1)
 
 
@@ -142,22 +149,22 @@ def test_torch_compile_with_ddp_trains_like_eager_and_exports_plain_names(tmp_pa
 
 def test_config_name_or_path_picks_the_shape(tmp_path):
     cfg = make_cfg(tmp_path, "config_name_or_path=./model_configs/meta-llama/Llama-3.2-1B")
-    assert build_model_config(cfg, use_te=False).hidden_size == 2048
-    assert build_model_config(make_cfg(tmp_path), use_te=False).hidden_size == 384
+    assert build_model_config_of(cfg, use_te=False).hidden_size == 2048
+    assert build_model_config_of(make_cfg(tmp_path), use_te=False).hidden_size == 384
 
 
 def test_optimizer_keys(tmp_path):
     model = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(4, 4), "proj": torch.nn.Linear(4, 4)})
     overrides = ["adamw_kwargs.lr=0.5", "adamw_kwargs.betas=[0.8,0.9]", "adamw_kwargs.eps=0.25",
                  "adamw_kwargs.weight_decay=0.3", "adamw_kwargs.fused=true"]  # fmt: skip
-    optimizer = create_optimizer(make_cfg(tmp_path, *overrides), model, CPU)
+    optimizer = build_optimizer(make_cfg(tmp_path, *overrides), model)
     assert len(optimizer.param_groups) == 1
     group = optimizer.param_groups[0]
     assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (0.5, (0.8, 0.9), 0.25, 0.3)
     assert not group["fused"]  # fused AdamW is for GPUs (checked there: tests/test_train_gpu.py)
 
     exempt = make_cfg(tmp_path, *overrides, "no_weight_decay_on_norms_biases_embeddings=true")
-    decay, no_decay = create_optimizer(exempt, model, CPU).param_groups
+    decay, no_decay = build_optimizer(exempt, model).param_groups
     assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in no_decay["params"]} == {id(model.embed_tokens.weight), id(model.proj.bias)}
 
@@ -253,7 +260,7 @@ def test_wandb_init_args_reach_wandb(tmp_path, monkeypatch):
 
 
 def test_dataset_prefetch_factor_reaches_the_loader(tmp_path):
-    loader, _ = create_dataloader(make_cfg(tmp_path, "dataset.num_workers=1", "dataset.prefetch_factor=2"), ONE_RANK)
+    loader, _ = build_loader(make_cfg(tmp_path, "dataset.num_workers=1", "dataset.prefetch_factor=2"), ONE_RANK)
     assert loader.prefetch_factor == 2
 
 
@@ -293,9 +300,9 @@ def test_genomic_label_keys(tmp_path):
 
 def test_split_samples_keeps_the_budget_exact(tmp_path):
     packs = ["use_sequence_packing=true", "dataset.token_micro_batch_size=300"]  # 256-token windows
-    loader, _ = create_dataloader(make_cfg(tmp_path, *packs), ONE_RANK)
+    loader, _ = build_loader(make_cfg(tmp_path, *packs), ONE_RANK)
     assert {b["input_ids"].shape[1] for b, _ in zip(loader, range(20))} == {300}
-    loader, _ = create_dataloader(make_cfg(tmp_path, *packs, "dataset.split_samples=false"), ONE_RANK)
+    loader, _ = build_loader(make_cfg(tmp_path, *packs, "dataset.split_samples=false"), ONE_RANK)
     sizes = [b["input_ids"].shape[1] for b, _ in zip(loader, range(20))]
     assert max(sizes) < 300  # whole windows only: packs end short
 
@@ -305,7 +312,7 @@ def test_packing_lookahead_balances_the_packs_of_the_loader(tmp_path):
     packs = ["use_sequence_packing=true", "dataset.token_micro_batch_size=1024", "dataset.buffer_size=1"]
 
     def costs(*overrides):
-        loader, _ = create_dataloader(make_cfg(tmp_path, *packs, *overrides), ONE_RANK)
+        loader, _ = build_loader(make_cfg(tmp_path, *packs, *overrides), ONE_RANK)
         batches = [b for b, _ in zip(loader, range(60))]
         assert {b["input_ids"].shape[1] for b in batches} == {1024}
         return [float((torch.diff(b["cu_seq_lens_q"].long()) ** 2).sum()) for b in batches]
@@ -317,8 +324,8 @@ def test_packing_lookahead_balances_the_packs_of_the_loader(tmp_path):
 
 
 def test_use_stateful_dataloader(tmp_path):
-    assert type(create_dataloader(make_cfg(tmp_path), ONE_RANK)[0]) is StatefulDataLoader
-    loader, _ = create_dataloader(make_cfg(tmp_path, "dataset.use_stateful_dataloader=false"), ONE_RANK)
+    assert type(build_loader(make_cfg(tmp_path), ONE_RANK)[0]) is StatefulDataLoader
+    loader, _ = build_loader(make_cfg(tmp_path, "dataset.use_stateful_dataloader=false"), ONE_RANK)
     assert type(loader) is DataLoader
 
 
@@ -389,8 +396,9 @@ def test_fp8_stats_config_is_checked_before_anything_runs(tmp_path, monkeypatch)
     cfg = make_cfg(tmp_path, "fp8_stats_config.enabled=true", "fp8_stats_config.fp8_log_dir=null",
                    "fp8_stats_config.fp8_stats_file=fp8_stats.yaml")  # fmt: skip
     with pytest.raises(ValueError, match="pip install nvdlfw-inspect"):
-        FP8Stats(cfg, tmp_path, rank=0)
-    assert not FP8Stats(make_cfg(tmp_path), tmp_path, rank=0).api  # disabled: nothing is imported or started
+        FP8Stats(cfg.fp8_stats_config, tmp_path, rank=0)
+    disabled = FP8Stats(make_cfg(tmp_path).fp8_stats_config, tmp_path, rank=0)
+    assert not disabled.api  # nothing is imported or started
 
 
 def test_fp8_stats_file_and_log_dir_reach_tes_debug_tools(tmp_path, monkeypatch):
@@ -411,15 +419,15 @@ def test_fp8_stats_file_and_log_dir_reach_tes_debug_tools(tmp_path, monkeypatch)
     stats_file.write_text("{}\n")
     cfg = make_cfg(tmp_path, "fp8_stats_config.enabled=true", f"fp8_stats_config.fp8_stats_file={stats_file}",
                    f"fp8_stats_config.fp8_log_dir={tmp_path / 'logs'}")  # fmt: skip
-    FP8Stats(cfg, tmp_path / "run", rank=3)
+    FP8Stats(cfg.fp8_stats_config, tmp_path / "run", rank=3)
     assert calls["config_file"] == str(stats_file) and calls["log_dir"] == str(tmp_path / "logs" / "rank_3")
     assert calls["feature_dirs"] == [str(tmp_path / "te" / "debug" / "features")]
-    FP8Stats(make_cfg(tmp_path, "fp8_stats_config.enabled=true"), tmp_path / "run", rank=0)  # the defaults
+    FP8Stats(make_cfg(tmp_path, "fp8_stats_config.enabled=true").fp8_stats_config, tmp_path / "run", rank=0)
     assert calls["config_file"].endswith("fp8_stats.yaml")
     assert calls["log_dir"] == str(tmp_path / "run" / "fp8_stats" / "rank_0")
     with pytest.raises(FileNotFoundError, match="fp8_stats_config.fp8_stats_file='nope.yaml' does not exist"):
-        FP8Stats(make_cfg(tmp_path, "fp8_stats_config.enabled=true", "fp8_stats_config.fp8_stats_file=nope.yaml"),
-                 tmp_path, rank=0)  # fmt: skip
+        cfg = make_cfg(tmp_path, "fp8_stats_config.enabled=true", "fp8_stats_config.fp8_stats_file=nope.yaml")
+        FP8Stats(cfg.fp8_stats_config, tmp_path, rank=0)
 
 
 def test_gpu_busy_fraction_is_the_union_of_kernel_intervals():

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import RECIPE_DIR
+from conftest import RECIPE_DIR, build_loader
 from hydra import compose, initialize_config_dir
 
 from config.checks import validate_cp_config
-from data.batches import count_label_tokens, create_dataloader
+from data.batches import count_label_tokens
 from data.collate import IGNORE_INDEX, BshdCollator, ThdCollator, cp_shard_indices, shard_batch_for_cp
 from runtime.distributed import DistributedConfig
 
@@ -84,7 +84,7 @@ def cp_cfg(*overrides):
 def test_cp_loader_pads_sequences_for_the_chunks(fp8, divisor):
     """2 x cp chunks per sequence; with FP8 each rank's chunks also hold a multiple of 16 tokens."""
     cfg = cp_cfg(f"fp8_config.enabled={fp8}", "dataset.max_seq_length=300", "dataset.micro_batch_size=3")
-    loader, _ = create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2)
+    loader, _ = build_loader(cfg, DistributedConfig(0, 0, 1), cp_size=2)
     for batch, _ in zip(loader, range(10)):
         lengths = np.diff(batch["cu_seq_lens_q_padded"].numpy())
         assert (lengths % divisor == 0).all()
@@ -116,8 +116,8 @@ def test_cp_loader_yields_each_ranks_shard(packing):
     Sharding runs in the loader's workers, so that the loader pins the shards.
     """
     cfg = cp_cfg(f"use_sequence_packing={packing}", "dataset.max_seq_length=300", "dataset.num_workers=1")
-    full, _ = create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2)
-    shards = [create_dataloader(cfg, DistributedConfig(0, 0, 1), cp_size=2, cp_rank=r)[0] for r in range(2)]
+    full, _ = build_loader(cfg, DistributedConfig(0, 0, 1), cp_size=2)
+    shards = [build_loader(cfg, DistributedConfig(0, 0, 1), cp_size=2, cp_rank=r)[0] for r in range(2)]
     for batch, rank0, rank1, _ in zip(full, *shards, range(5)):
         for rank, shard in enumerate((rank0, rank1)):
             expected = shard_batch_for_cp(batch, 2, rank)

@@ -25,7 +25,8 @@ from conftest import (
 )
 
 import train_ddp
-from checkpointing.folders import MARKER, complete_checkpoints
+from checkpointing.folders import complete_checkpoints
+from checkpointing.format import MARKER
 from config.checks import validate_config, validate_cp_config
 from training.optimizer import NonFiniteGuard
 
@@ -36,12 +37,16 @@ SCRIPTS = {
 }
 
 
-def train(run_dir, script: str, *overrides, env=None, check=True) -> subprocess.CompletedProcess:
+def train(run_dir, script: str, *overrides, kill_before_marker=None, check=True) -> subprocess.CompletedProcess:
+    """One CPU run of `script` on L0_sanity; checkpoints go to `<run_dir>/../ckpt`.
+
+    `kill_before_marker="step_N"`: SIGKILL once step_N is written, before its marker (tests/kill_before_marker.py).
+    """
     entry, *extra = SCRIPTS[script]
-    """One CPU run of `script` on L0_sanity; checkpoints go to `<run_dir>/../ckpt`."""
-    cmd = [sys.executable, entry, "--config-name", "L0_sanity", *FAST, f"run_dir={run_dir}",
+    launch = [sys.executable] + (["tests/kill_before_marker.py", kill_before_marker] if kill_before_marker else [])
+    cmd = [*launch, entry, "--config-name", "L0_sanity", *FAST, f"run_dir={run_dir}",
            f"checkpoint.ckpt_dir={run_dir.parent / 'ckpt'}", *extra, *overrides]  # fmt: skip
-    return run_command(cmd, check=check, env=env)
+    return run_command(cmd, check=check)
 
 
 def steps_of(ckpt_dir) -> list[int]:
@@ -62,7 +67,7 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path, script
     train(straight, script, *common)
 
     crashed = tmp_path / "crashed" / "run"
-    result = train(crashed, script, *common, env={"RECIPE_FAULT_KILL_BEFORE_MARKER": "step_8"}, check=False)
+    result = train(crashed, script, *common, kill_before_marker="step_8", check=False)
     assert result.returncode == -signal.SIGKILL
     ckpt = crashed.parent / "ckpt"
     assert (ckpt / "step_8").exists() and not (ckpt / "step_8" / MARKER).exists()
@@ -155,7 +160,7 @@ def nan_gradients(monkeypatch, request):
     monkeypatch.setattr(train_ddp, "create_model", create_poisoned_model)
     if request.param:  # fused AdamW (the GPU default; create_optimizer turns it off on CPUs): the on-device skip
         monkeypatch.setattr(
-            train_ddp, "create_optimizer", lambda cfg, model, device: torch.optim.AdamW(model.parameters(), fused=True)
+            train_ddp, "create_optimizer", lambda model, *args: torch.optim.AdamW(model.parameters(), fused=True)
         )
     return poisoned_steps, created
 

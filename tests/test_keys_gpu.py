@@ -10,14 +10,13 @@ with DDP and FSDP2, BF16 and FP8, BSHD and THD.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import losses, make_cfg
+from conftest import build_optimizer, losses, make_cfg
 from safetensors.torch import load_file
 from test_model_gpu import hf_config
 
 import train_ddp
 import train_fsdp2
-from model.build import fp8_autocast_factory
-from training.optimizer import create_optimizer
+from model.fp8 import fp8_autocast_factory
 
 pytestmark = pytest.mark.gpu
 GPU = ["use_te=true", "dataset.num_workers=1", "logger.frequency=5"]
@@ -61,15 +60,15 @@ def test_fp32_master_weights_on_gpu(tmp_path, monkeypatch, fp32_master_weights):
 
 def test_fused_adamw_and_fp8_recipe_keys(tmp_path):
     model = torch.nn.Linear(16, 16, device="cuda")
-    assert create_optimizer(gpu_cfg(tmp_path), model, torch.device("cuda")).defaults["fused"]
+    assert build_optimizer(gpu_cfg(tmp_path), model, "cuda").defaults["fused"]
     unfused = gpu_cfg(tmp_path, "adamw_kwargs.fused=false")
-    assert not create_optimizer(unfused, model, torch.device("cuda")).defaults["fused"]
+    assert not build_optimizer(unfused, model, "cuda").defaults["fused"]
 
     from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
 
     cfg = gpu_cfg(tmp_path, "fp8_config.enabled=true", "fp8_config.fp8_format=E4M3",
                   "+fp8_config.fp8_recipe_kwargs.amax_history_len=16")  # fmt: skip
-    with fp8_autocast_factory(cfg, use_te=True)():
+    with fp8_autocast_factory(cfg.fp8_config, use_te=True)():
         recipe = FP8GlobalStateManager.get_fp8_recipe()
     assert (recipe.fp8_format.name, recipe.amax_history_len) == ("E4M3", 16)
 

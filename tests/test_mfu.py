@@ -4,16 +4,16 @@ import time
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import build_model_config_of, make_cfg
 
-from model.build import build_model_config
-from perf_logger import ModelFlops, PerfLogger, count_parameters, head_dim_of
+from model.shape import count_parameters, head_dim_of
+from perf_logger import ModelFlops, PerfLogger
 from runtime.distributed import DistributedConfig
 
 
 @pytest.fixture
 def config(tmp_path):
-    return build_model_config(make_cfg(tmp_path), use_te=False)  # L0_sanity's 4-layer Llama
+    return build_model_config_of(make_cfg(tmp_path), use_te=False)  # L0_sanity's 4-layer Llama
 
 
 def constants(config):
@@ -55,12 +55,21 @@ def test_context_parallel_ranks_share_their_groups_work(config):
     assert bshd_share == pytest.approx(full_row / 2, rel=1e-12)
 
 
+def new_perf_logger(tmp_path, config) -> PerfLogger:
+    """A one-rank CPU logger writing into `tmp_path`, as the entrypoints make it for L0_sanity."""
+    cfg = make_cfg(tmp_path)
+    info = {"config": {"num_train_steps": cfg.num_train_steps}}
+    return PerfLogger(DistributedConfig(0, 0, 1), torch.device("cpu"), tmp_path, config, run_info=info,
+                      frequency=cfg.logger.frequency, num_train_steps=cfg.num_train_steps)
+
+
 def test_logged_mfu_is_the_counted_flops_over_time_and_peak(tmp_path, config):
-    perf = PerfLogger(DistributedConfig(0, 0, 1), make_cfg(tmp_path), tmp_path, config, torch.device("cpu"))
+    perf = new_perf_logger(tmp_path, config)
     perf.peak = 1e12  # CPUs have no peak in the table; pretend
     batch = {"input_ids": torch.zeros(1, 1024, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 24, 1024])}
-    perf.add_work([batch, batch])
-    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), 2048, torch.tensor(1.0), 1e-3, force=True)
+    perf.count_batch(batch, waited_s=0.0)
+    perf.count_batch(batch, waited_s=0.0)
+    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), torch.tensor(1.0), 1e-3, force=True)
     expected = 2 * ModelFlops(config).of_batch(batch) / metrics["step_time_s"] / 1e12
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-9)
 
@@ -71,17 +80,17 @@ def test_a_windows_time_includes_waiting_for_the_gpu(tmp_path, config, monkeypat
     A read that takes 0.2 s stands in for a GPU still busy with the window's steps: reading the clock first
     left that tail out of every window (figures were overstated by up to ~15% at logger.frequency=5).
     """
-    perf = PerfLogger(DistributedConfig(0, 0, 1), make_cfg(tmp_path), tmp_path, config, torch.device("cpu"))
+    perf = new_perf_logger(tmp_path, config)
     read = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda self: time.sleep(0.2) or read(self))
-    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), 2048, torch.tensor(1.0), 1e-3, force=True)
+    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), torch.tensor(1.0), 1e-3, force=True)
     assert metrics["step_time_s"] >= 0.2
 
 
 def test_saves_and_validation_are_left_out_of_the_windows_time(tmp_path, config):
     """Time inside `paused()` (a checkpoint save, validation) counts in no window; the pause reports it."""
-    perf = PerfLogger(DistributedConfig(0, 0, 1), make_cfg(tmp_path), tmp_path, config, torch.device("cpu"))
+    perf = new_perf_logger(tmp_path, config)
     with perf.paused() as pause:
         time.sleep(0.3)
-    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), 2048, torch.tensor(1.0), 1e-3, force=True)
+    metrics = perf.log_step(1, torch.tensor(1.0), torch.tensor(2048.0), torch.tensor(1.0), 1e-3, force=True)
     assert pause["seconds"] >= 0.3 and metrics["step_time_s"] < 0.1

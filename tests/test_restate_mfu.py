@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
+from conftest import build_model_config_of, make_cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_a_full_window_row_is_restated_in_closed_form(tmp_path, monkeypatch):
     import restate_mfu
 
-    from model.build import build_model_config
-    from perf_logger import PEAK_BF16_FLOPS, count_parameters, head_dim_of
+    from model.shape import count_parameters, head_dim_of
+    from perf_logger import PEAK_BF16_FLOPS
 
     cp_row = {"group": "cp", "name": "CP 2 GPU seq 16k", "gpus": 2, "tokens_per_s_per_gpu": 44_000.0, "mfu": 0.55,
               "overrides": "cp_size=2 dataset.max_seq_length=16384"}  # fmt: skip
@@ -26,7 +26,7 @@ def test_a_full_window_row_is_restated_in_closed_form(tmp_path, monkeypatch):
     restate_mfu.main()
     cp, kept = json.loads(path.read_text())["rows"]
 
-    config = build_model_config(make_cfg(tmp_path, name="L1_genomic_1b"), use_te=False)
+    config = build_model_config_of(make_cfg(tmp_path, name="L1_genomic_1b"), use_te=False)
     layers, heads, head_dim = config.num_hidden_layers, config.num_attention_heads, head_dim_of(config)
     per_token = 6 * count_parameters(config, with_embedding=False) + 6 * layers * heads * head_dim * 16384
     assert cp["mfu"] == pytest.approx(44_000 * per_token / PEAK_BF16_FLOPS["H200"], rel=1e-9)

@@ -13,6 +13,7 @@ from conftest import (
     FAST,
     RECIPE_DIR,
     TORCHRUN_2,
+    build_model,
     losses,
     make_cfg,
     run_command,
@@ -24,7 +25,9 @@ from safetensors.torch import load_file
 
 import train_ddp
 import train_fsdp2
-from checkpointing.folders import MARKER, find_latest_checkpoint, prune_checkpoints
+from checkpointing.checkpointer import Checkpointer
+from checkpointing.folders import find_latest_checkpoint, prune_checkpoints
+from checkpointing.format import MARKER
 from config.checks import DEFAULTS_YAML, check_keys_and_types
 from scheduler import get_cosine_annealing_schedule_with_warmup
 
@@ -133,9 +136,8 @@ def test_fsdp2_async_save_resumes_identically(tmp_path):
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_checkpoint_saves_are_left_out_of_step_time(tmp_path, monkeypatch, script):
     """A slow save (3 s here) shows in `checkpoint_save_s`, not in the step time and tokens/s of its window."""
-    save_name = "save_checkpoint_ddp" if script is train_ddp else "save_checkpoint_fsdp2"
-    save = getattr(script, save_name)
-    monkeypatch.setattr(script, save_name, lambda *a, **k: time.sleep(3.0) or save(*a, **k))
+    save = Checkpointer.save
+    monkeypatch.setattr(Checkpointer, "save", lambda *a, **k: time.sleep(3.0) or save(*a, **k))
     script.main(make_cfg(tmp_path, "num_train_steps=4", "logger.frequency=2", "checkpoint.save_every_n_steps=1",
                          f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}"))  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -173,10 +175,9 @@ def test_hf_reference_keeps_packed_sequences_apart(tmp_path):
     import numpy as np
 
     from data.collate import ThdCollator
-    from model.build import create_model
 
     torch.manual_seed(0)
-    model = create_model(make_cfg(tmp_path, "use_sequence_packing=true"), False, torch.device("cpu"), False).eval()
+    model = build_model(make_cfg(tmp_path, "use_sequence_packing=true")).eval()
     seqs = [np.random.default_rng(i).integers(4, 256, n) for i, n in enumerate((50, 40, 7))]
     batch = ThdCollator(pad_token_id=1)([{"input_ids": s} for s in seqs])
     with torch.no_grad():
@@ -191,7 +192,7 @@ def test_hf_reference_keeps_packed_sequences_apart(tmp_path):
 def test_parameter_count_behind_mfu_and_checkpoint_size(tie):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from perf_logger import count_parameters
+    from model.shape import count_parameters
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)  # fmt: skip

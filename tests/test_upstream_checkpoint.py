@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import losses, make_cfg
+from conftest import build_model, build_optimizer, losses, make_cfg
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -14,9 +14,7 @@ import train_ddp
 import train_fsdp2
 from checkpointing.folders import CheckpointMismatchError, find_latest_checkpoint
 from checkpointing.upstream import resume_from_upstream
-from model.build import create_model
 from scheduler import get_cosine_annealing_schedule_with_warmup
-from training.optimizer import create_optimizer
 
 CPU = torch.device("cpu")
 
@@ -24,8 +22,8 @@ CPU = torch.device("cpu")
 def trained_state(cfg, updates: int):
     """A model, AdamW and schedule after `updates` steps on random tokens (the state an upstream run would hold)."""
     torch.manual_seed(0)
-    model = create_model(cfg, use_te=False, device=CPU, on_meta=False)
-    optimizer = create_optimizer(cfg, model, CPU)
+    model = build_model(cfg, use_te=False, device=CPU, on_meta=False)
+    optimizer = build_optimizer(cfg, model)
     scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
     for _ in range(updates):
         ids = torch.randint(0, model.config.vocab_size, (2, 32))

@@ -11,16 +11,15 @@ import sys
 
 import pytest
 import torch
-from conftest import TOKENIZER, losses, make_cfg, run_command
+from conftest import TOKENIZER, build_model, build_optimizer, losses, make_cfg, run_command
 from safetensors.torch import load_file
 from test_model_gpu import hf_config, te_from_hf
 from test_upstream_checkpoint import write_upstream
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import train_fsdp2
-from model.build import create_model, fp8_autocast_factory
+from model.fp8 import fp8_autocast_factory
 from scheduler import get_cosine_annealing_schedule_with_warmup
-from training.optimizer import create_optimizer
 
 pytestmark = pytest.mark.gpu
 GPU = ["use_te=true", "dataset.num_workers=1", "logger.frequency=1"]
@@ -47,7 +46,7 @@ def is_fp8(weight) -> bool:
 def test_quantized_init_holds_fp8_weights_except_bf16_layers(tmp_path, on_meta):
     cfg = gpu_cfg(tmp_path, *FP8, "+config_kwargs.use_quantized_model_init=true",
                   "+config_kwargs.layer_precision=[null,fp8,fp8,fp8]")  # fmt: skip
-    model = create_model(cfg, use_te=True, device=CUDA, on_meta=on_meta)
+    model = build_model(cfg, use_te=True, device=CUDA, on_meta=on_meta)
     if on_meta:
         model.init_empty_weights(CUDA)
     first, *rest = model.model.layers
@@ -80,7 +79,7 @@ def test_layer_precision_null_keeps_layers_in_bf16_under_fp8(tmp_path):
     from model.modeling_llama_te import NVLlamaConfig, NVLlamaForCausalLM
 
     cfg = gpu_cfg(tmp_path, *FP8)
-    fp8_autocast = fp8_autocast_factory(cfg, use_te=True)
+    fp8_autocast = fp8_autocast_factory(cfg.fp8_config, use_te=True)
     torch.manual_seed(0)
     base = NVLlamaConfig(**hf_config(num_hidden_layers=2).to_dict(), attn_input_format="bshd")
     model = NVLlamaForCausalLM(base).cuda().eval()
@@ -149,10 +148,10 @@ def test_save_pretrained_of_a_te_model_loads_through_automodel(tmp_path):
 def test_resume_from_an_upstream_te_fsdp2_checkpoint(tmp_path):
     """A TE FP8 model's DCP checkpoint in upstream's layout (with TE's _extra_state) continues here."""
     cfg = gpu_cfg(tmp_path, *FP8)
-    fp8_autocast = fp8_autocast_factory(cfg, use_te=True)
+    fp8_autocast = fp8_autocast_factory(cfg.fp8_config, use_te=True)
     torch.manual_seed(0)
-    model = create_model(cfg, use_te=True, device=CUDA, on_meta=False)
-    optimizer = create_optimizer(cfg, model, CUDA)
+    model = build_model(cfg, use_te=True, device=CUDA, on_meta=False)
+    optimizer = build_optimizer(cfg, model, CUDA)
     scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
     ids = torch.randint(4, 256, (1, 256), device="cuda")
     cu = torch.tensor([0, 256], dtype=torch.int32, device="cuda")

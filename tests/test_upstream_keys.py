@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ENV, FAST, RECIPE_DIR, make_cfg
+from conftest import ENV, FAST, RECIPE_DIR, build_model_config_of, make_cfg
 
-from checkpointing.folders import read_run_info
+from checkpointing.run_record import read_run_info
 from config.checks import validate_config
 from config.command_line import normalize_command_line
-from model.build import build_model_config
 
 
 def normalized(*args):
@@ -133,26 +132,24 @@ def test_config_errors_for_upstream_values(tmp_path, overrides, message):
 )
 def test_attn_input_format_decides_how_bshd_batches_run(tmp_path, packing, layout, built):
     """Padded BSHD by asking for bshd; otherwise the TE model takes BSHD micro-batches as packed rows (thd)."""
-    from model.build import packs_bshd_batches
+    from config.options import packs_rows
 
     extra = [f"+config_kwargs.attn_input_format={layout}"] if layout else []
     cfg = make_cfg(tmp_path, f"use_sequence_packing={packing}", *extra, "+config_kwargs.self_attn_mask_type=causal",
                    "checkpoint.save_every_n_steps=null")  # fmt: skip
     validate_config(cfg, use_te=False)
-    te_config = build_model_config(cfg, use_te=True)  # what the TE model is built from
+    te_config = build_model_config_of(cfg, use_te=True)  # what the TE model is built from
     assert te_config.attn_input_format == built and te_config.self_attn_mask_type == "causal"
-    assert packs_bshd_batches(cfg, use_te=True) == (not packing and built == "thd")
-    assert not packs_bshd_batches(cfg, use_te=False)  # the HF reference keeps padded BSHD
+    assert packs_rows(cfg, use_te=True) == (not packing and built == "thd")
+    assert not packs_rows(cfg, use_te=False)  # the HF reference keeps padded BSHD
     cfg.cp_size = 2
-    assert not packs_bshd_batches(cfg, use_te=True)  # CP shards padded BSHD rows itself
+    assert not packs_rows(cfg, use_te=True)  # CP shards padded BSHD rows itself
 
 
 def test_config_kwargs_the_model_config_lacks_are_refused(tmp_path):
-    from model.build import build_model_config
-
     cfg = make_cfg(tmp_path, "+config_kwargs.fp8_first_last_bf16=true")
     with pytest.raises(ValueError, match=r"config_kwargs \['fp8_first_last_bf16'\] are not fields of LlamaConfig"):
-        build_model_config(cfg, use_te=False)
+        build_model_config_of(cfg, use_te=False)
 
 
 @pytest.mark.parametrize(
@@ -224,7 +221,7 @@ def test_per_layer_precision_reaches_the_te_model_config(tmp_path):
 
     cfg = make_cfg(tmp_path, "+config_kwargs.num_hidden_layers=3", "+config_kwargs.layer_precision=[null,fp8,null]",
                    "+config_kwargs.use_quantized_model_init=true")  # fmt: skip
-    config = build_model_config(cfg, use_te=True)
+    config = build_model_config_of(cfg, use_te=True)
     assert [config.keeps_bf16(i) for i in range(3)] == [True, False, True] and config.use_quantized_model_init
     assert not hasattr(hf_config_from_te(config), "layer_precision")  # the plain-Llama export drops them
     with pytest.raises(ValueError, match="must list 'fp8' or null for each of the 3 layers"):

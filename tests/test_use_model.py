@@ -16,7 +16,8 @@ import generate
 import score
 import train_ddp
 import train_fsdp2
-from use.inference import encode, is_base, load_model, token_log_probs
+from data.dna import is_base, reverse_complement
+from use.inference import encode, load_model, token_log_probs
 
 GENOME = pq.read_table(PARQUET).column("sequence").to_pylist()[:2]  # two real records as two "chromosomes"
 
@@ -117,7 +118,7 @@ def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands)
         ref_window = GENOME[0][start : start + 100]
         assert len(ref_window) == 100 and ref_window[pos - 1 - start :].startswith(ref)
         alt_window = ref_window[: pos - 1 - start] + alt + ref_window[pos - 1 - start + len(ref) :]
-        strands = (lambda s: s, score.reverse_complement) if both_strands else (lambda s: s,)
+        strands = (lambda s: s, reverse_complement) if both_strands else (lambda s: s,)
         expected = np.mean([direct_log_probs(model, tokenizer, f(alt_window)).sum()
                             - direct_log_probs(model, tokenizer, f(ref_window)).sum() for f in strands])  # fmt: skip
         assert float(row[8]) == pytest.approx(expected, rel=1e-5, abs=1e-6), name

@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOKENIZER, make_cfg
+from conftest import TOKENIZER, build_model, build_validator, make_cfg
 from test_fasta import write_fasta
 
 import train_fsdp2
-from checkpointing.folders import read_run_info
+from checkpointing.run_record import read_run_info
 from data.loader import create_tokenized_dataset
 from data.sources import load_tokenizer
-from model.build import create_model
 from runtime.distributed import DistributedConfig
-from training.validation_loss import Validator, validation_windows
+from training.validation_loss import validation_windows
 
 RNG = np.random.default_rng(0)
 # Random records: a window of one never occurs in another, so a window tells which record it came from.
@@ -44,7 +43,7 @@ def val_cfg(tmp_path, genome, *overrides):
 def test_held_out_records_never_reach_training_on_any_rank(tmp_path, genome):
     cfg = val_cfg(tmp_path, genome)
     tokenizer = load_tokenizer(TOKENIZER)
-    validation = {record_of(w) for w in validation_windows(cfg, tokenizer)}
+    validation = {record_of(w) for w in validation_windows(cfg.validation, cfg.dataset, tokenizer)}
     trained = set()
     for rank in range(2):
         ds = create_tokenized_dataset(DistributedConfig(rank, 0, 2), tokenizer, {"path": str(genome)}, 256, 16,
@@ -53,8 +52,8 @@ def test_held_out_records_never_reach_training_on_any_rank(tmp_path, genome):
     assert validation and not validation & trained
     assert len(trained) + len(validation) <= len(RECORDS) and len(trained) > 0.6 * len(RECORDS)
     # The same windows however many ranks evaluate them, and every time.
-    assert [list(w) for w in validation_windows(cfg, tokenizer)] == [
-        list(w) for w in validation_windows(cfg, tokenizer)
+    assert [list(w) for w in validation_windows(cfg.validation, cfg.dataset, tokenizer)] == [
+        list(w) for w in validation_windows(cfg.validation, cfg.dataset, tokenizer)
     ]
 
 
@@ -63,15 +62,15 @@ def test_val_bits_per_base_equals_a_hand_computation(tmp_path, genome, layout):
     cfg = val_cfg(tmp_path, genome, f"use_sequence_packing={layout == 'thd'}", "dataset.max_seq_length=256")
     tokenizer = load_tokenizer(TOKENIZER)
     torch.manual_seed(0)
-    model = create_model(cfg, use_te=False, device=torch.device("cpu"), on_meta=False)
-    validator = Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device("cpu"),
-                          pack_rows=layout == "packed_rows")  # fmt: skip
+    model = build_model(cfg, use_te=False, device=torch.device("cpu"), on_meta=False)
+    validator = build_validator(cfg, tokenizer, pack_rows=layout == "packed_rows")
     if layout == "packed_rows":  # the TE model's BSHD micro-batches (HF's sdpa masks packed rows by position_ids)
         assert {"cu_seq_lens_q" in b for b in validator.batches} == {True, False}  # padded ones packed, full ones rows
-    metrics = validator.run(model)
+    metrics = validator.run(model, step=0)
     nll_bases, n_bases, nll_all, n_all = 0.0, 0, 0.0, 0
     with torch.no_grad():
-        for window in validation_windows(cfg, tokenizer):  # one window at a time, no padding, no packing
+        # one window at a time, no padding, no packing
+        for window in validation_windows(cfg.validation, cfg.dataset, tokenizer):
             ids = torch.as_tensor(np.asarray(window), dtype=torch.long)[None]
             nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
             bases = torch.isin(ids[0, 1:], torch.tensor([ord(c) for c in "ACGTacgt"]))
@@ -120,7 +119,7 @@ def test_a_separate_validation_set(tmp_path, genome):
     other = tmp_path / "other.fa"
     write_fasta(other, RECORDS[:5])
     cfg = val_cfg(tmp_path, genome, f"+validation.load_dataset_kwargs.path={other}")
-    windows = validation_windows(cfg, load_tokenizer(TOKENIZER))
+    windows = validation_windows(cfg.validation, cfg.dataset, load_tokenizer(TOKENIZER))
     assert {record_of(w) for w in windows} <= set(range(5))
 
 
@@ -142,7 +141,7 @@ def validation_on_two_ranks_equals_one_process(tmp_path, genome, *overrides, use
     (two_ranks,) = [e["val_bits_per_base"] for e in events if "val_bits_per_base" in e]
     model, tokenizer = load_model(tmp_path / "ckpt" / "final_model", use_te=use_te, device=device, dtype=dtype)
     cfg = make_cfg(tmp_path / "one", *args, base=base)
-    one = Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device(device)).run(model)
+    one = build_validator(cfg, tokenizer, device).run(model, step=0)
     assert one["val_windows"] == 20
     assert two_ranks == pytest.approx(one["val_bits_per_base"], rel=rel)
 
@@ -166,8 +165,8 @@ def test_te_validation_of_packed_rows_equals_padded_bshd(tmp_path, genome):
     cfg = val_cfg(tmp_path, genome, "dataset.max_seq_length=256")
     tokenizer = load_tokenizer(TOKENIZER)
     torch.manual_seed(0)
-    model = create_model(cfg, use_te=True, device=torch.device("cuda"), on_meta=False)
-    padded, packed = (Validator(cfg, tokenizer, DistributedConfig(0, 0, 1), torch.device("cuda"), pack_rows=rows)
-                      for rows in (False, True))  # fmt: skip
+    model = build_model(cfg, use_te=True, device=torch.device("cuda"), on_meta=False)
+    padded, packed = (build_validator(cfg, tokenizer, "cuda", pack_rows=rows) for rows in (False, True))
     assert {"cu_seq_lens_q" in b for b in packed.batches} == {True, False}
-    assert packed.run(model)["val_bits_per_base"] == pytest.approx(padded.run(model)["val_bits_per_base"], rel=1e-3)
+    packed_bits, padded_bits = (v.run(model, step=0)["val_bits_per_base"] for v in (packed, padded))
+    assert packed_bits == pytest.approx(padded_bits, rel=1e-3)

@@ -1,6 +1,6 @@
 """`fp8_stats_config.*`: FP8 tensor statistics per layer, with TE's own debug tooling (nvdlfw_inspect).
 
-    fp8_stats = FP8Stats(cfg, run_dir, rank)  # before the model is built; does nothing unless enabled
+    fp8_stats = FP8Stats(cfg.fp8_stats_config, run_dir, rank)  # before the model is built; nothing unless enabled
     fp8_stats.name_layers(model)              # after it is built
     fp8_stats.step()                          # after each optimizer step (flushes the interval's statistics)
     fp8_stats.close()
@@ -23,9 +23,8 @@ logger = logging.getLogger(__name__)
 class FP8Stats:
     """TE's debug API (`nvdlfw_inspect`) started with the statistics file, or nothing when disabled."""
 
-    def __init__(self, cfg, run_dir: Path, rank: int):
+    def __init__(self, stats_cfg, run_dir: Path, rank: int):
         self.api = None
-        stats_cfg = cfg.fp8_stats_config
         if not stats_cfg.enabled:
             return
         try:

@@ -3,7 +3,7 @@
 AdamW has optional weight-decay groups; the guard skips (or stops at) updates with a NaN or Inf loss or
 gradient norm.
 
-    optimizer = create_optimizer(cfg, model, device)
+    optimizer = create_optimizer(model, cfg.adamw_kwargs, cfg.no_weight_decay_on_norms_biases_embeddings, device)
     guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
     guard.step(step, loss_sum, grad_norm)        # instead of optimizer.step()
@@ -12,22 +12,25 @@ gradient norm.
 import logging
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from model.fp8 import is_fp8_tensor
 
 logger = logging.getLogger(__name__)
 
 
-def create_optimizer(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW from `adamw_kwargs` (fused only on GPUs).
+def create_optimizer(model: torch.nn.Module, adamw_kwargs, no_weight_decay_on_norms_biases_embeddings: bool,
+                     device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from the `adamw_kwargs` group (fused only on GPUs).
 
     With `no_weight_decay_on_norms_biases_embeddings`, norms, biases and embeddings go in a second group
     without weight decay.
     """
-    kwargs = OmegaConf.to_container(cfg.adamw_kwargs, resolve=True)
+    if OmegaConf.is_config(adamw_kwargs):
+        adamw_kwargs = OmegaConf.to_container(adamw_kwargs, resolve=True)
+    kwargs = dict(adamw_kwargs)
     kwargs["fused"] = kwargs.get("fused", False) and device.type == "cuda"
-    if not cfg.no_weight_decay_on_norms_biases_embeddings:
+    if not no_weight_decay_on_norms_biases_embeddings:
         return torch.optim.AdamW(model.parameters(), **kwargs)
     decay, no_decay = [], []
     for name, param in model.named_parameters():

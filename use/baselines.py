@@ -13,9 +13,10 @@ model (`token_log_probs`), so the figures compare on the same windows. Order 0 i
 
 import numpy as np
 
-BASE_INDEX = np.full(256, -1, dtype=np.int64)
-for _i, _b in enumerate("ACGT"):
-    BASE_INDEX[ord(_b)] = BASE_INDEX[ord(_b.lower())] = _i
+from data.dna import BASE_IDS_ANY_CASE, BASES
+
+BASE_INDEX = np.full(256, -1, dtype=np.int64)  # id -> 0..3 for A, C, G, T (either case), -1 for anything else
+BASE_INDEX[BASE_IDS_ANY_CASE] = np.tile(np.arange(len(BASES)), 2)
 
 
 class MarkovModel:

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from checkpointing.folders import MARKER, read_run_info
-from config.checks import te_available
+from checkpointing.format import MARKER, is_complete, read_model_weights
+from checkpointing.run_record import read_run_info
 from data.sources import load_tokenizer
+from model.build import ModelOptions, build_model_config, te_available
 from model.convert import hf_config_from_te, hf_to_te_state_dict, te_config_from_hf, te_to_hf_state_dict
-
-BASES = np.frombuffer(b"ACGTacgt", dtype=np.uint8)
 
 
 def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat16):
@@ -33,7 +31,7 @@ def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat
     use_te = te_available() if use_te is None else use_te
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype if device.type == "cuda" else torch.float32
-    if (path / MARKER).exists():
+    if is_complete(path):
         hf_config, state, tokenizer = _from_checkpoint(path)
     elif (path / "config.json").exists():
         config = AutoConfig.from_pretrained(path, trust_remote_code=True)
@@ -77,36 +75,30 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _from_checkpoint(path: Path):
     """The HF config, TE-named weights and tokenizer of a `step_N` checkpoint (DDP or FSDP2 DCP)."""
-    from model.build import build_model_config
-
     info = read_run_info(path)
     if info is None:
         raise ValueError(f"{path} has no run_info.yaml (written by this recipe since it records its config).")
-    cfg = OmegaConf.create(info["config"])
-    hf_config = build_model_config(cfg, use_te=False)
+    cfg = info["config"]
+    hf_config = build_model_config(ModelOptions(cfg["config_name_or_path"], cfg["config_kwargs"]))
     te_weights = info.get("model") == "TE"  # TE names (fused QKV) in the checkpoint, else HF names
-    if (path / "model_optimizer.pt").exists():  # DDP: one file
-        weights = torch.load(path / "model_optimizer.pt", map_location="cpu", weights_only=False)["model"]
-    else:  # FSDP2: DCP shards, read into tensors of the right shapes (no process group needed)
-        import torch.distributed.checkpoint as dcp
-
-        template = LlamaForCausalLM(hf_config).state_dict()
-        if hf_config.tie_word_embeddings:
-            template.pop("lm_head.weight")
-        if te_weights:
-            template = hf_to_te_state_dict(template, hf_config)
-        weights = {"model": template}
-        dcp.load(weights, checkpoint_id=str(path / "dcp"))
-        weights = weights["model"]
+    template = LlamaForCausalLM(hf_config).state_dict()  # the tensors' names and shapes, for DCP's shards
+    if hf_config.tie_word_embeddings:
+        template.pop("lm_head.weight")
+    weights = read_model_weights(path, hf_to_te_state_dict(template, hf_config) if te_weights else template)
     if not te_weights:
         weights = hf_to_te_state_dict(weights, hf_config)
-    return hf_config, weights, load_tokenizer(cfg.dataset.tokenizer_name_or_path)
+    return hf_config, weights, load_tokenizer(cfg["dataset"]["tokenizer_name_or_path"])
 
 
 def encode(tokenizer, sequence: str) -> np.ndarray:
     """`<BOS>` + one id per character (no `<EOS>`: the sequence goes on), as int64."""
     ids = tokenizer(sequence, add_special_tokens=False)["input_ids"]
     return np.asarray([tokenizer.bos_token_id, *ids], dtype=np.int64)
+
+
+def record_windows(tokenizer, sequence: str, window: int) -> list[np.ndarray]:
+    """`<BOS>` + consecutive chunks of `window - 1` characters: every base predicted exactly once."""
+    return [encode(tokenizer, sequence[i : i + window - 1]) for i in range(0, len(sequence), window - 1)]
 
 
 @torch.no_grad()
@@ -134,8 +126,3 @@ def _log_probs(logits: torch.Tensor, ids: np.ndarray) -> np.ndarray:
     targets = torch.as_tensor(ids[1:], device=logits.device)
     logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, targets[:, None])[:, 0]
     return logp.double().cpu().numpy()
-
-
-def is_base(ids: np.ndarray) -> np.ndarray:
-    """Which ids are A, C, G or T (either case)."""
-    return np.isin(ids, BASES)
