@@ -11,5 +11,12 @@ from checkpointing.checkpointer import Checkpointer, prepare_checkpoint_dir
 from checkpointing.export import export_model
 from checkpointing.format import load_ddp, load_fsdp2, save_ddp, save_fsdp2
 
-__all__ = ["Checkpointer", "export_model", "load_ddp", "load_fsdp2", "prepare_checkpoint_dir", "save_ddp",
-           "save_fsdp2"]  # fmt: skip
+__all__ = [
+    "Checkpointer",
+    "export_model",
+    "load_ddp",
+    "load_fsdp2",
+    "prepare_checkpoint_dir",
+    "save_ddp",
+    "save_fsdp2",
+]

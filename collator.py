@@ -13,5 +13,12 @@ from data.collate import (
 )
 from data.packing import TokenPackingDataset
 
-__all__ = ["IGNORE_INDEX", "BshdCollator", "ContextParallelCollator", "PackedRowsCollator", "ThdCollator",
-           "TokenPackingDataset", "mask_genomic_labels"]  # fmt: skip
+__all__ = [
+    "IGNORE_INDEX",
+    "BshdCollator",
+    "ContextParallelCollator",
+    "PackedRowsCollator",
+    "ThdCollator",
+    "TokenPackingDataset",
+    "mask_genomic_labels",
+]

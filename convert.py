@@ -13,5 +13,11 @@ from model.convert import (
     te_to_hf_state_dict,
 )
 
-__all__ = ["convert_llama_hf_to_te", "convert_llama_te_to_hf", "hf_config_from_te", "hf_to_te_state_dict",
-           "te_config_from_hf", "te_to_hf_state_dict"]  # fmt: skip
+__all__ = [
+    "convert_llama_hf_to_te",
+    "convert_llama_te_to_hf",
+    "hf_config_from_te",
+    "hf_to_te_state_dict",
+    "te_config_from_hf",
+    "te_to_hf_state_dict",
+]

@@ -48,8 +48,11 @@ def evaluate(model, tokenizer, records, window: int, batch_tokens: int) -> list[
 
     def flush():
         windows = [w for _, ws in pending for w in ws]
-        logps = iter([model.log_probs(w) for w in windows] if isinstance(model, MarkovModel) else
-                     token_log_probs(model, windows))  # fmt: skip
+        logps = iter(
+            [model.log_probs(w) for w in windows]
+            if isinstance(model, MarkovModel)
+            else token_log_probs(model, windows)
+        )
         for row, ws in pending:
             for w in ws:
                 bases = is_base(w[1:])
@@ -89,8 +92,10 @@ def load_baseline(args):
     if not args.train_data:
         raise ValueError(f"--model {args.model} needs --train-data (the records to count k-mers in).")
     order = int(args.model.split(":", 1)[1])
-    model = MarkovModel(order).fit(seq for _, seq in tqdm(read_records(args.train_data, args.text_column),
-                                                           desc=f"counting {order}-mers", unit=" rec"))  # fmt: skip
+    model = MarkovModel(order).fit(
+        seq
+        for _, seq in tqdm(read_records(args.train_data, args.text_column), desc=f"counting {order}-mers", unit=" rec")
+    )
     return model, load_tokenizer("./tokenizers/nucleotide_fast_tokenizer")
 
 
@@ -108,12 +113,19 @@ def main(argv=None) -> dict:
     rows = evaluate(model, tokenizer, tqdm(records, desc="records", unit=" rec"), args.window, args.batch_tokens)
     seconds = time.perf_counter() - start
     bases, nll = sum(r["bases"] for r in rows), sum(r["nll_nats"] for r in rows)
-    summary = {"length": sum(r["length"] for r in rows), "bases": bases, "nll_nats": nll,
-               "bits_per_base": nll / max(bases, 1) / math.log(2), "seconds": seconds}  # fmt: skip
+    summary = {
+        "length": sum(r["length"] for r in rows),
+        "bases": bases,
+        "nll_nats": nll,
+        "bits_per_base": nll / max(bases, 1) / math.log(2),
+        "seconds": seconds,
+    }
     if args.out:
         write_rows(rows, Path(args.out), summary)
-    print(f"{len(rows)} records, {bases:,} bases: {summary['bits_per_base']:.4f} bits per base "
-          f"({bases / seconds:,.0f} bases/s; model {args.model}, data {args.data})")  # fmt: skip
+    print(
+        f"{len(rows)} records, {bases:,} bases: {summary['bits_per_base']:.4f} bits per base "
+        f"({bases / seconds:,.0f} bases/s; model {args.model}, data {args.data})"
+    )
     return summary
 
 

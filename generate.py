@@ -18,6 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from data.dna import BASES
 from data.sources import read_records
 from model.shape import head_dim_of
 from use.inference import encode, load_model
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
-    p.add_argument("--alphabet", default="ACGT", help="the characters it may emit (and <EOS>); 'any': no limit")
+    p.add_argument("--alphabet", default=BASES, help="the characters it may emit (and <EOS>); 'any': no limit")
     p.add_argument("--use-te", choices=["auto", "true", "false"], default="auto")
     p.add_argument("--out", default=None, help="FASTA of the continuations (default: print them)")
     return p.parse_args(argv)
@@ -51,9 +52,14 @@ def kv_cache(model, max_length: int):
 
     config = model.config
     cache = HFInferenceParams(
-        max_batch_size=1, max_sequence_length=max_length, max_ctx_len=max_length, qkv_format="thd",
-        num_heads_kv=config.num_key_value_heads, head_dim_k=head_dim_of(config), dtype=model.dtype,
-    )  # fmt: skip
+        max_batch_size=1,
+        max_sequence_length=max_length,
+        max_ctx_len=max_length,
+        qkv_format="thd",
+        num_heads_kv=config.num_key_value_heads,
+        head_dim_k=head_dim_of(config),
+        dtype=model.dtype,
+    )
     for layer_number in range(1, config.num_hidden_layers + 1):
         cache.allocate_memory(layer_number)
     return cache
@@ -70,10 +76,15 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, samp
     ids = torch.as_tensor(encode(tokenizer, prompt), device=device)[None]
     torch.manual_seed(seed)
     out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, use_cache=True,
-        past_key_values=kv_cache(model, ids.shape[1] + max_new_tokens), eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **sampling,
-    )  # fmt: skip
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        use_cache=True,
+        past_key_values=kv_cache(model, ids.shape[1] + max_new_tokens),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
     new = continuation(out[0, ids.shape[1] :].tolist(), tokenizer.eos_token_id)
     return tokenizer.decode(new, skip_special_tokens=True).replace(" ", "")
 
@@ -87,8 +98,11 @@ def main(argv=None) -> list[tuple[str, str]]:
     else:
         prompts = list(read_records(args.prompts))
     greedy = args.greedy or args.temperature == 0
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": args.temperature,
-                                                    "top_k": args.top_k, "top_p": args.top_p}  # fmt: skip
+    sampling = (
+        {"do_sample": False}
+        if greedy
+        else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    )
     if args.alphabet != "any":  # a barely trained model may emit other bytes: keep to the alphabet
         allowed = {ord(c) for c in args.alphabet} | {tokenizer.eos_token_id}
         sampling["suppress_tokens"] = [i for i in range(model.config.vocab_size) if i not in allowed]
@@ -104,8 +118,10 @@ def main(argv=None) -> list[tuple[str, str]]:
     else:
         print(fasta, end="")
     bases = sum(len(t) for _, t in results)
-    print(f"{len(results)} continuations, {bases:,} bases in {time.perf_counter() - start:.1f} s"
-          + (f" -> {args.out}" if args.out else ""))  # fmt: skip
+    print(
+        f"{len(results)} continuations, {bases:,} bases in {time.perf_counter() - start:.1f} s"
+        + (f" -> {args.out}" if args.out else "")
+    )
     return results
 
 

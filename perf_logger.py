@@ -98,8 +98,18 @@ class PerfLogger:
     """Accumulates per-step values on the device and writes one line per `logger.frequency` steps."""
 
     def __init__(
-        self, dist_config, device: torch.device, run_dir: Path, model_config, *, run_info: dict, frequency: int,
-        num_train_steps: int, start_step: int = 0, cp_size: int = 1, wandb_init_args=None,
+        self,
+        dist_config,
+        device: torch.device,
+        run_dir: Path,
+        model_config,
+        *,
+        run_info: dict,
+        frequency: int,
+        num_train_steps: int,
+        start_step: int = 0,
+        cp_size: int = 1,
+        wandb_init_args=None,
     ):
         """Rank 0 writes `run_info` (`checkpointing.run_record`) and its config into `run_dir`, and starts W&B.
 
@@ -117,8 +127,9 @@ class PerfLogger:
         self._reset()
         # The bar only in a terminal: in a log file its carriage-return updates would glue onto the log lines.
         interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=num_train_steps, initial=start_step, disable=not (self.is_main and interactive),
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=num_train_steps, initial=start_step, disable=not (self.is_main and interactive), dynamic_ncols=True
+        )
         self.wandb = None
         wandb_init_args = dict(wandb_init_args or {})
         if self.is_main and wandb_init_args.get("mode", "disabled") != "disabled":

@@ -97,8 +97,10 @@ def read_variants(reference, vcf_path: str, bases: int, on_mismatch: str, counts
         for record in vcf:
             if record.chrom not in reference:
                 known = list(reference.keys())[:5]
-                raise ValueError(f"{vcf_path}: chromosome {record.chrom!r} is not in the reference (it has {known}); "
-                                 "use the reference the VCF was called on.")  # fmt: skip
+                raise ValueError(
+                    f"{vcf_path}: chromosome {record.chrom!r} is not in the reference (it has {known}); "
+                    "use the reference the VCF was called on."
+                )
             chrom = reference[record.chrom]  # sliced on demand: never a whole chromosome in memory
             genome_ref = chrom[record.pos - 1 : record.pos - 1 + len(record.ref)]
             if genome_ref.upper() != record.ref.upper():
@@ -186,14 +188,14 @@ def main(argv=None) -> dict:
         counts = {"ref_mismatch": 0, "symbolic": 0}
         with Fasta(args.reference, as_raw=True, sequence_always_upper=False) as reference:
             variants = read_variants(reference, args.vcf, args.window - 1, args.on_ref_mismatch, counts)
-            scored = score_variants(model, tokenizer, tqdm(variants, unit=" var"), args.batch_windows,
-                                    args.both_strands)  # fmt: skip
+            scored = score_variants(
+                model, tokenizer, tqdm(variants, unit=" var"), args.batch_windows, args.both_strands
+            )
             n = write_variants(scored, args.vcf, out)
         seconds = time.perf_counter() - start
         windows = n * 2 * (2 if args.both_strands else 1)
         summary = {"variants": n, **counts, "windows_per_s": windows / seconds, "variants_per_s": n / seconds}
-    print(" ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()),
-          f"-> {out}")  # fmt: skip
+    print(" ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()), f"-> {out}")
     return summary
 
 

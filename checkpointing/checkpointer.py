@@ -68,8 +68,13 @@ class Checkpointer:
         self._in_flight = None  # (DCP's future, folder) of the FSDP2 save still being written
 
     def _state(self) -> dict:
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "dataloader": self.dataloader, "rank": self.rank}  # fmt: skip
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "dataloader": self.dataloader,
+            "rank": self.rank,
+        }
 
     def resume(self, device: torch.device) -> int:
         """Load the newest complete checkpoint (or, with none of ours, upstream's newest); the step to go on from.
@@ -81,8 +86,9 @@ class Checkpointer:
         load = step_files.load_fsdp2 if self.strategy == "fsdp2" else step_files.load_ddp
         step = resume_from_latest(self.ckpt_dir, lambda path: load(path, **self._state()), device, self.run_info)
         # none of ours: the newest of upstream's <ckpt_dir>/train_<strategy>/step_N folders, if any
-        return step or resume_from_upstream(self.ckpt_dir, f"train_{self.strategy}", self.model, self.optimizer,
-                                            self.scheduler)  # fmt: skip
+        return step or resume_from_upstream(
+            self.ckpt_dir, f"train_{self.strategy}", self.model, self.optimizer, self.scheduler
+        )
 
     def due(self, step: int, stop: bool) -> bool:
         """Whether to save after `step`: every `save_every_n_steps` (null: never), and when the run is preempted."""
@@ -198,11 +204,15 @@ def _check_folder(checkpoint_cfg, bytes_needed: int, rank: int) -> str | None:
         return f"{name} holds {strays}, named like checkpoints but not checkpoint folders; move them away."
     free = shutil.disk_usage(path).free
     if free < bytes_needed:
-        return (f"{name} has {free / 2**30:.1f} GiB free, and one checkpoint of this model needs about "
-                f"{bytes_needed / 2**30:.1f} GiB; free space or choose another checkpoint.ckpt_dir.")  # fmt: skip
+        return (
+            f"{name} has {free / 2**30:.1f} GiB free, and one checkpoint of this model needs about "
+            f"{bytes_needed / 2**30:.1f} GiB; free space or choose another checkpoint.ckpt_dir."
+        )
     complete = complete_checkpoints(path, warn=False)
     if complete and not checkpoint_cfg.resume_from_checkpoint and not checkpoint_cfg.overwrite:
-        return (f"{name} already holds complete checkpoints ({[p.name for p in complete]}) and this run does not "
-                "resume (checkpoint.resume_from_checkpoint=false). Use a new checkpoint.ckpt_dir, or "
-                "checkpoint.overwrite=true to delete them first.")  # fmt: skip
+        return (
+            f"{name} already holds complete checkpoints ({[p.name for p in complete]}) and this run does not "
+            "resume (checkpoint.resume_from_checkpoint=false). Use a new checkpoint.ckpt_dir, or "
+            "checkpoint.overwrite=true to delete them first."
+        )
     return None

@@ -92,8 +92,11 @@ def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
                 "%s was saved by %d ranks and this run has %d: model, optimizer, scheduler and step are restored, "
                 "but the data loader starts its stream from the beginning and RNG states are fresh. Resume with "
                 "%d ranks to continue the exact data order.",
-                path, saved_ranks, world_size, saved_ranks,
-            )  # fmt: skip
+                path,
+                saved_ranks,
+                world_size,
+                saved_ranks,
+            )
         state = torch.load(path / rank_file(0), weights_only=False)
         scheduler.load_state_dict(state["scheduler"])
         return state
@@ -173,8 +176,13 @@ def load_fsdp2(path: Path, *, model, optimizer, scheduler, dataloader, rank: int
     weights, _ = split_extra_state(model_state)
     state = {"model": weights, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path / DCP_FOLDER))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(strict=False))  # fmt: skip
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),
+    )
     rank_state = _restore_rank_state(path, rank, scheduler, dataloader)
     if rank_state["model_extra_state"]:
         with _trusted_te_extra_state():

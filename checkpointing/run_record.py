@@ -21,8 +21,16 @@ from runtime.paths import RECIPE_DIR
 
 RUN_INFO_FILE = "run_info.yaml"
 # What a checkpoint's weights and optimizer state are shaped by; resume refuses a checkpoint that differs in any.
-MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "tie_word_embeddings")  # fmt: skip
+MODEL_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
 
 
 def run_dir_for(run_dir: str | None) -> Path:
@@ -79,8 +87,12 @@ def describe_run(cfg: DictConfig, world_size: int, use_te: bool, device: torch.d
     import datasets
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": str(torch.__version__),
-                "transformers": transformers.__version__, "datasets": datasets.__version__}  # fmt: skip
+    versions = {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
     if use_te:
         import transformer_engine
 

@@ -57,8 +57,13 @@ def resume_from_upstream(ckpt_dir, layout: str, model, optimizer, scheduler) -> 
     load = _load_fsdp2 if layout == "train_fsdp2" else _load_ddp
     updates = load(path, model, optimizer) + 1  # upstream's step_N is the (N+1)-th update
     _set_schedule_step(scheduler, updates)
-    logger.warning("Resumed from the upstream checkpoint %s (%d updates done; training continues with step %d). %s",
-                   path, updates, updates + 1, NOT_CARRIED)  # fmt: skip
+    logger.warning(
+        "Resumed from the upstream checkpoint %s (%d updates done; training continues with step %d). %s",
+        path,
+        updates,
+        updates + 1,
+        NOT_CARRIED,
+    )
     return updates
 
 
@@ -80,7 +85,7 @@ class _UpstreamAppState(Stateful):
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
             options=StateDictOptions(strict=False),
-        )  # fmt: skip  (strict=False: _extra_state)
+        )  # strict=False: _extra_state
         self.step = state["step"]
 
 

@@ -107,9 +107,18 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         )
     defaults = OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False)
     check_keys_and_types(OmegaConf.to_container(cfg, resolve=True), defaults)
-    positive = ("num_train_steps", "grad_acc_steps", "dataset.micro_batch_size", "dataset.max_seq_length",
-                "logger.frequency", "checkpoint.save_every_n_steps", "on_nonfinite.max_consecutive_skips",
-                "validation.every_n_steps", "validation.num_windows", "gc_collect_every_n_steps")  # fmt: skip
+    positive = (
+        "num_train_steps",
+        "grad_acc_steps",
+        "dataset.micro_batch_size",
+        "dataset.max_seq_length",
+        "logger.frequency",
+        "checkpoint.save_every_n_steps",
+        "on_nonfinite.max_consecutive_skips",
+        "validation.every_n_steps",
+        "validation.num_windows",
+        "gc_collect_every_n_steps",
+    )
     for key in positive:
         value = OmegaConf.select(cfg, key)
         if key in ("checkpoint.save_every_n_steps", "gc_collect_every_n_steps") and value is None:
@@ -134,8 +143,9 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
     _check_attention_kwargs(cfg)
     _check_precision_kwargs(cfg, use_te)
     if cfg.loss_chunk_size and not use_te:  # here, once: the model config is built twice (check_inputs, the model)
-        logger.warning("loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.",
-                       cfg.loss_chunk_size)  # fmt: skip
+        logger.warning(
+            "loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.", cfg.loss_chunk_size
+        )
     divisible_by = cfg.dataset.pad_sequences_to_be_divisible_by
     if divisible_by is not None and (not cfg.use_sequence_packing or divisible_by < 1):
         raise ValueError(
@@ -169,8 +179,9 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
     if cfg.fp8_config.enabled:
         _check_fp8(cfg, use_te)
     if cfg.fp8_stats_config.enabled and not (use_te and cfg.fp8_config.enabled):
-        raise ValueError("fp8_stats_config.enabled=true logs FP8 tensors: it needs the TE model and "
-                         "fp8_config.enabled=true.")  # fmt: skip
+        raise ValueError(
+            "fp8_stats_config.enabled=true logs FP8 tensors: it needs the TE model and fp8_config.enabled=true."
+        )
     if not resolve_path(cfg.config_name_or_path).exists() and str(cfg.config_name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"config_name_or_path={cfg.config_name_or_path!r} does not exist; fix the path.")
 

@@ -75,7 +75,7 @@ UPSTREAM_REFUSED = {
             "dataset.interleave_skip",
         ],
         _SHUFFLE,
-    ),  # fmt: skip
+    ),
     "validation.num_batches": "use validation.num_windows (a fixed set of windows, not batches)",
     "lr_scheduler_kwargs.num_training_steps": "use lr_scheduler_kwargs.num_decay_steps = num_training_steps - "
     "num_warmup_steps (warmup, then cosine decay over num_decay_steps)",
@@ -154,8 +154,10 @@ def normalize_command_line(argv: list[str]) -> list[str]:
         elif key not in keys and op == "" and not free_form:
             close = difflib.get_close_matches(key, sorted(keys), n=1)
             hint = f"; did you mean {close[0]}?" if close else "."
-            _exit(f"Unknown config key {key!r}{hint} Every key is listed, with what it does, in "
-                  "hydra_config/defaults.yaml.")  # fmt: skip
+            _exit(
+                f"Unknown config key {key!r}{hint} Every key is listed, with what it does, in "
+                "hydra_config/defaults.yaml."
+            )
         out.append(f"{op}{key}{value}")
     return out
 
@@ -202,8 +204,10 @@ def out_of_memory_message(cfg, error: Exception) -> str:
     if cfg.dataset.micro_batch_size > 1:
         options.append(f"a smaller dataset.micro_batch_size (now {cfg.dataset.micro_batch_size}) with grad_acc_steps")
     options.append("context parallelism over more GPUs (torchrun --nproc_per_node=N train_fsdp2_cp.py cp_size=N)")
-    return (f"Out of GPU memory at dataset.max_seq_length={cfg.dataset.max_seq_length} ({first[:120]}). "
-            f"Turn on: {'; '.join(options)}.")  # fmt: skip
+    return (
+        f"Out of GPU memory at dataset.max_seq_length={cfg.dataset.max_seq_length} ({first[:120]}). "
+        f"Turn on: {'; '.join(options)}."
+    )
 
 
 def _fail(message: str, code: int) -> None:

@@ -175,15 +175,25 @@ class PackedRowsCollator:
         return self.packed(samples)
 
 
-def make_collator(tokenizer, *, packed: bool, pack_rows: bool = False, pad_to_multiple_of: int | None = None,
-                  pad_sequences_to_be_divisible_by: int | None = None, uppercase_labels: bool = False,
-                  mask_degenerate_bases: bool = False):
+def make_collator(
+    tokenizer,
+    *,
+    packed: bool,
+    pack_rows: bool = False,
+    pad_to_multiple_of: int | None = None,
+    pad_sequences_to_be_divisible_by: int | None = None,
+    uppercase_labels: bool = False,
+    mask_degenerate_bases: bool = False,
+):
     """The collator of a layout: THD packs (`packed`), packed rows (`pack_rows`) or padded BSHD, with the label policy.
 
     Training's loader and validation both take theirs from here, so their batches are laid out alike.
     """
-    policy = dict(uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases,
-                  eos_token_id=tokenizer.eos_token_id)
+    policy = dict(
+        uppercase_labels=uppercase_labels,
+        mask_degenerate_bases=mask_degenerate_bases,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if packed:
         return ThdCollator(tokenizer.pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by, **policy)
     return (PackedRowsCollator if pack_rows else BshdCollator)(tokenizer.pad_token_id, pad_to_multiple_of, **policy)
@@ -231,8 +241,11 @@ def shard_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
         bounds = np.array([0, labels.shape[1]])
     index = torch.from_numpy(cp_shard_indices(bounds, cp_size, cp_rank))
     sharded = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
-    for key, value in (("input_ids", batch["input_ids"]), ("position_ids", batch.get("position_ids")),
-                       ("shift_labels", shift_labels)):  # fmt: skip
+    for key, value in (
+        ("input_ids", batch["input_ids"]),
+        ("position_ids", batch.get("position_ids")),
+        ("shift_labels", shift_labels),
+    ):
         if value is not None:
             sharded[key] = value[:, index]
     return sharded

@@ -8,13 +8,13 @@ Pipeline (the same for streaming and map-style data):
    `world_size`-th record. DataLoader workers then split their rank's shards.
 3. Tokenize each record into windows of `max_seq_length` tokens (specials included) that overlap
    by `stride` tokens, the semantics of HF `return_overflowing_tokens=True, stride=...`
-   (`windowing.WindowTokenizer`).
+   (`windows.WindowTokenizer`).
 4. `WindowStream`: a seeded block shuffle (`buffer_size` windows at a time) over endless epochs,
    calling `set_epoch` on each pass; its state is a few integers plus the source's position, so a
    restored loader yields exactly the batches an uninterrupted one would have (same `num_workers`).
 5. BSHD batches of `micro_batch_size` windows, or THD micro-batches packed to exactly
-   `token_micro_batch_size` tokens (`collator.TokenPackingDataset`; with `packing_lookahead`, packs of
-   even attention work, `balanced_packing.BalancedPackingDataset`).
+   `token_micro_batch_size` tokens (`packing.TokenPackingDataset`; with `packing_lookahead`, packs of
+   even attention work, `packing.BalancedPackingDataset`), collated by `collate.make_collator`.
 
 Characters outside ACGT (the policy). With the nucleotide tokenizer every character 4..255 is its
 own token (its `ord()`), so N, IUPAC codes (R, Y, K, M, ...) and lowercase soft-masked bases are
@@ -97,8 +97,14 @@ class WindowStream(IterableDataset):
     and the offset inside it; resuming re-reads that one block.
     """
 
-    def __init__(self, source: datasets.IterableDataset, buffer_size: int, seed: int, num_epochs: int | None = None,
-                 describe_decode_error=str):  # fmt: skip
+    def __init__(
+        self,
+        source: datasets.IterableDataset,
+        buffer_size: int,
+        seed: int,
+        num_epochs: int | None = None,
+        describe_decode_error=str,
+    ):
         if buffer_size < 1:
             raise ValueError(f"dataset.buffer_size must be >= 1, got {buffer_size}.")
         self.describe_decode_error = describe_decode_error
@@ -145,74 +151,36 @@ class WindowStream(IterableDataset):
         )
 
 
-def _make_loader(dataset, collate_fn, batch_size, num_workers: int, use_stateful_dataloader: bool, cp_rank, cp_size,
-                 prefetch_factor: int):  # fmt: skip
-    if cp_rank is not None:  # context parallelism: the loader yields this rank's part of every sequence
-        collate_fn = ContextParallelCollator(collate_fn, cp_size, cp_rank)
-    loader_cls = StatefulDataLoader if use_stateful_dataloader else DataLoader
-    return loader_cls(
-        dataset,
-        batch_size=batch_size,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        worker_init_fn=loader_worker_init() if num_workers > 0 else None,  # workers ignore SIGTERM: the main saves
-    )
-
-
-def _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length, stride,
-                  buffer_size, seed, text_column, num_workers, num_epochs, holdout_fraction):  # fmt: skip
-    tokenizer = load_tokenizer(tokenizer_name_or_path)
-    source = create_tokenized_dataset(distributed_config, tokenizer, load_dataset_kwargs, max_seq_length, stride,
-                                      text_column, num_workers, holdout_fraction)  # fmt: skip
-    explain = functools.partial(describe_decode_error, load_dataset_kwargs, text_column)
-    return tokenizer, WindowStream(source, buffer_size, seed + distributed_config.rank, num_epochs, explain)
-
-
 def create_bshd_dataloader(
-    distributed_config: DistributedConfig,
-    tokenizer_name_or_path: str,
-    load_dataset_kwargs: dict,
-    micro_batch_size: int,
-    max_seq_length: int = 8192,
-    stride: int = 200,
-    buffer_size: int = 1000,
-    seed: int = 42,
-    num_workers: int = 1,
-    text_column: str = "sequence",
-    pad_to_multiple_of: int | None = None,
-    uppercase_labels: bool = False,
-    mask_degenerate_bases: bool = False,
-    use_stateful_dataloader: bool = True,
-    prefetch_factor: int = 4,
-    num_epochs: int | None = None,
-    cp_rank: int | None = None,
-    cp_size: int = 1,
-    holdout_fraction: float = 0.0,
-    pack_rows: bool = False,
-    **unused,
+    distributed_config: DistributedConfig, tokenizer_name_or_path: str, load_dataset_kwargs: dict, **dataset
 ):
-    """Padded [micro_batch_size, L] batches; returns `(loader, tokenizer)`.
+    """[micro_batch_size, L] micro-batches of windows; returns `(loader, tokenizer)`.
 
-    With `pack_rows` a micro-batch with padding comes as one packed [1, T] row of its windows instead
-    (`collator.PackedRowsCollator`: no padding but `pad_to_multiple_of`). With `cp_rank` the loader yields that
-    context-parallel rank's shard of each batch.
+    Padded on the right; with `pack_rows` a micro-batch with padding comes as one packed [1, T] row of its
+    windows instead (`collate.PackedRowsCollator`). `dataset`: the other keys of the `dataset` group
+    (`_dataloader` lists them).
     """
-    tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
-                                      stride, buffer_size, seed, text_column, num_workers, num_epochs,
-                                      holdout_fraction)  # fmt: skip
-    collator = make_collator(tokenizer, packed=False, pack_rows=pack_rows, pad_to_multiple_of=pad_to_multiple_of,
-                             uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases)
-    loader = _make_loader(stream, collator, micro_batch_size, num_workers, use_stateful_dataloader, cp_rank, cp_size,
-                          prefetch_factor)  # fmt: skip
-    return loader, tokenizer
+    return _dataloader(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, packed=False, **dataset)
 
 
 def create_thd_dataloader(
+    distributed_config: DistributedConfig, tokenizer_name_or_path: str, load_dataset_kwargs: dict, **dataset
+):
+    """Packed [1, T] micro-batches of `token_micro_batch_size` tokens; returns `(loader, tokenizer)`.
+
+    The default budget, `micro_batch_size * max_seq_length`, is the token count of a full BSHD batch. With
+    `packing_lookahead` the packs are built from that many windows ahead for even attention work
+    (`packing.BalancedPackingDataset`). `dataset`: the other keys of the `dataset` group.
+    """
+    return _dataloader(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, packed=True, **dataset)
+
+
+def _dataloader(
     distributed_config: DistributedConfig,
     tokenizer_name_or_path: str,
     load_dataset_kwargs: dict,
+    *,
+    packed: bool,
     micro_batch_size: int,
     max_seq_length: int = 8192,
     stride: int = 200,
@@ -223,6 +191,7 @@ def create_thd_dataloader(
     token_micro_batch_size: int | None = None,
     split_samples: bool = True,
     packing_lookahead: int = 0,
+    pack_rows: bool = False,
     pad_to_multiple_of: int | None = None,
     pad_sequences_to_be_divisible_by: int | None = None,
     uppercase_labels: bool = False,
@@ -235,24 +204,50 @@ def create_thd_dataloader(
     holdout_fraction: float = 0.0,
     **unused,
 ):
-    """Packed [1, T] micro-batches of `token_micro_batch_size` tokens; returns `(loader, tokenizer)`.
+    """The loader of either layout; each keyword is the `dataset` key of the same name (`defaults.yaml`).
 
-    The default budget, `micro_batch_size * max_seq_length`, is the token count of a full BSHD batch. With
-    `packing_lookahead` the packs are built from that many windows ahead for even attention work
-    (`balanced_packing.py`). With `cp_rank` the loader yields that context-parallel rank's shard of each
-    micro-batch.
+    `cp_rank`: the loader yields that context-parallel rank's shard of each micro-batch (`cp_size` ranks).
+    `holdout_fraction`: the records held out for validation never reach training.
     """
-    tokenizer, stream = _build_stream(distributed_config, tokenizer_name_or_path, load_dataset_kwargs, max_seq_length,
-                                      stride, buffer_size, seed, text_column, num_workers, num_epochs,
-                                      holdout_fraction)  # fmt: skip
-    budget = token_micro_batch_size or micro_batch_size * max_seq_length
-    if packing_lookahead:  # even attention work per pack (and so per rank): balanced_packing.py
-        packed = BalancedPackingDataset(stream, budget, packing_lookahead)
-    else:
-        packed = TokenPackingDataset(stream, budget, split_samples)
-    collator = make_collator(tokenizer, packed=True, pad_to_multiple_of=pad_to_multiple_of,
-                             pad_sequences_to_be_divisible_by=pad_sequences_to_be_divisible_by,
-                             uppercase_labels=uppercase_labels, mask_degenerate_bases=mask_degenerate_bases)
-    loader = _make_loader(packed, collator, None, num_workers, use_stateful_dataloader, cp_rank, cp_size,
-                          prefetch_factor)  # fmt: skip
+    tokenizer = load_tokenizer(tokenizer_name_or_path)
+    windows = create_tokenized_dataset(
+        distributed_config,
+        tokenizer,
+        load_dataset_kwargs,
+        max_seq_length,
+        stride,
+        text_column,
+        num_workers,
+        holdout_fraction,
+    )
+    explain = functools.partial(describe_decode_error, load_dataset_kwargs, text_column)
+    stream = WindowStream(windows, buffer_size, seed + distributed_config.rank, num_epochs, explain)
+    items, batch_size = stream, micro_batch_size  # BSHD: the loader groups windows into micro-batches
+    if packed:  # THD: each item is already a micro-batch's windows, filling the token budget
+        budget = token_micro_batch_size or micro_batch_size * max_seq_length
+        if packing_lookahead:  # even attention work per pack (and so per rank)
+            items, batch_size = BalancedPackingDataset(stream, budget, packing_lookahead), None
+        else:
+            items, batch_size = TokenPackingDataset(stream, budget, split_samples), None
+    collate = make_collator(
+        tokenizer,
+        packed=packed,
+        pack_rows=pack_rows,
+        pad_to_multiple_of=pad_to_multiple_of,
+        pad_sequences_to_be_divisible_by=pad_sequences_to_be_divisible_by,
+        uppercase_labels=uppercase_labels,
+        mask_degenerate_bases=mask_degenerate_bases,
+    )
+    if cp_rank is not None:  # context parallelism: the loader yields this rank's part of every sequence
+        collate = ContextParallelCollator(collate, cp_size, cp_rank)
+    loader_class = StatefulDataLoader if use_stateful_dataloader else DataLoader
+    loader = loader_class(
+        items,
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        worker_init_fn=loader_worker_init() if num_workers > 0 else None,  # workers ignore SIGTERM: the main saves
+    )
     return loader, tokenizer

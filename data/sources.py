@@ -100,10 +100,14 @@ def describe_decode_error(load_dataset_kwargs: dict, text_column: str, error: Un
             continue
         rows = [i for i, v in enumerate(values) if v is not None and not _is_utf8(v)]
         if rows:
-            return (f"{f}, row {rows[0]} ({len(rows)} row(s) in all): column {text_column!r} is not valid UTF-8 "
-                    f"({error.reason}); re-encode the file as UTF-8 or drop those records.")  # fmt: skip
-    return (f"A record of dataset.load_dataset_kwargs={load_dataset_kwargs} is not valid UTF-8 ({error}); re-encode "
-            "the data as UTF-8.")  # fmt: skip
+            return (
+                f"{f}, row {rows[0]} ({len(rows)} row(s) in all): column {text_column!r} is not valid UTF-8 "
+                f"({error.reason}); re-encode the file as UTF-8 or drop those records."
+            )
+    return (
+        f"A record of dataset.load_dataset_kwargs={load_dataset_kwargs} is not valid UTF-8 ({error}); re-encode "
+        "the data as UTF-8."
+    )
 
 
 def load_tokenizer(tokenizer_name_or_path: str) -> PreTrainedTokenizerBase:
@@ -202,8 +206,9 @@ def _select_text_column(ds, text_column: str):
                 f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column to the "
                 "one holding the sequences."
             )
-        logger.warning("dataset.text_column=%r is not a column of the data set; using its text column %r.",
-                       text_column, found)  # fmt: skip
+        logger.warning(
+            "dataset.text_column=%r is not a column of the data set; using its text column %r.", text_column, found
+        )
         ds = ds.rename_column(found, text_column)
         columns = [text_column if c == found else c for c in columns]
     keep = [c for c in (text_column, "name") if c in columns]

@@ -124,10 +124,12 @@ def create_model(options: ModelOptions, device: torch.device):
         compile_decoder_layers(model)
     logger.info(
         "Model: %s (%s), %.1fM parameters, %s%s",
-        type(model).__name__, "TransformerEngine" if options.use_te else "HF reference, no TE",
-        sum(p.numel() for p in model.parameters()) / 1e6, "meta device" if options.on_meta else device,
+        type(model).__name__,
+        "TransformerEngine" if options.use_te else "HF reference, no TE",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        "meta device" if options.on_meta else device,
         ", decoder layers compiled" if options.use_torch_compile else "",
-    )  # fmt: skip
+    )
     return model
 
 

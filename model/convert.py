@@ -94,8 +94,16 @@ def te_config_from_hf(hf_config: LlamaConfig, **overrides) -> NVLlamaConfig:
 
 def hf_config_from_te(te_config: NVLlamaConfig) -> LlamaConfig:
     """A plain `LlamaConfig` with the TE config's shape (TE-only fields dropped)."""
-    drop = ("model_type", "architectures", "auto_map", "attn_input_format", "self_attn_mask_type", "loss_chunk_size",
-            "layer_precision", "use_quantized_model_init")  # fmt: skip
+    drop = (
+        "model_type",
+        "architectures",
+        "auto_map",
+        "attn_input_format",
+        "self_attn_mask_type",
+        "loss_chunk_size",
+        "layer_precision",
+        "use_quantized_model_init",
+    )
     return LlamaConfig(**{k: v for k, v in te_config.to_dict().items() if k not in drop})
 
 

@@ -218,8 +218,9 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, config.pad_token_id, dtype=dtype, device=device
         )
-        self.layers = nn.ModuleList(self._layer(config, i, head_dim, init_method, dtype, device)
-                                    for i in range(config.num_hidden_layers))  # fmt: skip
+        self.layers = nn.ModuleList(
+            self._layer(config, i, head_dim, init_method, dtype, device) for i in range(config.num_hidden_layers)
+        )
         self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(config)
         self.cp_size = 1
@@ -347,12 +348,19 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
                 max_length_k = inference.max_sequence_length
         else:
             hidden = hidden.squeeze(0)  # [1, T, H] -> [T, H]
-        layer_kwargs = dict(cu_seqlens_q=cu_seq_lens_q, cu_seqlens_kv=cu_seq_lens_k, max_seqlen_q=max_length_q,
-                            max_seqlen_kv=max_length_k, self_attn_mask_type="padding_causal")  # fmt: skip
+        layer_kwargs = dict(
+            cu_seqlens_q=cu_seq_lens_q,
+            cu_seqlens_kv=cu_seq_lens_k,
+            max_seqlen_q=max_length_q,
+            max_seqlen_kv=max_length_k,
+            self_attn_mask_type="padding_causal",
+        )
         if kwargs.get("cu_seq_lens_q_padded") is not None:  # context parallelism: sequences padded for the split
-            layer_kwargs.update(cu_seqlens_q_padded=kwargs["cu_seq_lens_q_padded"],
-                                cu_seqlens_kv_padded=kwargs["cu_seq_lens_k_padded"],
-                                pad_between_seqs=kwargs.get("pad_between_seqs"))  # fmt: skip
+            layer_kwargs.update(
+                cu_seqlens_q_padded=kwargs["cu_seq_lens_q_padded"],
+                cu_seqlens_kv_padded=kwargs["cu_seq_lens_k_padded"],
+                pad_between_seqs=kwargs.get("pad_between_seqs"),
+            )
         return hidden, layer_kwargs, max(max_length_q, max_length_k), unpad_index
 
     def _bshd_inputs(self, hidden, attention_mask, inference):

@@ -41,6 +41,7 @@ def saved(tmp_path):
     return ckpt, digest(ckpt / "step_2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [train_fsdp2, train_ddp])
 @pytest.mark.parametrize(
     ("override", "named"),
@@ -78,6 +79,7 @@ def test_overwrite_logs_and_replaces(tmp_path, saved, capfd):
     assert read_run_info(ckpt / "step_2")["run_id"] != first_run
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run_and_prunes_only_its_own(tmp_path, saved):
     ckpt, before = saved
     first_run = read_run_info(ckpt / "step_2")["run_id"]

@@ -134,6 +134,7 @@ def test_fsdp2_reshards_after_forward_unless_one_rank_has_memory_to_spare(tmp_pa
     assert calls == [reshard] * (len(model.model.layers) + 1)
 
 
+@pytest.mark.slow
 def test_torch_compile_with_ddp_trains_like_eager_and_exports_plain_names(tmp_path):
     """The compiled layers (inductor on the CPU) give eager's losses, and the export has no `_orig_mod.`."""
     common = ["num_train_steps=2", "checkpoint.save_final_model=true", "checkpoint.save_every_n_steps=2"]
@@ -343,6 +344,7 @@ def test_cp_comm_type_is_checked(tmp_path):
         validate_cp_config(cfg, use_te=True, world_size=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chdir", [False, True])
 def test_hydra_job_chdir(tmp_path, chdir):
     """Hydra's own key: with chdir the run works in its output folder, so a relative run_dir lands there.
@@ -358,6 +360,7 @@ def test_hydra_job_chdir(tmp_path, chdir):
     assert ((out if chdir else tmp_path) / "relative_run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_logger_frequency_makes_one_event_per_window(tmp_path, capsys):
     """logger.frequency=4: records at steps 4 and 8, each the mean over its 4 steps; step 1 only on the console."""
     common = ["num_train_steps=8", "use_sequence_packing=true"]

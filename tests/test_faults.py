@@ -56,6 +56,7 @@ def steps_of(ckpt_dir) -> list[int]:
 # --- Kill -9 while a checkpoint is being saved ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["ddp", "fsdp2", "fsdp2_async"])
 def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path, script):
     """SIGKILL after every rank wrote step_8 but before its COMPLETE marker: step_4 survives.
@@ -88,6 +89,7 @@ def truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "damaged"),
     [("ddp", "model_optimizer.pt"), ("ddp", "rank_0.pt"), ("fsdp2", "dcp/__0_0.distcp"), ("fsdp2", "rank_0.pt")],
@@ -105,6 +107,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, script, dam
     assert [losses(resumed)[s] for s in range(5, 9)] == [losses(straight)[s] for s in range(5, 9)]
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
     run = tmp_path / "x" / "run"
     train(run, "ddp", "num_train_steps=4", "checkpoint.save_every_n_steps=2")
@@ -226,6 +229,7 @@ def test_fp8_token_budget_and_cp_world_size_are_checked(tmp_path):
 # --- Bad data ---
 
 
+@pytest.mark.slow
 def test_corrupt_parquet_is_named(tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"this is not parquet" * 100)
@@ -235,6 +239,7 @@ def test_corrupt_parquet_is_named(tmp_path):
     assert f"{bad} is not a readable parquet file" in result.stderr
 
 
+@pytest.mark.slow
 def test_wrong_column_type_and_missing_column_are_named(tmp_path):
     ints = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"sequence": [1234, 5678]}), ints)
@@ -245,6 +250,7 @@ def test_wrong_column_type_and_missing_column_are_named(tmp_path):
     assert "The data set has no column 'dna'" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_text_that_is_not_utf8_is_named_with_file_and_row(tmp_path, num_workers):
     bad = tmp_path / "latin1.parquet"
@@ -256,6 +262,7 @@ def test_text_that_is_not_utf8_is_named_with_file_and_row(tmp_path, num_workers)
     assert "killed by signal" not in result.stderr  # loader workers end quietly after the error
 
 
+@pytest.mark.slow
 def test_a_folder_without_parquet_files_is_named_as_such(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("ACGT")
@@ -264,6 +271,7 @@ def test_a_folder_without_parquet_files_is_named_as_such(tmp_path):
     assert "is a folder without parquet or FASTA files (it holds ['notes.txt'])" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_crashing_loader_worker_surfaces_its_error(tmp_path):
     """Data pages corrupted behind a valid footer: the run stops with the worker's own error (no hang)."""
     # The worker fails reading the pages; the loader re-raises its error in the main process.
@@ -278,6 +286,7 @@ def test_a_crashing_loader_worker_surfaces_its_error(tmp_path):
     assert "in DataLoader worker process 0" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_rank_without_data_fails_clearly_instead_of_hanging(tmp_path):
     one = tmp_path / "one.parquet"
     pq.write_table(pa.table({"sequence": ["ACGT" * 50]}), one)

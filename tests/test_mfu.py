@@ -59,8 +59,15 @@ def new_perf_logger(tmp_path, config) -> PerfLogger:
     """A one-rank CPU logger writing into `tmp_path`, as the entrypoints make it for L0_sanity."""
     cfg = make_cfg(tmp_path)
     info = {"config": {"num_train_steps": cfg.num_train_steps}}
-    return PerfLogger(DistributedConfig(0, 0, 1), torch.device("cpu"), tmp_path, config, run_info=info,
-                      frequency=cfg.logger.frequency, num_train_steps=cfg.num_train_steps)
+    return PerfLogger(
+        DistributedConfig(0, 0, 1),
+        torch.device("cpu"),
+        tmp_path,
+        config,
+        run_info=info,
+        frequency=cfg.logger.frequency,
+        num_train_steps=cfg.num_train_steps,
+    )
 
 
 def test_logged_mfu_is_the_counted_flops_over_time_and_peak(tmp_path, config):

@@ -43,6 +43,7 @@ def logged_steps(run_dir) -> int:
     return len(losses(run_dir)) if path.exists() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "sig", "ranks"),
     [

@@ -6,6 +6,7 @@ is spelled outside the module that owns the format. The rules are the README's f
 """
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,14 @@ def test_checkpoint_file_names_are_spelled_in_one_module():
     for literal, owner in owners.items():
         spelled = {p.relative_to(RECIPE_DIR).as_posix() for p in recipe_modules() if literal in p.read_text()}
         assert spelled == {owner}, literal
+
+
+def test_the_readme_file_map_states_the_loop_and_the_diffs_as_they_are():
+    """The counts the README gives for `diff train_fsdp2.py train_ddp.py` (and _cp) and the loop are the real ones."""
+    readme = (RECIPE_DIR / "README.md").read_text()
+    loop = training_loop("train_fsdp2.py")
+    assert f"one loop ({loop.end_lineno - loop.lineno + 1} lines)" in readme
+    for other, phrase in (("train_ddp.py", "only strategy lines ({} changed lines"), ("train_fsdp2_cp.py", "({})")):
+        diff = subprocess.run(["diff", "train_fsdp2.py", other], cwd=RECIPE_DIR, capture_output=True, text=True)
+        changed = sum(line[:1] in "<>" for line in diff.stdout.splitlines())
+        assert phrase.format(changed) in readme, (other, changed)

@@ -41,6 +41,7 @@ def test_every_config_composes(name):
     check_keys_and_types(OmegaConf.to_container(cfg, resolve=True), defaults)  # no typo in a tier file
 
 
+@pytest.mark.slow
 def test_l0_sanity_learns(tmp_path):
     cfg = make_cfg(tmp_path, "num_train_steps=40", "dataset.micro_batch_size=4")  # FAST logs every step
     final = train_fsdp2.main(cfg)
@@ -49,6 +50,7 @@ def test_l0_sanity_learns(tmp_path):
     assert final < 1.6, f"loss went from {first:.3f} to {final:.3f}"  # DNA: about 1.9 bits = 1.3 nats per base
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_resume_gives_identical_losses(tmp_path, script, packing):
@@ -57,6 +59,7 @@ def test_resume_gives_identical_losses(tmp_path, script, packing):
     assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]  # bitwise
 
 
+@pytest.mark.slow
 def test_resume_with_balanced_packing_gives_identical_losses(tmp_path):
     """dataset.packing_lookahead: the pool of windows ahead is part of the checkpoint (with loader workers)."""
     common = ["num_train_steps=8", "use_sequence_packing=true", "checkpoint.save_every_n_steps=4",
@@ -102,6 +105,7 @@ def test_pruning_and_incomplete_checkpoints(tmp_path, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_30", "step_40", "step_50"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_ddp.py", "train_fsdp2.py"])
 def test_torchrun_two_processes_on_gloo(tmp_path, script):
     run_command([*TORCHRUN_2, script, "--config-name", "L0_sanity", *FAST, "num_train_steps=4", f"run_dir={tmp_path}",
@@ -126,6 +130,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, script):
     assert all(torch.equal(two_ranks[k], one_rank[k]) for k in two_ranks)
 
 
+@pytest.mark.slow
 def test_fsdp2_async_save_resumes_identically(tmp_path):
     common = ["num_train_steps=6", "checkpoint.save_every_n_steps=3", "checkpoint.async_save=true"]
     # Resuming at all shows the async save was awaited at exit and its marker written.
@@ -133,6 +138,7 @@ def test_fsdp2_async_save_resumes_identically(tmp_path):
     assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_checkpoint_saves_are_left_out_of_step_time(tmp_path, monkeypatch, script):
     """A slow save (3 s here) shows in `checkpoint_save_s`, not in the step time and tokens/s of its window."""

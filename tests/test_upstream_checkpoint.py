@@ -95,6 +95,7 @@ def test_upstream_checkpoint_of_another_shape_is_refused(tmp_path, layout):
         resume_from_upstream(tmp_path / "ckpt", layout, model, optimizer, scheduler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [train_fsdp2, train_ddp])
 def test_entrypoint_continues_an_upstream_run_then_resumes_its_own(tmp_path, script, capfd):
     layout = script.__name__

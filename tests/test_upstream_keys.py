@@ -76,6 +76,7 @@ def test_unknown_and_refused_keys_exit_with_one_line(given, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_typo_on_the_real_command_line_gets_our_suggestion():
     result = subprocess.run([sys.executable, "train_fsdp2.py", "--config-name", "L0_sanity", "num_train_step=3"],
                             cwd=RECIPE_DIR, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -85,6 +86,7 @@ def test_a_typo_on_the_real_command_line_gets_our_suggestion():
     assert "Traceback" not in result.stderr and "+num_train_step" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_upstream_command_line_trains_with_the_same_meaning(tmp_path):
     """Upstream spellings, `config_kwargs.*` without `+`, save_every_n_steps=null (never); a clean run folder."""
     ckpt, cwd = tmp_path / "ckpt", tmp_path / "cwd"
@@ -152,6 +154,7 @@ def test_config_kwargs_the_model_config_lacks_are_refused(tmp_path):
         build_model_config_of(cfg, use_te=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -189,6 +192,7 @@ def test_the_run_and_the_tests_install_the_same_library_versions():
     assert names("constraints.txt") <= names("requirements.txt")
 
 
+@pytest.mark.slow
 def test_under_torchrun_the_error_is_the_last_thing_on_screen(tmp_path):
     """The closing failure report of torchrun quotes the rank's one-line error instead of a traceback."""
     from conftest import TORCHRUN_2

@@ -82,6 +82,7 @@ def test_val_bits_per_base_equals_a_hand_computation(tmp_path, genome, layout):
     assert metrics["val_bases"] == n_bases and metrics["val_windows"] == 20
 
 
+@pytest.mark.slow
 def test_validation_in_training_exports_the_best_and_resumes_it(tmp_path, genome):
     common = ["validation.every_n_steps=3", "checkpoint.save_best_model=true", "checkpoint.save_every_n_steps=3",
               f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}"]  # fmt: skip
@@ -146,6 +147,7 @@ def validation_on_two_ranks_equals_one_process(tmp_path, genome, *overrides, use
     assert two_ranks == pytest.approx(one["val_bits_per_base"], rel=rel)
 
 
+@pytest.mark.slow
 def test_validation_on_two_ranks_equals_one_process(tmp_path, genome):
     validation_on_two_ranks_equals_one_process(tmp_path, genome)
 

@@ -19,8 +19,9 @@ from model.fp8 import is_fp8_tensor
 logger = logging.getLogger(__name__)
 
 
-def create_optimizer(model: torch.nn.Module, adamw_kwargs, no_weight_decay_on_norms_biases_embeddings: bool,
-                     device: torch.device) -> torch.optim.Optimizer:
+def create_optimizer(
+    model: torch.nn.Module, adamw_kwargs, no_weight_decay_on_norms_biases_embeddings: bool, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW from the `adamw_kwargs` group (fused only on GPUs).
 
     With `no_weight_decay_on_norms_biases_embeddings`, norms, biases and embeddings go in a second group
@@ -119,5 +120,7 @@ class NonFiniteGuard:
             )
         logger.warning(
             "Non-finite values at %s: skipped this update (%d in a row; stopping after %d).",
-            what, consecutive, self.max_consecutive_skips,
-        )  # fmt: skip
+            what,
+            consecutive,
+            self.max_consecutive_skips,
+        )

@@ -72,7 +72,8 @@ class StepProfiler:
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table = self._profile.key_averages().table(sort_by=sort, row_limit=30)
         headline = f"steps {self.start}-{self.end}: wall {wall_us / 1e6:.3f} s" + (
-            f", GPU busy {busy:.1%} of it" if busy is not None else "")  # fmt: skip
+            f", GPU busy {busy:.1%} of it" if busy is not None else ""
+        )
         self.path.with_name(self.path.stem + "_summary.txt").write_text(f"{headline}\n\n{table}\n")
         self._profile = None
         logger.info("Profiler %s; trace %s (open in https://ui.perfetto.dev)", headline, self.path)

@@ -55,9 +55,13 @@ def validation_windows(validation, dataset, tokenizer) -> list:
 
 def micro_batches(dataset, batches: BatchOptions, windows: list, tokenizer) -> list[dict]:
     """Whole windows in micro-batches laid out as training's: THD packs of its token budget, or BSHD."""
-    collate = make_collator(tokenizer, packed=batches.use_sequence_packing, pack_rows=batches.pack_rows,
-                            uppercase_labels=dataset.uppercase_labels,
-                            mask_degenerate_bases=dataset.mask_degenerate_bases)
+    collate = make_collator(
+        tokenizer,
+        packed=batches.use_sequence_packing,
+        pack_rows=batches.pack_rows,
+        uppercase_labels=dataset.uppercase_labels,
+        mask_degenerate_bases=dataset.mask_degenerate_bases,
+    )
     samples = [{"input_ids": w} for w in windows]
     if not batches.use_sequence_packing:
         size = dataset.micro_batch_size
@@ -76,9 +80,19 @@ def micro_batches(dataset, batches: BatchOptions, windows: list, tokenizer) -> l
 class Validator:
     """Evaluates the fixed validation windows; calls `on_best(step, metrics)` when `val_bits_per_base` improves."""
 
-    def __init__(self, validation, dataset, batches: BatchOptions, tokenizer, dist_config: DistributedConfig,
-                 device: torch.device, *, last_step: int, best: float = math.inf,
-                 on_best: Callable[[int, dict], None] | None = None):
+    def __init__(
+        self,
+        validation,
+        dataset,
+        batches: BatchOptions,
+        tokenizer,
+        dist_config: DistributedConfig,
+        device: torch.device,
+        *,
+        last_step: int,
+        best: float = math.inf,
+        on_best: Callable[[int, dict], None] | None = None,
+    ):
         self.every_n_steps = validation.every_n_steps
         self.last_step = last_step
         windows = validation_windows(validation, dataset, tokenizer)
@@ -104,15 +118,21 @@ class Validator:
             labels = batch.pop("labels")
             logits = model(**batch).logits  # [B, S, V]
             targets = labels[..., 1:].flatten()
-            nll = F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), targets, ignore_index=IGNORE_INDEX,
-                                  reduction="none")
+            nll = F.cross_entropy(
+                logits[..., :-1, :].flatten(0, -2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
+            )
             is_base = torch.isin(targets, base_ids)
             sums += torch.stack([nll.sum(), (targets != IGNORE_INDEX).sum(), (nll * is_base).sum(), is_base.sum()])
         model.train(was_training)
         nll, n, nll_bases, n_bases = all_reduce_sum(sums).tolist()
         val_loss = nll / max(n, 1)
-        metrics = {"val_loss": val_loss, "val_bits_per_base": nll_bases / max(n_bases, 1) / math.log(2),
-                   "val_perplexity": math.exp(val_loss), "val_windows": self.num_windows, "val_bases": int(n_bases)}
+        metrics = {
+            "val_loss": val_loss,
+            "val_bits_per_base": nll_bases / max(n_bases, 1) / math.log(2),
+            "val_perplexity": math.exp(val_loss),
+            "val_windows": self.num_windows,
+            "val_bases": int(n_bases),
+        }
         if metrics["val_bits_per_base"] < self.best:
             self.best = metrics["val_bits_per_base"]
             if self.on_best is not None:

@@ -113,8 +113,9 @@ def token_log_probs(model, sequences: list[np.ndarray], max_tokens: int = 16384)
             lengths = torch.tensor([0] + [len(s) for s in group], device=device).cumsum(0).to(torch.int32)
             ids = torch.as_tensor(np.concatenate(group), device=device)[None]
             longest = max(map(len, group))
-            logits = model(input_ids=ids, cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest,
-                           max_length_k=longest).logits[0]  # fmt: skip
+            logits = model(
+                input_ids=ids, cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest, max_length_k=longest
+            ).logits[0]
             out += [_log_probs(logits[a:b], s) for (a, b), s in zip(zip(lengths[:-1], lengths[1:]), group)]
             group = []
         if seq is not None:
