@@ -5,7 +5,7 @@
     metrics = perf.log_step(step, loss_sum, num_tokens, grad_norm, lr)  # a dict on log steps, else None
 
 Per-step values stay on the device and are read only on log steps (the loop's NaN/Inf check,
-`optimizer_step.NonFiniteGuard`, reads its verdict a step late, without a sync, when the optimizer is
+`training.optimizer.NonFiniteGuard`, reads its verdict a step late, without a sync, when the optimizer is
 fused AdamW). The logged loss is the token-weighted mean over the interval's steps and all ranks.
 
 MFU = model FLOP/s achieved per GPU / peak dense BF16 FLOP/s of the GPU. Model FLOPs count the work the
@@ -118,6 +118,7 @@ class PerfLogger:
         self.is_main = dist_config.is_main_process()
         self.world_size = dist_config.world_size
         self.frequency = frequency
+        self.num_train_steps = num_train_steps
         self.device = device
         self.model_flops = ModelFlops(model_config, cp_size)
         self.peak = peak_flops(device)
@@ -188,12 +189,13 @@ class PerfLogger:
             if self.wandb is not None:
                 self.wandb.log(wandb_metrics(values), step=values.get("step"))
 
-    def log_step(self, step: int, loss_sum, num_tokens, grad_norm, lr: float, force=False):
-        """Add one step; on log steps (or `force`) reduce the window, write the line and return its metrics.
+    def log_step(self, step: int, loss_sum, num_tokens, grad_norm, lr: float, force: bool = False):
+        """Add one step; on log steps, the last step or `force`, reduce the window, write the line, return its metrics.
 
         `loss_sum`: this step's summed token losses over all ranks; `num_tokens`: their count; `grad_norm`:
-        the global norm (`optimizer_step.clip_grad_norm`). Called on every rank.
+        the global norm (`training.optimizer.clip_grad_norm`). Called on every rank.
         """
+        force = force or step == self.num_train_steps
         self.loss_sum += loss_sum.detach()
         self.tokens += num_tokens
         self.steps += 1

@@ -49,12 +49,8 @@ def main(cfg: DictConfig) -> float:
         # --- Distributed setup, checkpoint folder, run folder ---
         device = cleanup.enter_context(process_group(dist_config))
         logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)
-        logger.info(
-            "Running the %s model on %s (%d ranks)",
-            "TE" if options.use_te else "HF reference",
-            device,
-            dist_config.world_size,
-        )
+        model_kind = "TE" if options.use_te else "HF reference"
+        logger.info("Running the %s model on %s (%d ranks)", model_kind, device, dist_config.world_size)
         set_seed(cfg.seed)
         prepare_checkpoint_dir(cfg.checkpoint, options.model, dist_config.rank, device)  # before anything is built
         run_dir = run_dir_for(cfg.run_dir)  # metrics.jsonl, config.yaml, run_info.yaml, profiler trace, FP8 stats
@@ -162,14 +158,7 @@ def main(cfg: DictConfig) -> float:
             step += 1
             hooks.step_ends(step)  # FP8 statistics, profiler, GC schedule
             stop = preemption.agreed_to_stop(totals[1])  # read one step late: the same step on every rank, no sync
-            metrics = perf.log_step(
-                step,
-                totals[0],
-                num_tokens,
-                grad_norm,
-                scheduler.get_last_lr()[0],
-                force=stop or step == cfg.num_train_steps,
-            )
+            metrics = perf.log_step(step, totals[0], num_tokens, grad_norm, scheduler.get_last_lr()[0], force=stop)
             last_loss = metrics["loss"] if metrics else last_loss
             if checkpointer.due(step, stop):
                 with perf.paused() as pause:  # left out of the window's step time and tokens/s

@@ -28,7 +28,7 @@ from runtime.paths import RECIPE_DIR
 DEFAULTS_YAML = RECIPE_DIR / "hydra_config" / "defaults.yaml"
 # `hydra.run.dir` in defaults.yaml: `run_dir` when set, else Hydra's dated folder.
 OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value, replace=True)
-# Groups passed on to a library as they are: any key inside is theirs to accept (config_checks.py too).
+# Groups passed on to a library as they are: any key inside is theirs to accept (config/checks.py too).
 FREE_FORM_GROUPS = (
     "config_kwargs",
     "dataset.load_dataset_kwargs",

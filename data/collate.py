@@ -155,7 +155,7 @@ class ThdCollator(_LabelPolicy):
 
 
 class PackedRowsCollator:
-    """BSHD micro-batches for a THD-built TE model, without a GEMM on a pad (`model_setup.packs_bshd_batches`).
+    """BSHD micro-batches for a THD-built TE model, without a GEMM on a pad (`config.options.packs_rows`).
 
     Windows of one length stay a [B, L] batch (`BshdCollator`, nothing to pad: the model runs TE's BSHD
     kernels, a few percent faster than THD on full windows); any other micro-batch becomes one packed
