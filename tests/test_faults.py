@@ -177,10 +177,19 @@ def test_nan_gradients_are_skipped_and_never_applied(tmp_path, nan_gradients):
 
 
 def test_too_many_nan_steps_stop_with_a_clear_error(tmp_path, nan_gradients):
+    """The run stops mid-loop, and its cleanup leaves the process as it found it (no test fixture needed)."""
+    import gc
+
+    import torch.distributed as dist
+
     poisoned_steps, _ = nan_gradients
     poisoned_steps.update({3, 4, 5})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(FloatingPointError, match="step 5.*max_consecutive_skips=2"):
         train_ddp.main(make_cfg(tmp_path, "num_train_steps=8", "on_nonfinite.max_consecutive_skips=2"))
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # the GC schedule is undone
+    assert not dist.is_initialized()  # the process group is destroyed
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the preemption handlers are put back
 
 
 # --- Bad configuration: rejected before anything is built ---
