@@ -75,7 +75,7 @@ def main(cfg: DictConfig) -> float:
             model.init_empty_weights(device)  # after sharding: each rank materialises only its shard
 
         # --- Optimizer, schedule, data ---
-        optimizer = create_optimizer(model, cfg.adamw_kwargs, cfg.no_weight_decay_on_norms_biases_embeddings, device)
+        optimizer = create_optimizer(model, cfg.adamw_kwargs, device, options.no_decay_on)
         scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
         fp8_autocast = fp8_autocast_factory(cfg.fp8_config, options.use_te)
         dataloader, tokenizer = create_dataloader(dist_config, cfg.dataset, options.batches)

@@ -4,10 +4,11 @@
     model = create_model(options.model, device)
     dataloader, tokenizer = create_dataloader(dist_config, cfg.dataset, options.batches)
 
-Most builders take their own group of keys (`cfg.adamw_kwargs`, `cfg.checkpoint`, `cfg.profiler`, ...). Two
-things are decided from keys of several groups, here and nowhere else: the model (`model.build.ModelOptions`:
-top-level keys plus the layout the data gives it) and the layout of micro-batches (`data.batches.BatchOptions`:
-packing, packed rows, FP8 padding, records held out for validation).
+Most builders take their own group of keys (`cfg.adamw_kwargs`, `cfg.checkpoint`, `cfg.profiler`, ...). What is
+decided from keys of several groups is decided here and nowhere else: the model (`model.build.ModelOptions`:
+top-level keys plus the layout the data gives it), the layout of micro-batches (`data.batches.BatchOptions`:
+packing, packed rows, FP8 padding, records held out for validation) and which parameters get no weight decay
+(our key and upstream's two).
 """
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Options:
     use_te: bool
     model: ModelOptions
     batches: BatchOptions
+    no_decay_on: tuple[str, ...]  # parameters without weight decay (`training.optimizer.create_optimizer`)
 
 
 def packs_rows(cfg: DictConfig, use_te: bool) -> bool:
@@ -69,6 +71,20 @@ def batch_options(cfg: DictConfig, use_te: bool) -> BatchOptions:
     )
 
 
+def no_decay_on(cfg: DictConfig) -> tuple[str, ...]:
+    """Which parameters get no weight decay, from our key or upstream's two (OpenGenome2's defaults turn them on).
+
+    `use_weight_decay_grouping`: none on biases and 1-D parameters (norms), Megatron's grouping;
+    `skip_embedding_weight_decay` adds the embeddings to it (upstream reads it only with the grouping on);
+    `no_weight_decay_on_norms_biases_embeddings` is both.
+    """
+    if cfg.no_weight_decay_on_norms_biases_embeddings:
+        return ("norms_and_biases", "embeddings")
+    if cfg.use_weight_decay_grouping:
+        return ("norms_and_biases", "embeddings") if cfg.skip_embedding_weight_decay else ("norms_and_biases",)
+    return ()
+
+
 def options_from(cfg: DictConfig, use_te: bool) -> Options:
     """All of the above for a run."""
-    return Options(use_te, model_options(cfg, use_te), batch_options(cfg, use_te))
+    return Options(use_te, model_options(cfg, use_te), batch_options(cfg, use_te), no_decay_on(cfg))

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 RECIPE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE_DIR))
 
-from config.options import batch_options, model_options  # noqa: E402
+from config.options import batch_options, model_options, no_decay_on  # noqa: E402
 from data.batches import create_dataloader  # noqa: E402
 from model.build import build_model_config, create_model, te_available  # noqa: E402
 from runtime.distributed import DistributedConfig  # noqa: E402
@@ -83,8 +83,7 @@ def build_loader(cfg, ranks=None, use_te: bool = False, cp_size: int = 1, cp_ran
 
 def build_optimizer(cfg, model, device="cpu"):
     """AdamW as the entrypoints build it from `cfg`."""
-    no_decay_exempt = cfg.no_weight_decay_on_norms_biases_embeddings
-    return create_optimizer(model, cfg.adamw_kwargs, no_decay_exempt, torch.device(device))
+    return create_optimizer(model, cfg.adamw_kwargs, torch.device(device), no_decay_on(cfg))
 
 
 def build_validator(cfg, tokenizer, device="cpu", use_te: bool = False, **layout):

@@ -170,6 +170,27 @@ def test_optimizer_keys(tmp_path):
     assert {id(p) for p in no_decay["params"]} == {id(model.embed_tokens.weight), id(model.proj.bias)}
 
 
+@pytest.mark.parametrize(
+    ("overrides", "exempt"),
+    [
+        (["use_weight_decay_grouping=true"], {"proj.bias", "norm.weight"}),
+        (["use_weight_decay_grouping=true", "skip_embedding_weight_decay=true"],
+         {"proj.bias", "norm.weight", "embed_tokens.weight"}),
+        (["skip_embedding_weight_decay=true"], set()),  # upstream reads it only with the grouping on
+        (["no_weight_decay_on_norms_biases_embeddings=true"], {"proj.bias", "norm.weight", "embed_tokens.weight"}),
+    ],
+)  # fmt: skip
+def test_upstream_weight_decay_grouping_keys(tmp_path, overrides, exempt):
+    """OpenGenome2's `use_weight_decay_grouping` and `skip_embedding_weight_decay`, with upstream's meaning."""
+    model = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(4, 4), "proj": torch.nn.Linear(4, 4),
+                                 "norm": torch.nn.LayerNorm(4, bias=False)})  # fmt: skip
+    groups = build_optimizer(make_cfg(tmp_path, *overrides), model).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert no_decay == exempt
+    assert sum(len(g["params"]) for g in groups) == len(names)  # every parameter once
+
+
 @pytest.mark.parametrize("every", [2, None])
 def test_gc_collect_every_n_steps_schedules_the_collector(tmp_path, monkeypatch, every):
     """2: no automatic GC in the loop, full collections before it and after steps 2 and 4; null: untouched."""

@@ -61,7 +61,6 @@ def test_no_separate_validation_set_is_the_default():
         ("num_train_step=3", "Unknown config key 'num_train_step'; did you mean num_train_steps?"),
         ("dataset.micro_batchsize=4", "did you mean dataset.micro_batch_size?"),
         ("use_megatron_loss=true", "always the per-token mean over all micro-batches and ranks"),
-        ("use_weight_decay_grouping=true", "no_weight_decay_on_norms_biases_embeddings=true"),
         ("fp8_config.quantized_model_init_kwargs.preserve_high_precision_init_val=true", "only `enabled` applies"),
         ("lr_scheduler_kwargs.num_training_steps=1000", "num_decay_steps = num_training_steps - num_warmup_steps"),
         ("dataset.shuffle_windows=true", "dataset.buffer_size"),

@@ -3,7 +3,7 @@
 AdamW has optional weight-decay groups; the guard skips (or stops at) updates with a NaN or Inf loss or
 gradient norm.
 
-    optimizer = create_optimizer(model, cfg.adamw_kwargs, cfg.no_weight_decay_on_norms_biases_embeddings, device)
+    optimizer = create_optimizer(model, cfg.adamw_kwargs, device, no_decay_on=options.no_decay_on)
     guard = NonFiniteGuard(cfg.on_nonfinite.action, cfg.on_nonfinite.max_consecutive_skips, optimizer)
     grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
     guard.step(step, loss_sum, grad_norm)        # instead of optimizer.step()
@@ -19,24 +19,37 @@ from model.fp8 import is_fp8_tensor
 logger = logging.getLogger(__name__)
 
 
+NO_DECAY_KINDS = ("norms_and_biases", "embeddings")
+
+
+def decays(name: str, param: torch.nn.Parameter, no_decay_on: tuple[str, ...]) -> bool:
+    """Whether a parameter gets weight decay (Megatron's grouping: never 1-D parameters and biases, if asked)."""
+    if "norms_and_biases" in no_decay_on and (param.ndim < 2 or name.endswith(".bias")):
+        return False
+    return not ("embeddings" in no_decay_on and "embed" in name.lower())
+
+
 def create_optimizer(
-    model: torch.nn.Module, adamw_kwargs, no_weight_decay_on_norms_biases_embeddings: bool, device: torch.device
+    model: torch.nn.Module, adamw_kwargs, device: torch.device, no_decay_on: tuple[str, ...] = ()
 ) -> torch.optim.Optimizer:
     """AdamW from the `adamw_kwargs` group (fused only on GPUs).
 
-    With `no_weight_decay_on_norms_biases_embeddings`, norms, biases and embeddings go in a second group
-    without weight decay.
+    `no_decay_on` (`config.options.no_decay_on` gathers it from the weight-decay keys): "norms_and_biases"
+    and/or "embeddings" go in a second group without weight decay.
     """
+    assert set(no_decay_on) <= set(NO_DECAY_KINDS), no_decay_on
     if OmegaConf.is_config(adamw_kwargs):
         adamw_kwargs = OmegaConf.to_container(adamw_kwargs, resolve=True)
     kwargs = dict(adamw_kwargs)
     kwargs["fused"] = kwargs.get("fused", False) and device.type == "cuda"
-    if not no_weight_decay_on_norms_biases_embeddings:
+    if not no_decay_on:
         return torch.optim.AdamW(model.parameters(), **kwargs)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        is_exempt = param.ndim < 2 or "embed" in name or "norm" in name
-        (no_decay if is_exempt else decay).append(param)
+        (decay if decays(name, param, no_decay_on) else no_decay).append(param)
+    logger.info(
+        "Weight decay on %d parameter tensors, none on %d (%s)", len(decay), len(no_decay), " and ".join(no_decay_on)
+    )
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, **kwargs)
 
