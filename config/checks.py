@@ -261,8 +261,30 @@ def validate_cp_config(cfg: DictConfig, use_te: bool, world_size: int) -> None:
         )
 
 
+def _check_first_last_bf16(cfg: DictConfig) -> None:
+    """OpenGenome2's `config_kwargs.fp8_first_last_bf16` (with `num_layers_at_start/end_in_bf16`): a layer_precision."""
+    first_last = OmegaConf.select(cfg, "config_kwargs.fp8_first_last_bf16")
+    for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+        value = OmegaConf.select(cfg, f"config_kwargs.{key}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"config_kwargs.{key}={value!r} must be an integer >= 0 (layers kept in BF16).")
+    if not first_last:
+        return
+    if OmegaConf.select(cfg, "config_kwargs.layer_precision") is not None:
+        raise ValueError(
+            "config_kwargs.fp8_first_last_bf16=true and config_kwargs.layer_precision both choose the BF16 layers; "
+            "keep one (fp8_first_last_bf16 is layer_precision [null, fp8, ..., fp8, null])."
+        )
+    if not cfg.fp8_config.enabled:
+        logger.warning(
+            "config_kwargs.fp8_first_last_bf16=true keeps layers out of FP8, and FP8 is off: it changes "
+            "nothing (as upstream)."
+        )
+
+
 def _check_precision_kwargs(cfg: DictConfig, use_te: bool) -> None:
     """Upstream's `config_kwargs.layer_precision` and `use_quantized_model_init`: TE and FP8 options."""
+    _check_first_last_bf16(cfg)
     precision = OmegaConf.select(cfg, "config_kwargs.layer_precision")
     quantized = OmegaConf.select(cfg, "config_kwargs.use_quantized_model_init")
     if precision is None and not quantized:

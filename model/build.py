@@ -22,9 +22,8 @@ from runtime.paths import resolve_path
 logger = logging.getLogger(__name__)
 # config_kwargs that only the TE model's config has (HF's LlamaConfig would drop them).
 TE_CONFIG_KEYS = ("attn_input_format", "self_attn_mask_type", "layer_precision", "use_quantized_model_init")
-UNSUPPORTED_HINT = (
-    "Upstream's fp8_first_last_bf16 is spelled config_kwargs.layer_precision here (null for a BF16 layer)."
-)
+# OpenGenome2's spelling of layer_precision: the first and last layers in BF16 under FP8 (`bf16_layer_precision`).
+FIRST_LAST_BF16_KEYS = ("fp8_first_last_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def hf_config_from(config_name_or_path: str, config_kwargs: dict, dtype: torch.d
     if unused:  # from_pretrained drops what the config class lacks: say so instead
         raise ValueError(
             f"config_kwargs {sorted(unused)} are not fields of {type(hf_config).__name__} and would do nothing; "
-            f"drop them (model fields: e.g. num_hidden_layers, hidden_size, vocab_size). {UNSUPPORTED_HINT}"
+            "drop them (model fields: e.g. num_hidden_layers, hidden_size, vocab_size)."
         )
     return hf_config
 
@@ -83,6 +82,7 @@ def build_model_config(options: ModelOptions):
     """The HF config from `config_name_or_path` + `config_kwargs`, turned into an `NVLlamaConfig` for TE."""
     kwargs = dict(options.config_kwargs)
     te_only = {k: kwargs.pop(k) for k in TE_CONFIG_KEYS if k in kwargs}  # checked by config/checks.py
+    first_last = {k: kwargs.pop(k) for k in FIRST_LAST_BF16_KEYS if k in kwargs}
     # Parameters are bf16 on GPUs (TE or the HF reference) unless FSDP2 keeps fp32 master weights; fp32 on CPUs.
     bf16 = torch.cuda.is_available() and not options.fp32_master_weights
     hf_config = hf_config_from(options.config_name_or_path, kwargs, torch.bfloat16 if bf16 else torch.float32)
@@ -95,7 +95,18 @@ def build_model_config(options: ModelOptions):
     from model.convert import te_config_from_hf
 
     te_only["attn_input_format"] = options.attn_input_format  # the layout follows the data (config/options.py)
+    if first_last.get("fp8_first_last_bf16") and options.fp8_config:  # without FP8 it changes nothing, as upstream
+        start, end = first_last.get("num_layers_at_start_in_bf16", 1), first_last.get("num_layers_at_end_in_bf16", 1)
+        te_only["layer_precision"] = bf16_layer_precision(hf_config.num_hidden_layers, start, end)
     return te_config_from_hf(hf_config, loss_chunk_size=options.loss_chunk_size, **te_only)
+
+
+def bf16_layer_precision(num_layers: int, start: int, end: int) -> list[str | None]:
+    """`layer_precision` with the first `start` and last `end` layers in BF16 (None), the others FP8.
+
+    OpenGenome2's `fp8_first_last_bf16` counts them so: layer i stays BF16 when i < start or i >= layers - end.
+    """
+    return [None if i < start or i >= num_layers - end else "fp8" for i in range(num_layers)]
 
 
 def checkpoint_bytes(options: ModelOptions) -> int:

@@ -148,9 +148,30 @@ def test_attn_input_format_decides_how_bshd_batches_run(tmp_path, packing, layou
 
 
 def test_config_kwargs_the_model_config_lacks_are_refused(tmp_path):
-    cfg = make_cfg(tmp_path, "+config_kwargs.fp8_first_last_bf16=true")
-    with pytest.raises(ValueError, match=r"config_kwargs \['fp8_first_last_bf16'\] are not fields of LlamaConfig"):
+    cfg = make_cfg(tmp_path, "+config_kwargs.num_hiden_layers=2")
+    with pytest.raises(ValueError, match=r"config_kwargs \['num_hiden_layers'\] are not fields of LlamaConfig"):
         build_model_config_of(cfg, use_te=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], None),  # OpenGenome2's default (false): every layer follows the FP8 autocast
+        (["+config_kwargs.fp8_first_last_bf16=true"], [None, "fp8", "fp8", None]),
+        (["+config_kwargs.fp8_first_last_bf16=true", "+config_kwargs.num_layers_at_start_in_bf16=2",
+          "+config_kwargs.num_layers_at_end_in_bf16=0"], [None, None, "fp8", "fp8"]),
+        (["+config_kwargs.fp8_first_last_bf16=false", "+config_kwargs.num_layers_at_start_in_bf16=3"], None),
+    ],
+)  # fmt: skip
+def test_fp8_first_last_bf16_keeps_layers_in_bf16_as_upstream_counts_them(tmp_path, overrides, expected):
+    """OpenGenome2's keys (at its defaults too) become the TE config's layer_precision; the HF path ignores them."""
+    cfg = make_cfg(tmp_path, "fp8_config.enabled=true", *overrides)  # L0_sanity: 4 layers
+    assert build_model_config_of(cfg, use_te=True).layer_precision == expected
+    assert not hasattr(build_model_config_of(cfg, use_te=False), "fp8_first_last_bf16")
+    both = make_cfg(tmp_path, "fp8_config.enabled=true", "+config_kwargs.fp8_first_last_bf16=true",
+                    "+config_kwargs.layer_precision=[null,fp8,fp8,fp8]")  # fmt: skip
+    with pytest.raises(ValueError, match="both choose the BF16 layers"):
+        validate_config(both, use_te=True)
 
 
 @pytest.mark.slow
