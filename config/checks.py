@@ -262,7 +262,7 @@ def validate_cp_config(cfg: DictConfig, use_te: bool, world_size: int) -> None:
 
 
 def _check_first_last_bf16(cfg: DictConfig) -> None:
-    """OpenGenome2's `config_kwargs.fp8_first_last_bf16` (with `num_layers_at_start/end_in_bf16`): a layer_precision."""
+    """OpenGenome2's `config_kwargs.fp8_first_last_bf16` and `num_layers_at_start/end_in_bf16`: layer_precision."""
     first_last = OmegaConf.select(cfg, "config_kwargs.fp8_first_last_bf16")
     for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
         value = OmegaConf.select(cfg, f"config_kwargs.{key}")

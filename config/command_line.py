@@ -52,15 +52,12 @@ UPSTREAM_RENAMES = {
     "fp8_config.fp8_model_init_kwargs.enabled": "config_kwargs.use_quantized_model_init",
 }
 # Upstream key (or group) -> why it does not apply here and what to use.
-_INIT_VARIANTS = "initialisation variants are not implemented here; drop the key"
 _EDEN = "the SQLite window databases are not read here; point dataset.load_dataset_kwargs.path at parquet or FASTA"
 _SHUFFLE = "windows are shuffled in blocks of dataset.buffer_size; set that instead"
 _QUANTIZED_INIT = "of its quantized-init options only `enabled` applies here (config_kwargs.use_quantized_model_init)"
 UPSTREAM_REFUSED = {
     "use_megatron_loss": "the loss here is always the per-token mean over all micro-batches and ranks "
     "(Megatron's reduction); drop the key",
-    "spike_no_more_embedding_init": _INIT_VARIANTS,
-    "use_megatron_scaled_init": _INIT_VARIANTS,
     "use_sharded_eden": _EDEN,
     "sharded_eden.": _EDEN,
     **dict.fromkeys(

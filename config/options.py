@@ -57,6 +57,8 @@ def model_options(cfg: DictConfig, use_te: bool) -> ModelOptions:
         activation_cpu_offload=cfg.activation_cpu_offload,
         use_torch_compile=cfg.use_torch_compile,
         fp8_config=OmegaConf.to_container(cfg.fp8_config, resolve=True) if cfg.fp8_config.enabled else None,
+        spike_no_more_embedding_init=cfg.spike_no_more_embedding_init,
+        use_megatron_scaled_init=cfg.use_megatron_scaled_init,
     )
 
 

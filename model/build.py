@@ -10,6 +10,7 @@ the entrypoint (`model/parallelize.py`).
 """
 
 import logging
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ class ModelOptions:
     activation_cpu_offload: bool = False
     use_torch_compile: bool = False
     fp8_config: dict | None = None  # the run's FP8 recipe (`fp8_config` group) when FP8 is on, else None
+    spike_no_more_embedding_init: bool = False  # embedding std 1.0, untied LM head (OpenGenome2)
+    use_megatron_scaled_init: bool = False  # attention output and MLP down projections: std / sqrt(2 x layers)
 
     @property
     def on_meta(self) -> bool:
@@ -86,6 +89,8 @@ def build_model_config(options: ModelOptions):
     # Parameters are bf16 on GPUs (TE or the HF reference) unless FSDP2 keeps fp32 master weights; fp32 on CPUs.
     bf16 = torch.cuda.is_available() and not options.fp32_master_weights
     hf_config = hf_config_from(options.config_name_or_path, kwargs, torch.bfloat16 if bf16 else torch.float32)
+    if options.spike_no_more_embedding_init:
+        hf_config.tie_word_embeddings = False  # a std-1.0 embedding would make a poor LM head (upstream unties it)
     if not options.use_te:
         hf_config._attn_implementation = "sdpa"
         # Without a KV cache HF's sdpa path reads packed THD batches' position_ids as sequence boundaries; with
@@ -95,6 +100,8 @@ def build_model_config(options: ModelOptions):
     from model.convert import te_config_from_hf
 
     te_only["attn_input_format"] = options.attn_input_format  # the layout follows the data (config/options.py)
+    te_only["embedding_init_std"] = 1.0 if options.spike_no_more_embedding_init else None
+    te_only["use_megatron_scaled_init"] = options.use_megatron_scaled_init
     if first_last.get("fp8_first_last_bf16") and options.fp8_config:  # without FP8 it changes nothing, as upstream
         start, end = first_last.get("num_layers_at_start_in_bf16", 1), first_last.get("num_layers_at_end_in_bf16", 1)
         te_only["layer_precision"] = bf16_layer_precision(hf_config.num_hidden_layers, start, end)
@@ -129,6 +136,7 @@ def create_model(options: ModelOptions, device: torch.device):
             model = NVLlamaForCausalLM(config)
     else:
         model = LlamaForCausalLM(config).to(device, dtype=config.dtype)  # the constructor ignores config.dtype
+        opengenome2_init(model, options)
     if options.use_gradient_checkpointing:
         apply_activation_checkpointing(model, options.use_te, offload_to_cpu=options.activation_cpu_offload)
     if options.use_torch_compile:
@@ -142,6 +150,23 @@ def create_model(options: ModelOptions, device: torch.device):
         ", decoder layers compiled" if options.use_torch_compile else "",
     )
     return model
+
+
+@torch.no_grad()
+def opengenome2_init(hf_model, options: ModelOptions) -> None:
+    """OpenGenome2's inits on the HF reference model, as `NVLlamaPreTrainedModel._init_weights` makes them for TE.
+
+    Spike-No-More: the embedding drawn with std 1.0; Megatron's scaled init: the attention output and MLP down
+    projections with std initializer_range / sqrt(2 x layers).
+    """
+    config = hf_model.config
+    if options.spike_no_more_embedding_init:
+        hf_model.model.embed_tokens.weight.normal_(0.0, 1.0)
+    if options.use_megatron_scaled_init:
+        std = config.initializer_range / math.sqrt(2.0 * config.num_hidden_layers)
+        for layer in hf_model.model.layers:
+            layer.self_attn.o_proj.weight.normal_(0.0, std)
+            layer.mlp.down_proj.weight.normal_(0.0, std)
 
 
 def quantized_init(fp8_config: dict | None, config):

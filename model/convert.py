@@ -95,6 +95,8 @@ def te_config_from_hf(hf_config: LlamaConfig, **overrides) -> NVLlamaConfig:
 def hf_config_from_te(te_config: NVLlamaConfig) -> LlamaConfig:
     """A plain `LlamaConfig` with the TE config's shape (TE-only fields dropped)."""
     drop = (
+        "embedding_init_std",
+        "use_megatron_scaled_init",
         "model_type",
         "architectures",
         "auto_map",

@@ -22,6 +22,7 @@ asks of a cache):
 This file is copied into exported checkpoints, so it imports nothing from the recipe.
 """
 
+import math
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -61,6 +62,9 @@ class NVLlamaConfig(LlamaConfig):
         even inside it); None for the whole list: every layer follows the caller's autocast.
     use_quantized_model_init: the weights of "fp8" layers are created as FP8 tensors (TE's
         `quantized_model_init`, entered by the caller with its recipe around construction): no BF16 copy.
+    embedding_init_std: the embedding's initial std (None: initializer_range; 1.0: Spike-No-More, as OpenGenome2).
+    use_megatron_scaled_init: the attention output and MLP down projections start with std
+        initializer_range / sqrt(2 x layers) (Megatron's scaled init, as OpenGenome2), the residual branches.
     """
 
     model_type = "nvllama"
@@ -72,6 +76,8 @@ class NVLlamaConfig(LlamaConfig):
         loss_chunk_size: int | None = None,
         layer_precision: list[str | None] | None = None,
         use_quantized_model_init: bool = False,
+        embedding_init_std: float | None = None,
+        use_megatron_scaled_init: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -89,6 +95,19 @@ class NVLlamaConfig(LlamaConfig):
             )
         self.layer_precision = list(layer_precision) if layer_precision is not None else None
         self.use_quantized_model_init = use_quantized_model_init
+        self.embedding_init_std = embedding_init_std
+        self.use_megatron_scaled_init = use_megatron_scaled_init
+
+    @property
+    def embedding_std(self) -> float:
+        """The embedding's initial std."""
+        return self.initializer_range if self.embedding_init_std is None else self.embedding_init_std
+
+    @property
+    def output_layer_std(self) -> float:
+        """The initial std of the attention output and MLP down projections (scaled with Megatron's init)."""
+        scale = math.sqrt(2.0 * self.num_hidden_layers) if self.use_megatron_scaled_init else 1.0
+        return self.initializer_range / scale
 
     def keeps_bf16(self, layer_index: int) -> bool:
         """Whether decoder layer `layer_index` (from 0) stays in BF16 under an FP8 autocast."""
@@ -153,19 +172,28 @@ class NVLlamaPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"_extra_state"]
 
     def _init_weights(self, module):
-        """HF Llama's initialisation: normal(0, initializer_range) matrices, unit norms, no biases."""
-        std = self.config.initializer_range
+        """HF Llama's initialisation: normal(0, initializer_range) matrices, unit norms, no biases.
+
+        The embedding takes `config.embedding_std`, the attention output and MLP down projections
+        `config.output_layer_std` (both initializer_range unless the config asks for OpenGenome2's inits).
+        """
+        std, config = self.config.initializer_range, self.config
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, std)
+            module.weight.data.normal_(0.0, config.embedding_std if isinstance(module, nn.Embedding) else std)
         if te is None:
             return
         if isinstance(module, te.RMSNorm):
             module.weight.data.fill_(1.0)
-        elif isinstance(module, te.TransformerLayer) and not self.config.use_quantized_model_init:
-            # (FP8 weights are initialised by TE itself, with the same normal(0, std) and unit norms.)
-            attn, mlp = module.self_attention.layernorm_qkv, module.layernorm_mlp
-            for weight in (attn.weight, module.self_attention.proj.weight, mlp.fc1_weight, mlp.fc2_weight):
-                weight.data.normal_(0.0, std)
+        elif isinstance(module, te.TransformerLayer) and not config.use_quantized_model_init:
+            # (FP8 weights are initialised by TE itself, from the init methods the layers were built with.)
+            attn, mlp, out = module.self_attention.layernorm_qkv, module.layernorm_mlp, config.output_layer_std
+            for weight, weight_std in (
+                (attn.weight, std),
+                (module.self_attention.proj.weight, out),
+                (mlp.fc1_weight, std),
+                (mlp.fc2_weight, out),
+            ):
+                weight.data.normal_(0.0, weight_std)
             attn.layer_norm_weight.data.fill_(1.0)
             mlp.layer_norm_weight.data.fill_(1.0)
 
@@ -210,16 +238,20 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.bfloat16
         device = "meta" if torch.get_default_device().type == "meta" else "cuda"
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        std = config.initializer_range
+        std, output_std = config.initializer_range, config.output_layer_std
 
         def init_method(weight):
             nn.init.normal_(weight, 0.0, std)
+
+        def output_init_method(weight):  # attention output and MLP down projections
+            nn.init.normal_(weight, 0.0, output_std)
 
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, config.pad_token_id, dtype=dtype, device=device
         )
         self.layers = nn.ModuleList(
-            self._layer(config, i, head_dim, init_method, dtype, device) for i in range(config.num_hidden_layers)
+            self._layer(config, i, head_dim, (init_method, output_init_method), dtype, device)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(config)
@@ -227,7 +259,7 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         self.post_init()
 
     @staticmethod
-    def _layer(config, i, head_dim, init_method, dtype, device):
+    def _layer(config, i, head_dim, init_methods, dtype, device):
         # A layer kept in BF16 holds BF16 weights even inside the caller's `te.quantized_model_init`.
         with te.quantized_model_init(enabled=False) if config.keeps_bf16(i) else nullcontext():
             return te.TransformerLayer(
@@ -247,8 +279,8 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
                 attn_input_format=config.attn_input_format,
                 self_attn_mask_type=config.self_attn_mask_type,
                 layer_number=i + 1,
-                init_method=init_method,
-                output_layer_init_method=init_method,
+                init_method=init_methods[0],
+                output_layer_init_method=init_methods[1],
                 params_dtype=dtype,
                 device=device,
             )

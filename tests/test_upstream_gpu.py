@@ -188,3 +188,25 @@ def test_async_save_on_the_gpu_resumes_identically(tmp_path, script):
     assert (tmp_path / "cb" / "step_6" / "COMPLETE").exists()
     straight, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
+
+
+@pytest.mark.parametrize("on_meta", [True, False])
+def test_opengenome2_inits_on_the_te_model_with_and_without_the_meta_device(tmp_path, on_meta):
+    """Spike-No-More and Megatron's scaled init give the same stds built on meta (upstream's cannot) or directly."""
+    cfg = gpu_cfg(tmp_path, "spike_no_more_embedding_init=true", "use_megatron_scaled_init=true")
+    torch.manual_seed(0)
+    model = build_model(cfg, use_te=True, device=CUDA, on_meta=on_meta)
+    if on_meta:
+        model.init_empty_weights(CUDA)
+    layers = model.model.layers
+
+    def std(weights) -> float:
+        return torch.cat([w.detach().float().flatten() for w in weights]).std().item()
+
+    output = std(w for layer in layers for w in (layer.self_attention.proj.weight, layer.layernorm_mlp.fc2_weight))
+    other = std(
+        w for layer in layers for w in (layer.self_attention.layernorm_qkv.weight, layer.layernorm_mlp.fc1_weight)
+    )
+    assert std([model.model.embed_tokens.weight]) == pytest.approx(1.0, rel=0.03)
+    assert output == pytest.approx(0.02 / (2 * len(layers)) ** 0.5, rel=0.03)
+    assert other == pytest.approx(0.02, rel=0.03) and std([model.lm_head.weight]) == pytest.approx(0.02, rel=0.03)

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ENV, FAST, RECIPE_DIR, build_model_config_of, make_cfg
+import torch
+from conftest import ENV, FAST, RECIPE_DIR, build_model, build_model_config_of, make_cfg
 
 from checkpointing.run_record import read_run_info
 from config.checks import validate_config
@@ -272,3 +273,34 @@ def test_out_of_memory_ends_in_one_line_naming_the_memory_options(tmp_path, monk
     assert "loss_chunk_size=4096" in error and "cp_size=N" in error
     assert "use_gradient_checkpointing=true (" not in error  # already on: not suggested
     assert "activation_cpu_offload=true" in error
+
+
+def init_stds(model) -> dict[str, float]:
+    """The std of each parameter group of a built HF Llama (embedding, output projections, other matrices)."""
+    layers = model.model.layers
+    groups = {
+        "embedding": [model.model.embed_tokens.weight],
+        "output": [w for layer in layers for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)],
+        "other": [w for layer in layers for w in (layer.self_attn.q_proj.weight, layer.mlp.up_proj.weight)],
+    }
+    return {name: torch.cat([w.detach().flatten() for w in weights]).std().item() for name, weights in groups.items()}
+
+
+def test_opengenome2_inits_set_each_groups_std(tmp_path):
+    """Spike-No-More (embedding std 1.0, untied head) and Megatron's scaled init (std / sqrt(2 x 4 layers)).
+
+    On the HF reference model as built; the TE model's config carries the same stds for `_init_weights` (its
+    built weights are measured in tests/test_upstream_gpu.py, with and without the meta device).
+    """
+    torch.manual_seed(0)
+    default = init_stds(build_model(make_cfg(tmp_path)))
+    og2 = make_cfg(tmp_path, "spike_no_more_embedding_init=true", "use_megatron_scaled_init=true")
+    torch.manual_seed(0)
+    model = build_model(og2)
+    scaled = init_stds(model)
+    assert default == pytest.approx({"embedding": 0.02, "output": 0.02, "other": 0.02}, rel=0.03)
+    assert scaled == pytest.approx({"embedding": 1.0, "output": 0.02 / 8**0.5, "other": 0.02}, rel=0.03)
+    assert not model.config.tie_word_embeddings and model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    te_config = build_model_config_of(og2, use_te=True)
+    assert (te_config.embedding_std, te_config.output_layer_std) == (1.0, pytest.approx(0.02 / 8**0.5))
+    assert not te_config.tie_word_embeddings
