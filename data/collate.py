@@ -12,6 +12,8 @@ the longest sequence in `max_length_q/k`. The first label of every sequence is -
 model's shift the last token of one sequence never predicts the first token of the next.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -20,13 +22,16 @@ from data.dna import BASE_IDS, BASE_IDS_ANY_CASE
 IGNORE_INDEX = -100
 
 
-def mask_genomic_labels(labels: np.ndarray, uppercase_labels: bool, mask_degenerate_bases: bool, eos_id: int):
+def mask_genomic_labels(
+    labels: np.ndarray, uppercase_labels: bool, mask_degenerate_bases: bool, eos_id: int, mask_eos_label: bool = False
+):
     """Genomic label policy, applied in place to a 1-D id array (ids are `ord()` of the character).
 
     `uppercase_labels`: a soft-masked (lowercase) base is predicted as its uppercase base, so the
     model learns the sequence and not the repeat annotation. `mask_degenerate_bases`: a label that
     is not A, C, G or T (N, IUPAC codes, other bytes, <BOS>, <PAD>, <UNK>) is not a target; <EOS>
-    stays a target so that the model learns where a sequence ends.
+    stays a target so that the model learns where a sequence ends, unless `mask_eos_label` (OpenGenome2
+    masks it with the degenerate bases).
     """
     if uppercase_labels:
         lower = (labels >= ord("a")) & (labels <= ord("z"))
@@ -34,38 +39,41 @@ def mask_genomic_labels(labels: np.ndarray, uppercase_labels: bool, mask_degener
     if mask_degenerate_bases:
         keep = np.isin(labels, BASE_IDS if uppercase_labels else BASE_IDS_ANY_CASE) | (labels == eos_id)
         labels[~keep & (labels != IGNORE_INDEX)] = IGNORE_INDEX
+    if mask_eos_label:
+        labels[labels == eos_id] = IGNORE_INDEX
     return labels
 
 
-class _LabelPolicy:
-    """Shared options of both collators: genomic label masking."""
+@dataclass(frozen=True)
+class LabelPolicy:
+    """Which positions are prediction targets, and as what: the `dataset` keys of the same names."""
 
-    def __init__(self, uppercase_labels: bool, mask_degenerate_bases: bool, eos_token_id: int):
-        self.uppercase_labels = uppercase_labels
-        self.mask_degenerate_bases = mask_degenerate_bases
-        self.eos_token_id = eos_token_id
+    uppercase_labels: bool = False
+    mask_degenerate_bases: bool = False
+    mask_eos_label: bool = False
+    eos_token_id: int = 0
 
     def labels_for(self, input_ids: np.ndarray) -> np.ndarray:
+        """The labels of one window (not shifted: the model shifts them)."""
         labels = input_ids.astype(np.int64, copy=True)
-        if self.uppercase_labels or self.mask_degenerate_bases:
-            mask_genomic_labels(labels, self.uppercase_labels, self.mask_degenerate_bases, self.eos_token_id)
+        if self.uppercase_labels or self.mask_degenerate_bases or self.mask_eos_label:
+            mask_genomic_labels(labels, self.uppercase_labels, self.mask_degenerate_bases, self.eos_token_id,
+                                self.mask_eos_label)  # fmt: skip
         return labels
 
 
-class BshdCollator(_LabelPolicy):
+class BshdCollator:
     """Pads a list of `{"input_ids": 1-D array}` samples into [B, L] tensors."""
 
     def __init__(
         self,
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
-        uppercase_labels: bool = False,
-        mask_degenerate_bases: bool = False,
-        eos_token_id: int = 0,
+        labels: LabelPolicy = LabelPolicy(),
     ):
-        super().__init__(uppercase_labels, mask_degenerate_bases, eos_token_id)
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.labels_for = labels.labels_for
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask` and `labels` of shape [B, L]."""
@@ -87,7 +95,7 @@ class BshdCollator(_LabelPolicy):
         }
 
 
-class ThdCollator(_LabelPolicy):
+class ThdCollator:
     """Flattens a list of `{"input_ids": 1-D array}` samples into one packed [1, T] row.
 
     `pad_to_multiple_of`: append one padding sequence so that T is a multiple (16 for FP8).
@@ -101,11 +109,9 @@ class ThdCollator(_LabelPolicy):
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
         pad_sequences_to_be_divisible_by: int | None = None,
-        uppercase_labels: bool = False,
-        mask_degenerate_bases: bool = False,
-        eos_token_id: int = 0,
+        labels: LabelPolicy = LabelPolicy(),
     ):
-        super().__init__(uppercase_labels, mask_degenerate_bases, eos_token_id)
+        self.labels_for = labels.labels_for
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_sequences_to_be_divisible_by = pad_sequences_to_be_divisible_by
@@ -162,9 +168,9 @@ class PackedRowsCollator:
     row of the same windows (`ThdCollator`).
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, **label_policy):
-        self.rows = BshdCollator(pad_token_id, pad_to_multiple_of, **label_policy)
-        self.packed = ThdCollator(pad_token_id, pad_to_multiple_of, **label_policy)
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, labels: LabelPolicy = LabelPolicy()):
+        self.rows = BshdCollator(pad_token_id, pad_to_multiple_of, labels)
+        self.packed = ThdCollator(pad_token_id, pad_to_multiple_of, labels=labels)
         self.multiple = pad_to_multiple_of or 1
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | int | bool]:
@@ -176,27 +182,21 @@ class PackedRowsCollator:
 
 
 def make_collator(
-    tokenizer,
+    pad_token_id: int,
+    labels: LabelPolicy,
     *,
     packed: bool,
     pack_rows: bool = False,
     pad_to_multiple_of: int | None = None,
     pad_sequences_to_be_divisible_by: int | None = None,
-    uppercase_labels: bool = False,
-    mask_degenerate_bases: bool = False,
 ):
-    """The collator of a layout: THD packs (`packed`), packed rows (`pack_rows`) or padded BSHD, with the label policy.
+    """The collator of a layout: THD packs (`packed`), packed rows (`pack_rows`) or padded BSHD.
 
     Training's loader and validation both take theirs from here, so their batches are laid out alike.
     """
-    policy = dict(
-        uppercase_labels=uppercase_labels,
-        mask_degenerate_bases=mask_degenerate_bases,
-        eos_token_id=tokenizer.eos_token_id,
-    )
     if packed:
-        return ThdCollator(tokenizer.pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by, **policy)
-    return (PackedRowsCollator if pack_rows else BshdCollator)(tokenizer.pad_token_id, pad_to_multiple_of, **policy)
+        return ThdCollator(pad_token_id, pad_to_multiple_of, pad_sequences_to_be_divisible_by, labels)
+    return (PackedRowsCollator if pack_rows else BshdCollator)(pad_token_id, pad_to_multiple_of, labels)
 
 
 def cp_shard_indices(cu_seq_lens_padded: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:

@@ -19,8 +19,9 @@ Pipeline (the same for streaming and map-style data):
 Characters outside ACGT (the policy). With the nucleotide tokenizer every character 4..255 is its
 own token (its `ord()`), so N, IUPAC codes (R, Y, K, M, ...) and lowercase soft-masked bases are
 kept in the input as they are; control characters 0..3 and characters above 255 become <UNK>.
-Whether they are also training targets is the collator's label policy: `uppercase_labels` predicts
-a lowercase base as its uppercase base, `mask_degenerate_bases` drops every non-ACGT target.
+Whether they are also training targets is the collator's label policy (`collate.LabelPolicy`):
+`uppercase_labels` predicts a lowercase base as its uppercase base, `mask_degenerate_bases` drops every
+non-ACGT target but <EOS>, `mask_eos_label` drops <EOS> too.
 Leading and trailing whitespace is stripped; records that are empty after that are skipped and
 counted in the log.
 """
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from data.collate import ContextParallelCollator, make_collator
+from data.collate import ContextParallelCollator, LabelPolicy, make_collator
 from data.holdout import held_out_filter
 from data.packing import BalancedPackingDataset, TokenPackingDataset
 from data.sources import describe_decode_error, load_raw_dataset, load_tokenizer
@@ -196,6 +197,7 @@ def _dataloader(
     pad_sequences_to_be_divisible_by: int | None = None,
     uppercase_labels: bool = False,
     mask_degenerate_bases: bool = False,
+    mask_eos_label: bool = False,
     use_stateful_dataloader: bool = True,
     prefetch_factor: int = 4,
     num_epochs: int | None = None,
@@ -229,14 +231,14 @@ def _dataloader(
             items, batch_size = BalancedPackingDataset(stream, budget, packing_lookahead), None
         else:
             items, batch_size = TokenPackingDataset(stream, budget, split_samples), None
+    labels = LabelPolicy(uppercase_labels, mask_degenerate_bases, mask_eos_label, tokenizer.eos_token_id)
     collate = make_collator(
-        tokenizer,
+        tokenizer.pad_token_id,
+        labels,
         packed=packed,
         pack_rows=pack_rows,
         pad_to_multiple_of=pad_to_multiple_of,
         pad_sequences_to_be_divisible_by=pad_sequences_to_be_divisible_by,
-        uppercase_labels=uppercase_labels,
-        mask_degenerate_bases=mask_degenerate_bases,
     )
     if cp_rank is not None:  # context parallelism: the loader yields this rank's part of every sequence
         collate = ContextParallelCollator(collate, cp_size, cp_rank)

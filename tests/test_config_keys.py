@@ -318,6 +318,12 @@ def test_genomic_label_keys(tmp_path):
     assert torch.equal(upper["labels"][lower], ids[lower] - 32)
     assert (masked["labels"][(ids == ord("N")) | (ids == ord("R"))] == -100).all()
     assert (masked["labels"][ids == ord("A")] == ord("A")).all()
+    assert (masked["labels"][ids == 0] == 0).all() and (ids == 0).any()  # <EOS> stays a target
+    no_eos = first_batch(
+        make_cfg(tmp_path, *base, "dataset.mask_degenerate_bases=true", "dataset.mask_eos_label=true")
+    )
+    assert (no_eos["labels"][ids == 0] == -100).all()
+    assert torch.equal(no_eos["labels"][ids != 0], masked["labels"][ids != 0])
 
 
 def test_split_samples_keeps_the_budget_exact(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import PARQUET, TOKENIZER
 
-from data.collate import IGNORE_INDEX, BshdCollator, ThdCollator, mask_genomic_labels
+from data.collate import IGNORE_INDEX, BshdCollator, LabelPolicy, ThdCollator, mask_genomic_labels
 from data.loader import create_bshd_dataloader, create_thd_dataloader
 from data.packing import BalancedPackingDataset, TokenPackingDataset
 from data.windows import WindowTokenizer, byte_token_ids, is_byte_tokenizer, window_starts
@@ -130,8 +130,18 @@ def test_genomic_label_masking():
     assert out.tolist() == [65, 67, 71, 84, -100, -100, 65, 0, -100]
     out = mask_genomic_labels(ids.copy(), uppercase_labels=False, mask_degenerate_bases=True, eos_id=0)
     assert out.tolist() == [65, 67, 103, 116, -100, -100, 97, 0, -100]
-    batch = BshdCollator(1, uppercase_labels=True, mask_degenerate_bases=True)([{"input_ids": ids}])
+    policy = LabelPolicy(uppercase_labels=True, mask_degenerate_bases=True)
+    batch = BshdCollator(1, labels=policy)([{"input_ids": ids}])
     assert batch["input_ids"][0].tolist() == ids.tolist()  # the input keeps the characters
+
+
+def test_mask_eos_label_drops_eos_as_opengenome2_masks_it():
+    """`dataset.mask_eos_label`: no target on <EOS> (OpenGenome2's degenerate masking drops it; ours keeps it)."""
+    ids = np.array([2, *(ord(c) for c in "ACgtN"), 0], dtype=np.int64)
+    og2 = LabelPolicy(mask_degenerate_bases=True, mask_eos_label=True).labels_for(ids)
+    assert og2.tolist() == [-100, 65, 67, 103, 116, -100, -100]
+    assert LabelPolicy(mask_degenerate_bases=True).labels_for(ids).tolist()[-1] == 0  # ours: <EOS> a target
+    assert LabelPolicy(mask_eos_label=True).labels_for(ids).tolist() == [2, 65, 67, 103, 116, 78, -100]
 
 
 # ---- packing ----

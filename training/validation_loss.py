@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from data.batches import BatchOptions, to_device
-from data.collate import IGNORE_INDEX, make_collator
+from data.collate import IGNORE_INDEX, LabelPolicy, make_collator
 from data.dna import BASE_IDS_ANY_CASE
 from data.loader import create_tokenized_dataset
 from runtime.distributed import DistributedConfig, all_reduce_sum
@@ -55,12 +55,11 @@ def validation_windows(validation, dataset, tokenizer) -> list:
 
 def micro_batches(dataset, batches: BatchOptions, windows: list, tokenizer) -> list[dict]:
     """Whole windows in micro-batches laid out as training's: THD packs of its token budget, or BSHD."""
+    labels = LabelPolicy(
+        dataset.uppercase_labels, dataset.mask_degenerate_bases, dataset.mask_eos_label, tokenizer.eos_token_id
+    )
     collate = make_collator(
-        tokenizer,
-        packed=batches.use_sequence_packing,
-        pack_rows=batches.pack_rows,
-        uppercase_labels=dataset.uppercase_labels,
-        mask_degenerate_bases=dataset.mask_degenerate_bases,
+        tokenizer.pad_token_id, labels, packed=batches.use_sequence_packing, pack_rows=batches.pack_rows
     )
     samples = [{"input_ids": w} for w in windows]
     if not batches.use_sequence_packing:
