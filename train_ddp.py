@@ -43,12 +43,12 @@ logger = logging.getLogger(__name__)
 @exit_on_user_error  # a bad key, value, path or data: one line, exit code 2
 def main(cfg: DictConfig) -> float:
     """Train as `cfg` says; returns the last logged loss."""
-    options = check_config(cfg, entrypoint="ddp")  # every key, value and input, before anything is built
     dist_config = DistributedConfig()
+    logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)
+    options = check_config(cfg, entrypoint="ddp")  # every key, value and input, before anything is built
     with ExitStack() as cleanup:  # closes what is set up below in reverse order, also when the run fails
         # --- Distributed setup, checkpoint folder, run folder ---
         device = cleanup.enter_context(process_group(dist_config))
-        logging.basicConfig(level=logging.INFO if dist_config.is_main_process() else logging.WARNING, force=True)
         model_kind = "TE" if options.use_te else "HF reference"
         logger.info("Running the %s model on %s (%d ranks)", model_kind, device, dist_config.world_size)
         set_seed(cfg.seed)

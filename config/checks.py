@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 # Dictionaries passed on to a library as they are: any key is theirs to accept.
 FREE_FORM_KEYS = {*FREE_FORM_GROUPS, "hydra"}
 ENTRYPOINTS = ("ddp", "fsdp2", "fsdp2_cp")
+# defaults_from -> the tier defaults that stand in for defaults.yaml's
+UPSTREAM_DEFAULTS = {"opengenome2": DEFAULTS_YAML.with_name("og2_defaults.yaml")}
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
 
 
@@ -36,7 +38,40 @@ def check_config(cfg: DictConfig, entrypoint: str) -> Options:
         validate_cp_config(cfg, use_te, DistributedConfig().world_size)
     options = options_from(cfg, use_te)
     check_inputs(cfg, options)
+    note_upstream_defaults(cfg)
     return options
+
+
+def note_upstream_defaults(cfg: DictConfig) -> None:
+    """With `defaults_from: opengenome2` (the og2_* tiers), log once which of its defaults replace ours.
+
+    Lists the keys of `og2_defaults.yaml` whose value differs from `defaults.yaml` and that the run did not set
+    otherwise, so a user of this recipe's defaults sees what an OG2 tier changes.
+    """
+    if cfg.defaults_from is None:
+        return
+    ours = flat_keys(OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False))
+    theirs = flat_keys(OmegaConf.to_container(OmegaConf.load(UPSTREAM_DEFAULTS[cfg.defaults_from])))
+    changed = [
+        f"{key}={value} (ours: {ours[key]})"
+        for key, value in theirs.items()
+        if key != "defaults_from" and value != ours.get(key) and OmegaConf.select(cfg, key) == value
+    ]
+    if changed:
+        logger.info(
+            "defaults_from=%s: its defaults in place of this recipe's: %s.", cfg.defaults_from, ", ".join(changed)
+        )
+
+
+def flat_keys(group: dict, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
+    out = {}
+    for key, value in group.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def resolve_use_te(use_te) -> bool:
@@ -174,6 +209,8 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
     _check_optimizer_numbers(cfg)
     _check_validation(cfg, entrypoint)
     _check_strategy_keys(cfg, entrypoint)
+    if cfg.defaults_from is not None and cfg.defaults_from not in UPSTREAM_DEFAULTS:
+        raise ValueError(f"defaults_from={cfg.defaults_from!r} must be null or one of {sorted(UPSTREAM_DEFAULTS)}.")
     if cfg.on_nonfinite.action not in ("skip", "stop"):
         raise ValueError(f"on_nonfinite.action={cfg.on_nonfinite.action!r} must be 'skip' or 'stop'.")
     if cfg.fp8_config.enabled:
@@ -195,6 +232,15 @@ def _check_validation(cfg: DictConfig, entrypoint: str) -> None:
         raise ValueError("validation.enabled=true is not supported by train_fsdp2_cp.py yet; validate the export.")
     if cfg.validation.load_dataset_kwargs is None and not 0 < cfg.validation.fraction < 1:
         raise ValueError(f"validation.fraction={cfg.validation.fraction} must be between 0 and 1 (e.g. 0.01).")
+    for key in ("micro_batch_size", "max_seq_length"):
+        value = cfg.validation[key]
+        if value is not None and value < (3 if key == "max_seq_length" else 1):
+            raise ValueError(
+                f"validation.{key}={value} must be a positive integer (3 or more tokens for a window), "
+                f"or null for dataset.{key}."
+            )
+    if cfg.validation.stride is not None and cfg.validation.stride < 0:
+        raise ValueError(f"validation.stride={cfg.validation.stride} must be >= 0, or null for dataset.stride.")
 
 
 def _check_optimizer_numbers(cfg: DictConfig) -> None:

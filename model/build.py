@@ -61,9 +61,15 @@ def te_available() -> bool:
 
 
 def hf_config_from(config_name_or_path: str, config_kwargs: dict, dtype: torch.dtype):
-    """The HF config of a model folder or hub name with `config_kwargs` applied; unknown kwargs are an error."""
+    """The HF config of a model folder or hub name with `config_kwargs` applied; unknown kwargs are an error.
+
+    `rope_theta` and `rope_scaling`, as Llama configs and the upstream tiers spell them, update the config's
+    `rope_parameters` (transformers 5 reads only those: `rope_theta` alone would be dropped, and `rope_scaling`
+    would replace them, losing the theta).
+    """
     path = resolve_path(config_name_or_path)
     kwargs = {**config_kwargs, "dtype": config_kwargs.get("dtype", dtype)}
+    rope = {key: kwargs.pop(key) for key in ("rope_theta", "rope_scaling") if key in kwargs}
     try:
         hf_config, unused = AutoConfig.from_pretrained(
             str(path) if path.exists() else config_name_or_path, return_unused_kwargs=True, **kwargs
@@ -78,6 +84,11 @@ def hf_config_from(config_name_or_path: str, config_kwargs: dict, dtype: torch.d
             f"config_kwargs {sorted(unused)} are not fields of {type(hf_config).__name__} and would do nothing; "
             "drop them (model fields: e.g. num_hidden_layers, hidden_size, vocab_size)."
         )
+    if rope:
+        parameters = {**(getattr(hf_config, "rope_parameters", None) or {}), **(rope.get("rope_scaling") or {})}
+        if "rope_theta" in rope:
+            parameters["rope_theta"] = float(rope["rope_theta"])
+        hf_config.rope_parameters = parameters
     return hf_config
 
 

@@ -30,16 +30,25 @@ from data.loader import create_tokenized_dataset
 from runtime.distributed import DistributedConfig, all_reduce_sum
 
 
+def window_keys(validation, dataset) -> tuple[int, int, int]:
+    """(micro_batch_size, max_seq_length, stride) of validation: its own keys, else the `dataset` group's."""
+    micro_batch_size = validation.get("micro_batch_size") or dataset.micro_batch_size
+    max_seq_length = validation.get("max_seq_length") or dataset.max_seq_length
+    stride = dataset.stride if validation.get("stride") is None else validation.stride
+    return micro_batch_size, max_seq_length, stride
+
+
 def validation_windows(validation, dataset, tokenizer) -> list:
     """The first `validation.num_windows` windows of the validation stream (the same on every rank)."""
     separate = validation.load_dataset_kwargs is not None
     source = OmegaConf.to_container(validation.load_dataset_kwargs if separate else dataset.load_dataset_kwargs)
+    _, max_seq_length, stride = window_keys(validation, dataset)
     stream = create_tokenized_dataset(
         DistributedConfig(0, 0, 1),
         tokenizer,
         source,
-        dataset.max_seq_length,
-        dataset.stride,
+        max_seq_length,
+        stride,
         dataset.text_column,
         holdout_fraction=0.0 if separate else validation.fraction,
         holdout_side="validation",
@@ -53,8 +62,13 @@ def validation_windows(validation, dataset, tokenizer) -> list:
     return windows
 
 
-def micro_batches(dataset, batches: BatchOptions, windows: list, tokenizer) -> list[dict]:
-    """Whole windows in micro-batches laid out as training's: THD packs of its token budget, or BSHD."""
+def micro_batches(validation, dataset, batches: BatchOptions, windows: list, tokenizer) -> list[dict]:
+    """Whole windows in micro-batches laid out as training's: THD packs of its token budget, or BSHD.
+
+    With `validation.micro_batch_size` (or `max_seq_length`) set, the budget is that many of those windows.
+    """
+    size, max_seq_length, _ = window_keys(validation, dataset)
+    own_size = validation.get("micro_batch_size") or validation.get("max_seq_length")
     labels = LabelPolicy(
         dataset.uppercase_labels, dataset.mask_degenerate_bases, dataset.mask_eos_label, tokenizer.eos_token_id
     )
@@ -63,9 +77,8 @@ def micro_batches(dataset, batches: BatchOptions, windows: list, tokenizer) -> l
     )
     samples = [{"input_ids": w} for w in windows]
     if not batches.use_sequence_packing:
-        size = dataset.micro_batch_size
         return [collate(samples[i : i + size]) for i in range(0, len(samples), size)]
-    budget = dataset.token_micro_batch_size or dataset.micro_batch_size * dataset.max_seq_length
+    budget = size * max_seq_length if own_size else dataset.token_micro_batch_size or size * max_seq_length
     groups, tokens = [[]], 0
     for sample in samples:  # never split a window: its loss would lose the context of its first part
         if groups[-1] and tokens + len(sample["input_ids"]) > budget:
@@ -96,7 +109,9 @@ class Validator:
         self.last_step = last_step
         windows = validation_windows(validation, dataset, tokenizer)
         self.num_windows = len(windows)
-        self.batches = micro_batches(dataset, batches, windows, tokenizer)[dist_config.rank :: dist_config.world_size]
+        self.batches = micro_batches(validation, dataset, batches, windows, tokenizer)[
+            dist_config.rank :: dist_config.world_size
+        ]
         self.device = device
         self.best = best
         self.on_best = on_best
