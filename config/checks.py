@@ -169,12 +169,8 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"dataset.max_seq_length={cfg.dataset.max_seq_length} leaves no room for a base between <BOS> and "
             "<EOS>; use a window of at least 3 tokens (8192 in the tier configs)."
         )
-    if not 0 <= cfg.dataset.stride < cfg.dataset.max_seq_length - 2:
-        raise ValueError(
-            f"dataset.stride={cfg.dataset.stride} must be at least 0 and below dataset.max_seq_length - 2 "
-            f"({cfg.dataset.max_seq_length} - 2), or windows would not advance: lower dataset.stride or raise "
-            "dataset.max_seq_length."
-        )
+    if cfg.dataset.stride < 0:  # one above the window's bases is fine while records fit one window (windows.py)
+        raise ValueError(f"dataset.stride={cfg.dataset.stride} must be >= 0 (the overlap between windows).")
     _check_attention_kwargs(cfg)
     _check_precision_kwargs(cfg, use_te)
     if cfg.loss_chunk_size and not use_te:  # here, once: the model config is built twice (check_inputs, the model)
@@ -182,10 +178,10 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             "loss_chunk_size=%s is a TE-model option; the HF reference model ignores it.", cfg.loss_chunk_size
         )
     divisible_by = cfg.dataset.pad_sequences_to_be_divisible_by
-    if divisible_by is not None and (not cfg.use_sequence_packing or divisible_by < 1):
+    if divisible_by is not None and divisible_by < 1:
         raise ValueError(
-            f"dataset.pad_sequences_to_be_divisible_by={divisible_by} pads packed (THD) sequences: it needs "
-            "use_sequence_packing=true and a positive integer (or null)."
+            f"dataset.pad_sequences_to_be_divisible_by={divisible_by} must be a positive integer (or null): the "
+            "multiple each packed sequence (THD) or each micro-batch's length (BSHD) is padded to."
         )
     lookahead = cfg.dataset.packing_lookahead
     if lookahead and (lookahead < 0 or not cfg.use_sequence_packing or not cfg.dataset.split_samples):

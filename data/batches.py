@@ -44,13 +44,17 @@ def create_dataloader(
     kwargs.update(cp_rank=cp_rank, cp_size=cp_size, holdout_fraction=batches.holdout_fraction)
     if batches.pad_for_fp8:
         kwargs["pad_to_multiple_of"] = 16
+    if not batches.use_sequence_packing and kwargs.get("pad_sequences_to_be_divisible_by"):
+        # BSHD: each micro-batch's length is padded to a multiple instead (upstream's collator does so too)
+        multiple = kwargs.pop("pad_sequences_to_be_divisible_by")
+        kwargs["pad_to_multiple_of"] = math.lcm(multiple, kwargs.get("pad_to_multiple_of") or 1)
     if cp_size > 1:
         divisor = 2 * cp_size * (8 if batches.pad_for_fp8 else 1)
         if batches.use_sequence_packing:
             divisor = math.lcm(divisor, kwargs.get("pad_sequences_to_be_divisible_by") or 1)  # a user's value too
             kwargs.update(pad_sequences_to_be_divisible_by=divisor, pad_to_multiple_of=None)
         else:
-            kwargs["pad_to_multiple_of"] = divisor
+            kwargs["pad_to_multiple_of"] = math.lcm(divisor, kwargs.get("pad_to_multiple_of") or 1)
     if batches.use_sequence_packing:
         return create_thd_dataloader(dist_config, **kwargs)
     return create_bshd_dataloader(dist_config, pack_rows=batches.pack_rows, **kwargs)

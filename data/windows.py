@@ -48,7 +48,10 @@ class WindowTokenizer:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, stride: int, text_column: str):
         n_special = len(tokenizer("")["input_ids"])  # <BOS> and <EOS> for the nucleotide tokenizer
-        if not 0 <= stride < max_seq_length - n_special:
+        self.fast = is_byte_tokenizer(tokenizer)
+        # A stride that does not let windows advance is fine while every record fits one window (pre-windowed
+        # data, as OpenGenome2's shards); the byte path checks it per record, HF's overflow needs it always.
+        if stride < 0 or (not self.fast and stride >= max_seq_length - n_special):
             raise ValueError(
                 f"dataset.stride={stride} must be >= 0 and below dataset.max_seq_length={max_seq_length} minus "
                 f"{n_special} special tokens; lower the stride (it is the overlap between windows)."
@@ -57,7 +60,6 @@ class WindowTokenizer:
         self.max_seq_length = max_seq_length
         self.stride = stride
         self.text_column = text_column
-        self.fast = is_byte_tokenizer(tokenizer)
 
     def __call__(self, batch: dict) -> dict:
         """`{text_column: [str]}` -> `{"input_ids": [window]}` (several windows per long record)."""
@@ -86,6 +88,12 @@ class WindowTokenizer:
         windows = []
         for text in kept:
             ids = byte_token_ids(text, tok.unk_token_id)
+            if len(ids) > content and self.stride >= content:
+                raise ValueError(
+                    f"A record of {len(ids)} bases needs several windows of {content} bases, and dataset.stride="
+                    f"{self.stride} would not let them advance: set dataset.stride below {content} "
+                    f"(dataset.max_seq_length={self.max_seq_length} minus <BOS> and <EOS>)."
+                )
             for start in window_starts(len(ids), content, self.stride):
                 piece = ids[start : start + content]
                 window = np.empty(len(piece) + 2, dtype=np.int32)

@@ -291,8 +291,15 @@ def test_dataset_pad_sequences_to_be_divisible_by_pads_each_packed_sequence(tmp_
     batch = first_batch(make_cfg(tmp_path, "use_sequence_packing=true", "dataset.pad_sequences_to_be_divisible_by=96"))
     offsets = batch["cu_seq_lens_q_padded"]
     assert batch["pad_between_seqs"] and all(n % 96 == 0 for n in (offsets[1:] - offsets[:-1]).tolist())
-    with pytest.raises(ValueError, match="needs use_sequence_packing=true"):
-        validate_config(make_cfg(tmp_path, "dataset.pad_sequences_to_be_divisible_by=64"), use_te=False)
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        validate_config(make_cfg(tmp_path, "dataset.pad_sequences_to_be_divisible_by=0"), use_te=False)
+
+
+def test_dataset_pad_sequences_to_be_divisible_by_pads_bshd_micro_batches(tmp_path):
+    """Without packing, each micro-batch's length is padded to the multiple (upstream pads BSHD too, for FP8)."""
+    lengths = {first_batch(make_cfg(tmp_path, f"dataset.seed={s}", "dataset.pad_sequences_to_be_divisible_by=100"))[
+        "input_ids"].shape[1] for s in range(6)}  # fmt: skip
+    assert lengths and all(n % 100 == 0 for n in lengths)
 
 
 def test_dataset_tokenizer_name_or_path_is_used(tmp_path):

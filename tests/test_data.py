@@ -61,9 +61,17 @@ def test_windows_match_hf_overflow_semantics(tokenizer):
     assert list(window_starts(250, 98, 30)) == [0, 68, 136, 204]
 
 
-def test_bad_stride_is_rejected(tokenizer):
-    with pytest.raises(ValueError, match="dataset.stride=998"):
-        WindowTokenizer(tokenizer, 1000, 998, "sequence")
+def test_a_stride_that_cannot_advance_is_fine_while_records_fit_one_window(tokenizer):
+    """As upstream: pre-windowed records (OpenGenome2's shards) need no stride; a longer record names the fix."""
+    tokenize = WindowTokenizer(tokenizer, 100, 200, "sequence")
+    windows = tokenize({"sequence": ["ACGT" * 24, "ACG"]})["input_ids"]  # 96 and 3 bases: one window each
+    assert [len(w) for w in windows] == [98, 5]
+    with pytest.raises(
+        ValueError, match="A record of 99 bases needs several windows of 98 bases, and dataset.stride=200"
+    ):
+        tokenize({"sequence": ["A" * 99]})
+    with pytest.raises(ValueError, match="dataset.stride=-1"):
+        WindowTokenizer(tokenizer, 100, -1, "sequence")
 
 
 # ---- collators ----

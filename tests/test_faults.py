@@ -203,7 +203,7 @@ BAD_CONFIGS = [
     (["use_sequence_packing=yes"], "use_sequence_packing='yes' should be true or false"),
     (["dataset.max_seq_length=long"], "dataset.max_seq_length='long' should be an integer"),
     (["grad_acc_steps=0"], "grad_acc_steps=0 must be a positive integer"),
-    (["dataset.stride=300"], "dataset.stride=300 must be at least 0 and below dataset.max_seq_length - 2"),
+    (["dataset.stride=-1"], "dataset.stride=-1 must be >= 0"),
     (["dataset.num_workers=-1"], "dataset.num_workers=-1 must be 0"),
     (["on_nonfinite.action=ignore"], "on_nonfinite.action='ignore' must be 'skip' or 'stop'"),
     (["cp_size=2"], "cp_size=2 needs train_fsdp2_cp.py"),
