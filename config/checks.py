@@ -189,6 +189,11 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"dataset.packing_lookahead={lookahead} balances packed (THD) micro-batches: it needs "
             "use_sequence_packing=true, dataset.split_samples=true and a positive integer (0: off)."
         )
+    if not 0 <= cfg.dataset.reverse_complement_prob <= 1:
+        raise ValueError(
+            f"dataset.reverse_complement_prob={cfg.dataset.reverse_complement_prob} is a probability: use a number "
+            "from 0 (never) to 1 (always the other strand); 0.5 trains both strands equally."
+        )
     if cfg.dataset.prefetch_factor < 1:
         raise ValueError(f"dataset.prefetch_factor={cfg.dataset.prefetch_factor} must be a positive integer.")
     if cfg.profiler.enabled and not 1 <= cfg.profiler.start_step <= cfg.profiler.end_step:

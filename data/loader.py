@@ -40,10 +40,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from data.collate import ContextParallelCollator, LabelPolicy, make_collator
+from data.dna import reverse_complement_ids
 from data.holdout import held_out_filter
 from data.packing import BalancedPackingDataset, TokenPackingDataset
 from data.sources import describe_decode_error, load_raw_dataset, load_tokenizer
-from data.windows import WindowTokenizer
+from data.windows import WindowTokenizer, is_byte_tokenizer
 from runtime.distributed import DistributedConfig
 from runtime.preemption import loader_worker_init
 
@@ -95,7 +96,9 @@ class WindowStream(IterableDataset):
     Reads `buffer_size` windows, yields them in the order `rng(seed, epoch, block)` gives, repeats.
     Unlike a streaming shuffle buffer (whose contents a checkpoint would have to hold, and which
     `datasets` drops on resume) its state is the source position at the start of the current block
-    and the offset inside it; resuming re-reads that one block.
+    and the offset inside it; resuming re-reads that one block. With `reverse_complement_prob` the same
+    generator also picks the windows that are yielded as their other strand (`dna.reverse_complement_ids`),
+    so the choice is as seeded and as resumable as the order.
     """
 
     def __init__(
@@ -105,10 +108,13 @@ class WindowStream(IterableDataset):
         seed: int,
         num_epochs: int | None = None,
         describe_decode_error=str,
+        reverse_complement_prob: float = 0.0,
+        special_ids: tuple[int, int] = (2, 0),
     ):
         if buffer_size < 1:
             raise ValueError(f"dataset.buffer_size must be >= 1, got {buffer_size}.")
         self.describe_decode_error = describe_decode_error
+        self.reverse_complement_prob, self.special_ids = reverse_complement_prob, special_ids  # (<BOS>, <EOS>)
         self.source, self.buffer_size, self.seed, self.num_epochs = source, buffer_size, seed, num_epochs
         self.epoch, self._block, self._offset, self._block_state = 0, 0, 0, None
 
@@ -123,14 +129,18 @@ class WindowStream(IterableDataset):
             while block := self._read_block(windows):
                 rng = np.random.default_rng([self.seed, worker, self.epoch, self._block])
                 order = rng.permutation(len(block))
+                flip = rng.random(len(block)) < self.reverse_complement_prob if self.reverse_complement_prob else None
                 for i in order[self._offset :]:
                     self._offset += 1
                     yielded_any = True
-                    yield block[i]
+                    yield self._other_strand(block[i]) if flip is not None and flip[i] else block[i]
                 self._block, self._offset, self._block_state = self._block + 1, 0, self.source.state_dict()
             self.epoch, self._block, self._offset, self._block_state = self.epoch + 1, 0, 0, None
             if not yielded_any and self.num_epochs is None:
                 return  # this worker has no data at all: end rather than spin
+
+    def _other_strand(self, window: dict) -> dict:
+        return {**window, "input_ids": reverse_complement_ids(np.asarray(window["input_ids"]), *self.special_ids)}
 
     def _read_block(self, windows) -> list:
         try:
@@ -198,6 +208,7 @@ def _dataloader(
     uppercase_labels: bool = False,
     mask_degenerate_bases: bool = False,
     mask_eos_label: bool = False,
+    reverse_complement_prob: float = 0.0,
     use_stateful_dataloader: bool = True,
     prefetch_factor: int = 4,
     num_epochs: int | None = None,
@@ -223,7 +234,14 @@ def _dataloader(
         holdout_fraction,
     )
     explain = functools.partial(describe_decode_error, load_dataset_kwargs, text_column)
-    stream = WindowStream(windows, buffer_size, seed + distributed_config.rank, num_epochs, explain)
+    if reverse_complement_prob and not is_byte_tokenizer(tokenizer):
+        raise ValueError(
+            f"dataset.reverse_complement_prob={reverse_complement_prob} complements bases, which needs the nucleotide "
+            f"tokenizer (one id per character); {tokenizer_name_or_path!r} is not one. Set it to 0."
+        )
+    specials = (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    stream = WindowStream(windows, buffer_size, seed + distributed_config.rank, num_epochs, explain,
+                          reverse_complement_prob, specials)  # fmt: skip
     items, batch_size = stream, micro_batch_size  # BSHD: the loader groups windows into micro-batches
     if packed:  # THD: each item is already a micro-batch's windows, filling the token budget
         budget = token_micro_batch_size or micro_batch_size * max_seq_length

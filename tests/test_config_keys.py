@@ -333,6 +333,18 @@ def test_genomic_label_keys(tmp_path):
     assert torch.equal(no_eos["labels"][ids != 0], masked["labels"][ids != 0])
 
 
+def test_dataset_reverse_complement_prob_reaches_the_loader(tmp_path):
+    """1.0: every window on the other strand (the loader's own test covers 0.5 and resume)."""
+    plain = first_batch(make_cfg(tmp_path))
+    flipped = first_batch(make_cfg(tmp_path, "dataset.reverse_complement_prob=1.0"))
+    assert (
+        not torch.equal(plain["input_ids"], flipped["input_ids"])
+        and plain["input_ids"].shape == flipped["input_ids"].shape
+    )
+    with pytest.raises(ValueError, match="dataset.reverse_complement_prob=1.5 is a probability"):
+        validate_config(make_cfg(tmp_path, "dataset.reverse_complement_prob=1.5"), use_te=False)
+
+
 def test_split_samples_keeps_the_budget_exact(tmp_path):
     packs = ["use_sequence_packing=true", "dataset.token_micro_batch_size=300"]  # 256-token windows
     loader, _ = build_loader(make_cfg(tmp_path, *packs), ONE_RANK)

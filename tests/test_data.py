@@ -10,6 +10,7 @@ import torch
 from conftest import PARQUET, TOKENIZER
 
 from data.collate import IGNORE_INDEX, BshdCollator, LabelPolicy, ThdCollator, mask_genomic_labels
+from data.dna import reverse_complement, reverse_complement_ids
 from data.loader import create_bshd_dataloader, create_thd_dataloader
 from data.packing import BalancedPackingDataset, TokenPackingDataset
 from data.windows import WindowTokenizer, byte_token_ids, is_byte_tokenizer, window_starts
@@ -297,6 +298,38 @@ def test_loader_state_round_trip(make_loader, streaming, num_workers):
     it = iter(restored)
     got = [next(it) for _ in range(25)]
     assert all(_batches_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_reverse_complement_prob_trains_either_strand_seeded_and_resumable():
+    """Each window comes as itself or its other strand (same order as without the key), seeded, exact on resume."""
+    kwargs = dict(LOADER_KW, micro_batch_size=1, num_workers=0, load_dataset_kwargs={"path": PARQUET})
+    plain, _ = create_bshd_dataloader(DistributedConfig(), **kwargs)
+    flipped, _ = create_bshd_dataloader(DistributedConfig(), **kwargs, reverse_complement_prob=0.5)
+    pairs = [(a["input_ids"][0].numpy(), b) for a, b, _ in zip(plain, flipped, range(200))]
+    same = [np.array_equal(a, b["input_ids"][0].numpy()) for a, b in pairs]
+    for (window, batch), kept in zip(pairs, same):
+        if not kept:
+            other = reverse_complement_ids(window, bos_id=2, eos_id=0)
+            assert np.array_equal(batch["input_ids"][0].numpy(), other) and torch.equal(
+                batch["labels"][0], batch["input_ids"][0]
+            )
+    assert 0.35 < 1 - np.mean(same) < 0.65
+    loader, _ = create_bshd_dataloader(DistributedConfig(), **kwargs, reverse_complement_prob=0.5)
+    it = iter(loader)
+    for _ in range(37):
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(30)]
+    restored, _ = create_bshd_dataloader(DistributedConfig(), **kwargs, reverse_complement_prob=0.5)
+    restored.load_state_dict(state)
+    assert all(_batches_equal(a, b) for a, b in zip(iter(restored), expected))
+
+
+def test_reverse_complement_of_iupac_codes_and_soft_masked_bases():
+    assert reverse_complement("ACGTRYKMBVDHSWN") == "NWSDHBVKMRYACGT"
+    assert reverse_complement("acgtNnry-") == "-rynNacgt"
+    window = np.array([2, *map(ord, "AAcgR"), 0])  # <BOS> ... <EOS>: the specials keep their places
+    assert "".join(map(chr, reverse_complement_ids(window, 2, 0)[1:-1])) == "YcgTT"
 
 
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 16])

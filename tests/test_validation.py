@@ -12,6 +12,7 @@ from test_fasta import write_fasta
 
 import train_fsdp2
 from checkpointing.run_record import read_run_info
+from data.dna import reverse_complement
 from data.loader import create_tokenized_dataset
 from data.sources import load_tokenizer
 from runtime.distributed import DistributedConfig
@@ -67,16 +68,23 @@ def test_val_bits_per_base_equals_a_hand_computation(tmp_path, genome, layout):
     if layout == "packed_rows":  # the TE model's BSHD micro-batches (HF's sdpa masks packed rows by position_ids)
         assert {"cu_seq_lens_q" in b for b in validator.batches} == {True, False}  # padded ones packed, full ones rows
     metrics = validator.run(model, step=0)
-    nll_bases, n_bases, nll_all, n_all = 0.0, 0, 0.0, 0
+    nll_bases, n_bases, nll_all, n_all, gaps = 0.0, 0, 0.0, 0, []
+
+    def bits_per_base(ids):  # one window at a time, no padding, no packing
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)[None]
+        nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        bases = torch.isin(ids[0, 1:], torch.tensor([ord(c) for c in "ACGTacgt"]))
+        return nll, bases, nll[bases].sum().item() / int(bases.sum()) / math.log(2)
+
     with torch.no_grad():
-        # one window at a time, no padding, no packing
         for window in validation_windows(cfg.validation, cfg.dataset, tokenizer):
-            ids = torch.as_tensor(np.asarray(window), dtype=torch.long)[None]
-            nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
-            bases = torch.isin(ids[0, 1:], torch.tensor([ord(c) for c in "ACGTacgt"]))
+            nll, bases, forward = bits_per_base(window)
             nll_bases, n_bases = nll_bases + nll[bases].sum().item(), n_bases + int(bases.sum())
             nll_all, n_all = nll_all + nll.sum().item(), n_all + len(nll)
+            other_strand = [ord(c) for c in reverse_complement("".join(map(chr, window[1:-1])))]
+            gaps.append(abs(forward - bits_per_base([window[0], *other_strand, window[-1]])[2]))
     assert metrics["val_bits_per_base"] == pytest.approx(nll_bases / n_bases / math.log(2), rel=1e-5)
+    assert metrics["val_rc_gap"] == pytest.approx(np.mean(gaps), rel=1e-4) and metrics["val_rc_gap"] > 0
     assert metrics["val_loss"] == pytest.approx(nll_all / n_all, rel=1e-5)
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert metrics["val_bases"] == n_bases and metrics["val_windows"] == 20
@@ -172,3 +180,12 @@ def test_te_validation_of_packed_rows_equals_padded_bshd(tmp_path, genome):
     assert {"cu_seq_lens_q" in b for b in packed.batches} == {True, False}
     packed_bits, padded_bits = (v.run(model, step=0)["val_bits_per_base"] for v in (packed, padded))
     assert packed_bits == pytest.approx(padded_bits, rel=1e-3)
+
+
+def test_val_rc_gap_is_zero_for_a_model_that_reads_both_strands_alike(tmp_path, genome):
+    """A model with an all-zero LM head predicts the same uniform distribution on either strand."""
+    cfg = val_cfg(tmp_path, genome, "dataset.max_seq_length=256")
+    model = build_model(cfg)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    metrics = build_validator(cfg, load_tokenizer(TOKENIZER)).run(model, step=0)
+    assert metrics["val_rc_gap"] == 0.0 and metrics["val_bits_per_base"] == pytest.approx(8.0)  # log2(256)

@@ -11,22 +11,26 @@ any number of ranks (rank r evaluates every world_size-th micro-batch; sums are 
 
 val_loss: mean natural-log loss per predicted token (every target training uses); val_perplexity:
 exp(val_loss); val_bits_per_base: the natural-log loss over targets that are A, C, G or T (either case)
-divided by ln 2, per such base. Validation runs in BF16 without FP8 autocast, so the figure does not
-depend on FP8 scaling history and evaluating does not change it.
+divided by ln 2, per such base. val_rc_gap: the mean over windows of |bits per base of the window - bits
+per base of its reverse complement| (a model that reads both strands alike scores 0; nucleotide tokenizer
+only). Validation runs in BF16 without FP8 autocast, so the figure does not depend on FP8 scaling history
+and evaluating does not change it.
 """
 
 import itertools
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from data.batches import BatchOptions, to_device
 from data.collate import IGNORE_INDEX, LabelPolicy, make_collator
-from data.dna import BASE_IDS_ANY_CASE
+from data.dna import BASE_IDS_ANY_CASE, reverse_complement_ids
 from data.loader import create_tokenized_dataset
+from data.windows import is_byte_tokenizer
 from runtime.distributed import DistributedConfig, all_reduce_sum
 
 
@@ -109,9 +113,14 @@ class Validator:
         self.last_step = last_step
         windows = validation_windows(validation, dataset, tokenizer)
         self.num_windows = len(windows)
-        self.batches = micro_batches(validation, dataset, batches, windows, tokenizer)[
-            dist_config.rank :: dist_config.world_size
-        ]
+        mine = slice(dist_config.rank, None, dist_config.world_size)
+        self.batches = micro_batches(validation, dataset, batches, windows, tokenizer)[mine]
+        # The same windows on the other strand, batched alike, for val_rc_gap (a complement needs one id per base).
+        self.rc_batches = None
+        if is_byte_tokenizer(tokenizer):
+            specials = (tokenizer.bos_token_id, tokenizer.eos_token_id)
+            other_strand = [reverse_complement_ids(np.asarray(w), *specials) for w in windows]
+            self.rc_batches = micro_batches(validation, dataset, batches, other_strand, tokenizer)[mine]
         self.device = device
         self.best = best
         self.on_best = on_best
@@ -125,20 +134,14 @@ class Validator:
         """Validation metrics of `model` after `step` (a collective: call on every rank)."""
         was_training = model.training
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # nll, targets, nll over bases, base targets
-        base_ids = torch.tensor(BASE_IDS_ANY_CASE, dtype=torch.long, device=self.device)
-        for batch in self.batches:
-            batch = to_device(batch, self.device)
-            labels = batch.pop("labels")
-            logits = model(**batch).logits  # [B, S, V]
-            targets = labels[..., 1:].flatten()
-            nll = F.cross_entropy(
-                logits[..., :-1, :].flatten(0, -2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            is_base = torch.isin(targets, base_ids)
-            sums += torch.stack([nll.sum(), (targets != IGNORE_INDEX).sum(), (nll * is_base).sum(), is_base.sum()])
+        sums, window_bits = self._evaluate(model, self.batches)
+        gap = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum of |forward - other strand|, windows
+        if self.rc_batches is not None:
+            _, rc_bits = self._evaluate(model, self.rc_batches)
+            both = ~(window_bits.isnan() | rc_bits.isnan())  # windows with a base to score on both strands
+            gap += torch.stack([(window_bits - rc_bits)[both].abs().sum(), both.sum().double()])
         model.train(was_training)
-        nll, n, nll_bases, n_bases = all_reduce_sum(sums).tolist()
+        nll, n, nll_bases, n_bases, gap_sum, gap_windows = all_reduce_sum(torch.cat([sums, gap])).tolist()
         val_loss = nll / max(n, 1)
         metrics = {
             "val_loss": val_loss,
@@ -147,8 +150,46 @@ class Validator:
             "val_windows": self.num_windows,
             "val_bases": int(n_bases),
         }
+        if gap_windows:
+            metrics["val_rc_gap"] = gap_sum / gap_windows
         if metrics["val_bits_per_base"] < self.best:
             self.best = metrics["val_bits_per_base"]
             if self.on_best is not None:
                 self.on_best(step, metrics)
         return metrics
+
+    def _evaluate(self, model, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[nll, targets, nll over bases, base targets] summed, and each window's bits per base (NaN: no base)."""
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        base_ids = torch.tensor(BASE_IDS_ANY_CASE, dtype=torch.long, device=self.device)
+        per_window = []
+        for batch in batches:
+            batch = to_device(batch, self.device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits  # [B, S, V]
+            targets = labels[..., 1:]
+            nll = F.cross_entropy(
+                logits[..., :-1, :].flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                reduction="none",
+            ).view(targets.shape).double()  # fmt: skip
+            is_base = torch.isin(targets, base_ids)
+            sums += torch.stack([nll.sum(), (targets != IGNORE_INDEX).sum(), (nll * is_base).sum(), is_base.sum()])
+            per_window.append(torch.stack(window_sums(batch, nll * is_base, is_base.double())))
+        bits = torch.cat(per_window, dim=1) if per_window else torch.zeros(2, 0, device=self.device)
+        return sums, bits[0] / bits[1] / math.log(2)  # 0/0: NaN for a window without a base
+
+
+def window_sums(batch: dict, values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window of a micro-batch, the sums of `values` and `counts` ([B, S-1], over targets after the shift).
+
+    A BSHD row is one window; a packed row's windows are its `cu_seq_lens_q` spans (a target belongs to the
+    window of the token it predicts).
+    """
+    if "cu_seq_lens_q" not in batch:
+        return values.sum(dim=1), counts.sum(dim=1)
+    bounds = batch["cu_seq_lens_q"].long()
+    predicted = torch.arange(1, values.shape[1] + 1, device=values.device)  # target t is token t + 1
+    window = torch.searchsorted(bounds[1:], predicted, right=True)
+    n = len(bounds) - 1
+    zeros = torch.zeros(n, dtype=values.dtype, device=values.device)
+    return zeros.index_add(0, window, values[0]), zeros.clone().index_add(0, window, counts[0])
