@@ -64,6 +64,7 @@ def create_tokenized_dataset(
     num_workers: int = 0,
     holdout_fraction: float = 0.0,
     holdout_side: str = "train",
+    bos_eos_only_at_record_ends: bool = False,
 ) -> datasets.IterableDataset:
     """This rank's share of the data as an HF `IterableDataset` of `{"input_ids": window}`.
 
@@ -74,7 +75,7 @@ def create_tokenized_dataset(
     if holdout_fraction:
         ds = ds.filter(held_out_filter(text_column, holdout_fraction, keep=holdout_side == "validation"), batched=True)
     world, rank = distributed_config.world_size, distributed_config.rank
-    tokenize = WindowTokenizer(tokenizer, max_seq_length, stride, text_column)
+    tokenize = WindowTokenizer(tokenizer, max_seq_length, stride, text_column, bos_eos_only_at_record_ends)
     if isinstance(ds, datasets.IterableDataset):
         if ds.num_shards < world * max(num_workers, 1):
             ds = ds.reshard()  # parquet: one shard per row group, so that ranks and workers get whole shards
@@ -209,6 +210,7 @@ def _dataloader(
     mask_degenerate_bases: bool = False,
     mask_eos_label: bool = False,
     reverse_complement_prob: float = 0.0,
+    bos_eos_only_at_record_ends: bool = False,
     use_stateful_dataloader: bool = True,
     prefetch_factor: int = 4,
     num_epochs: int | None = None,
@@ -232,6 +234,7 @@ def _dataloader(
         text_column,
         num_workers,
         holdout_fraction,
+        bos_eos_only_at_record_ends=bos_eos_only_at_record_ends,
     )
     explain = functools.partial(describe_decode_error, load_dataset_kwargs, text_column)
     if reverse_complement_prob and not is_byte_tokenizer(tokenizer):

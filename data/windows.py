@@ -44,9 +44,22 @@ def window_starts(n_tokens: int, window: int, stride: int) -> range:
 
 
 class WindowTokenizer:
-    """Batched `datasets.map` function: a column of text -> a column of `input_ids` windows."""
+    """Batched `datasets.map` function: a column of text -> a column of `input_ids` windows.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, stride: int, text_column: str):
+    Each window is `<BOS> ... <EOS>`, as HF's overflow makes them. With `bos_eos_only_at_record_ends` (byte
+    path only) a record is tokenized as one stream `<BOS> bases <EOS>` that is then cut into windows: the first
+    window starts with `<BOS>`, the last ends with `<EOS>`, interior windows carry neither (a record that fits
+    one window is the same either way).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_seq_length: int,
+        stride: int,
+        text_column: str,
+        bos_eos_only_at_record_ends: bool = False,
+    ):
         n_special = len(tokenizer("")["input_ids"])  # <BOS> and <EOS> for the nucleotide tokenizer
         self.fast = is_byte_tokenizer(tokenizer)
         # A stride that does not let windows advance is fine while every record fits one window (pre-windowed
@@ -60,6 +73,12 @@ class WindowTokenizer:
         self.max_seq_length = max_seq_length
         self.stride = stride
         self.text_column = text_column
+        self.bos_eos_only_at_record_ends = bos_eos_only_at_record_ends
+        if bos_eos_only_at_record_ends and not self.fast:
+            raise ValueError(
+                "dataset.bos_eos_only_at_record_ends=true cuts the nucleotide tokenizer's id stream; this tokenizer "
+                "is not one (one id per character). Set it to false."
+            )
 
     def __call__(self, batch: dict) -> dict:
         """`{text_column: [str]}` -> `{"input_ids": [window]}` (several windows per long record)."""
@@ -88,6 +107,9 @@ class WindowTokenizer:
         windows = []
         for text in kept:
             ids = byte_token_ids(text, tok.unk_token_id)
+            if self.bos_eos_only_at_record_ends:
+                windows += self._record_windows(ids)
+                continue
             if len(ids) > content and self.stride >= content:
                 raise ValueError(
                     f"A record of {len(ids)} bases needs several windows of {content} bases, and dataset.stride="
@@ -100,3 +122,14 @@ class WindowTokenizer:
                 window[0], window[1:-1], window[-1] = tok.bos_token_id, piece, tok.eos_token_id
                 windows.append(window)
         return {"input_ids": windows}
+
+    def _record_windows(self, ids: np.ndarray) -> list[np.ndarray]:
+        """`<BOS> ids <EOS>` as one stream, cut into windows of `max_seq_length` tokens overlapping by `stride`."""
+        tok, length = self.tokenizer, self.max_seq_length
+        stream = np.concatenate([[tok.bos_token_id], ids, [tok.eos_token_id]]).astype(np.int32)
+        if len(stream) > length and self.stride >= length:
+            raise ValueError(
+                f"A record of {len(ids)} bases needs several windows of {length} tokens, and dataset.stride="
+                f"{self.stride} would not let them advance: set dataset.stride below {length}."
+            )
+        return [stream[start : start + length] for start in window_starts(len(stream), length, self.stride)]

@@ -345,6 +345,18 @@ def test_dataset_reverse_complement_prob_reaches_the_loader(tmp_path):
         validate_config(make_cfg(tmp_path, "dataset.reverse_complement_prob=1.5"), use_te=False)
 
 
+def test_dataset_bos_eos_only_at_record_ends_reaches_the_loader(tmp_path):
+    """Interior windows of the bundled long records lose their <BOS> and <EOS>."""
+    overrides = ["dataset.micro_batch_size=1", "dataset.buffer_size=1"]  # stream order: one record's windows in turn
+
+    def specials(*more):
+        loader, _ = build_loader(make_cfg(tmp_path, *overrides, *more), ONE_RANK)
+        windows = [b["input_ids"][0] for b, _ in zip(loader, range(30))]
+        return sum(int(w[0] == 2) + int(w[-1] == 0) for w in windows)
+
+    assert specials() == 60 and specials("dataset.bos_eos_only_at_record_ends=true") < 30
+
+
 def test_split_samples_keeps_the_budget_exact(tmp_path):
     packs = ["use_sequence_packing=true", "dataset.token_micro_batch_size=300"]  # 256-token windows
     loader, _ = build_loader(make_cfg(tmp_path, *packs), ONE_RANK)

@@ -62,6 +62,18 @@ def test_windows_match_hf_overflow_semantics(tokenizer):
     assert list(window_starts(250, 98, 30)) == [0, 68, 136, 204]
 
 
+def test_bos_eos_only_at_record_ends(tokenizer):
+    """One stream `<BOS> bases <EOS>` per record cut into windows: interior windows carry neither special."""
+    bases = "".join(np.random.default_rng(0).choice(list("ACGT"), size=250))
+    windows = WindowTokenizer(tokenizer, 100, 20, "sequence", bos_eos_only_at_record_ends=True)(
+        {"sequence": [bases, "ACGT"]})["input_ids"]  # fmt: skip
+    stream = [2, *map(ord, bases), 0]  # 252 tokens: windows at 0, 80, 160 (the last reaches the end)
+    assert [list(w) for w in windows[:3]] == [stream[0:100], stream[80:180], stream[160:260]]
+    assert list(windows[3]) == [2, *map(ord, "ACGT"), 0]  # a record that fits one window: as before
+    assert [w[0] == 2 for w in windows[:3]] == [True, False, False] and [w[-1] == 0 for w in windows[:3]] == [
+        False, False, True]  # fmt: skip
+
+
 def test_a_stride_that_cannot_advance_is_fine_while_records_fit_one_window(tokenizer):
     """As upstream: pre-windowed records (OpenGenome2's shards) need no stride; a longer record names the fix."""
     tokenize = WindowTokenizer(tokenizer, 100, 200, "sequence")

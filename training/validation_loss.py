@@ -56,6 +56,7 @@ def validation_windows(validation, dataset, tokenizer) -> list:
         dataset.text_column,
         holdout_fraction=0.0 if separate else validation.fraction,
         holdout_side="validation",
+        bos_eos_only_at_record_ends=dataset.bos_eos_only_at_record_ends,
     )
     windows = [w["input_ids"] for w in itertools.islice(stream, validation.num_windows)]
     if not windows:
