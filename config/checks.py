@@ -189,6 +189,11 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"dataset.packing_lookahead={lookahead} balances packed (THD) micro-batches: it needs "
             "use_sequence_packing=true, dataset.split_samples=true and a positive integer (0: off)."
         )
+    if cfg.dataset.lowercase_loss_weight < 0:
+        raise ValueError(
+            f"dataset.lowercase_loss_weight={cfg.dataset.lowercase_loss_weight} must be >= 0 (0: no loss on "
+            "soft-masked bases, 0.1: Evo 2's repeat weight, 1: every base alike)."
+        )
     if not 0 <= cfg.dataset.reverse_complement_prob <= 1:
         raise ValueError(
             f"dataset.reverse_complement_prob={cfg.dataset.reverse_complement_prob} is a probability: use a number "

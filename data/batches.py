@@ -100,10 +100,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def count_label_tokens(batch: dict) -> torch.Tensor:
-    """Count the prediction targets after the model's shift (labels[..., 1:] != -100).
+    """Count the prediction targets after the model's shift (labels[..., 1:] != -100): the loss's divisor.
 
-    A context-parallel shard carries its targets already shifted (`shift_labels`).
+    A context-parallel shard carries its targets already shifted (`shift_labels`). With loss weights
+    (`dataset.lowercase_loss_weight`) each target counts at its weight, so the loss is the weighted mean.
     """
+    if "shift_loss_weights" in batch:
+        return batch["shift_loss_weights"].sum()
+    if "loss_weights" in batch:
+        return batch["loss_weights"][..., 1:].sum()
     if "shift_labels" in batch:
         return (batch["shift_labels"] != IGNORE_INDEX).sum()
     return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()

@@ -46,12 +46,30 @@ def mask_genomic_labels(
 
 @dataclass(frozen=True)
 class LabelPolicy:
-    """Which positions are prediction targets, and as what: the `dataset` keys of the same names."""
+    """Which positions are prediction targets, as what, and how much each weighs: the `dataset` keys of the same names.
+
+    `lowercase_loss_weight` (1.0: every target alike) is the loss weight of a target that is a lowercase
+    (soft-masked, repeat) character in the data, whether or not `uppercase_labels` predicts it as uppercase;
+    with it, batches carry `loss_weights` next to `labels` (0 where there is no target).
+    """
 
     uppercase_labels: bool = False
     mask_degenerate_bases: bool = False
     mask_eos_label: bool = False
     eos_token_id: int = 0
+    lowercase_loss_weight: float = 1.0
+
+    @property
+    def weighted(self) -> bool:
+        """Whether batches carry `loss_weights`."""
+        return self.lowercase_loss_weight != 1.0
+
+    def weights_for(self, input_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Each position's loss weight (`labels` as `labels_for` gave them, after any masking)."""
+        lowercase = (input_ids >= ord("a")) & (input_ids <= ord("z"))
+        weights = np.where(lowercase, self.lowercase_loss_weight, 1.0).astype(np.float32)
+        weights[labels == IGNORE_INDEX] = 0.0
+        return weights
 
     def labels_for(self, input_ids: np.ndarray) -> np.ndarray:
         """The labels of one window (not shifted: the model shifts them)."""
@@ -73,7 +91,7 @@ class BshdCollator:
     ):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.labels_for = labels.labels_for
+        self.policy = labels
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask` and `labels` of shape [B, L]."""
@@ -86,13 +104,16 @@ class BshdCollator:
         attention_mask = np.zeros((len(seqs), length), dtype=np.int64)
         for row, seq in enumerate(seqs):
             input_ids[row, : len(seq)] = seq
-            labels[row, : len(seq)] = self.labels_for(seq)
+            labels[row, : len(seq)] = self.policy.labels_for(seq)
             attention_mask[row, : len(seq)] = 1
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
         }
+        if self.policy.weighted:
+            batch["loss_weights"] = torch.from_numpy(self.policy.weights_for(input_ids, labels))
+        return batch
 
 
 class ThdCollator:
@@ -111,7 +132,7 @@ class ThdCollator:
         pad_sequences_to_be_divisible_by: int | None = None,
         labels: LabelPolicy = LabelPolicy(),
     ):
-        self.labels_for = labels.labels_for
+        self.policy = labels
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_sequences_to_be_divisible_by = pad_sequences_to_be_divisible_by
@@ -137,7 +158,7 @@ class ThdCollator:
         labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
         for seq, start in zip(seqs, cu_padded[:-1]):
             input_ids[start : start + len(seq)] = seq
-            seq_labels = self.labels_for(seq)
+            seq_labels = self.policy.labels_for(seq)
             if len(seq_labels):
                 seq_labels[0] = IGNORE_INDEX  # the previous sequence's last token must not predict it
             labels[start : start + len(seq)] = seq_labels
@@ -148,6 +169,8 @@ class ThdCollator:
             "labels": torch.from_numpy(labels)[None],
             "position_ids": torch.from_numpy(position_ids)[None],
         }
+        if self.policy.weighted:
+            batch["loss_weights"] = torch.from_numpy(self.policy.weights_for(input_ids, labels))[None]
         if self.pad_sequences_to_be_divisible_by:
             real = np.where(lengths > 0, lengths, padded)  # the extra padding sequence counts as real
             cu = torch.from_numpy(np.concatenate([[0], np.cumsum(real)])).to(torch.int32)
@@ -233,6 +256,8 @@ def shard_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
     """
     labels = batch["labels"]
     shift_labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    weights = batch.get("loss_weights")
+    shift_weights = None if weights is None else torch.nn.functional.pad(weights[..., 1:], (0, 1), value=0.0)
     if "cu_seq_lens_q_padded" in batch:  # THD
         bounds = batch["cu_seq_lens_q_padded"].numpy()
     elif "cu_seq_lens_q" in batch:
@@ -240,11 +265,12 @@ def shard_batch_for_cp(batch: dict, cp_size: int, cp_rank: int) -> dict:
     else:  # BSHD: every row is one sequence of the same length
         bounds = np.array([0, labels.shape[1]])
     index = torch.from_numpy(cp_shard_indices(bounds, cp_size, cp_rank))
-    sharded = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
+    sharded = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask", "loss_weights")}
     for key, value in (
         ("input_ids", batch["input_ids"]),
         ("position_ids", batch.get("position_ids")),
         ("shift_labels", shift_labels),
+        ("shift_loss_weights", shift_weights),  # shifted with the labels they weigh
     ):
         if value is not None:
             sharded[key] = value[:, index]

@@ -211,6 +211,7 @@ def _dataloader(
     mask_eos_label: bool = False,
     reverse_complement_prob: float = 0.0,
     bos_eos_only_at_record_ends: bool = False,
+    lowercase_loss_weight: float = 1.0,
     use_stateful_dataloader: bool = True,
     prefetch_factor: int = 4,
     num_epochs: int | None = None,
@@ -252,7 +253,9 @@ def _dataloader(
             items, batch_size = BalancedPackingDataset(stream, budget, packing_lookahead), None
         else:
             items, batch_size = TokenPackingDataset(stream, budget, split_samples), None
-    labels = LabelPolicy(uppercase_labels, mask_degenerate_bases, mask_eos_label, tokenizer.eos_token_id)
+    labels = LabelPolicy(
+        uppercase_labels, mask_degenerate_bases, mask_eos_label, tokenizer.eos_token_id, lowercase_loss_weight
+    )
     collate = make_collator(
         tokenizer.pad_token_id,
         labels,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
+from model.modeling_llama_te import causal_lm_loss
 from model.shape import count_parameters
 from runtime.paths import resolve_path
 
@@ -147,6 +148,7 @@ def create_model(options: ModelOptions, device: torch.device):
             model = NVLlamaForCausalLM(config)
     else:
         model = LlamaForCausalLM(config).to(device, dtype=config.dtype)  # the constructor ignores config.dtype
+        model.loss_function = causal_lm_loss  # HF's loss, plus per-target weights (dataset.lowercase_loss_weight)
         opengenome2_init(model, options)
     if options.use_gradient_checkpointing:
         apply_activation_checkpointing(model, options.use_te, offload_to_cpu=options.activation_cpu_offload)

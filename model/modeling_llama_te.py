@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -462,10 +463,11 @@ class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         num_items = kwargs.get("num_items_in_batch")
         shift_labels = kwargs.get("shift_labels")  # targets already shifted (context parallelism shards them)
+        weights = {k: kwargs[k] for k in ("loss_weights", "shift_loss_weights") if kwargs.get(k) is not None}
         has_targets = labels is not None or shift_labels is not None
         if has_targets and self.config.loss_chunk_size:
             loss = chunked_cross_entropy(
-                hidden, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items, shift_labels
+                hidden, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items, shift_labels, **weights
             )
             return CausalLMOutputWithPast(
                 loss=loss, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
@@ -473,8 +475,13 @@ class NVLlamaForCausalLM(NVLlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)  # nn.Linear: TE's FP8 autocast never quantizes it
         loss = None
         if has_targets:
-            loss = self.loss_function(
-                logits, labels, self.config.vocab_size, num_items_in_batch=num_items, shift_labels=shift_labels
+            loss = causal_lm_loss(
+                logits,
+                labels,
+                self.config.vocab_size,
+                num_items_in_batch=num_items,
+                shift_labels=shift_labels,
+                **weights,
             )
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
@@ -499,14 +506,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, target_weights=None):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             valid = y != IGNORE_INDEX
-            y = torch.where(valid, y, 0)
+            if target_weights is not None:  # per-target loss weights (0 where there is no target)
+                valid = target_weights[start : start + chunk_size].float()
+            y = torch.where(y != IGNORE_INDEX, y, 0)
             probs = (h @ weight.t()).float()
             log_norm = torch.logsumexp(probs, dim=-1)
             target_logit = probs.gather(1, y[:, None]).squeeze(1)
@@ -522,24 +531,77 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+        return (
+            grad_hidden * grad_loss.to(grad_hidden.dtype),
+            grad_weight * grad_loss.to(grad_weight.dtype),
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_cross_entropy(
-    hidden, weight, labels, chunk_size: int, num_items_in_batch=None, shift_labels=None
+    hidden,
+    weight,
+    labels,
+    chunk_size: int,
+    num_items_in_batch=None,
+    shift_labels=None,
+    loss_weights=None,
+    shift_loss_weights=None,
 ) -> torch.Tensor:
     """HF's causal LM loss without ever holding the full logits.
 
     Labels are shifted left (or `shift_labels` taken as given), -100 is ignored, and the sum is divided by
     `num_items_in_batch` (or the target count). For a 128k vocabulary the full logits are 1 GiB of fp32 per
-    2k tokens, plus their gradient.
+    2k tokens, plus their gradient. `loss_weights` (aligned with `labels`) or `shift_loss_weights` weigh each
+    target (`causal_lm_loss`).
     """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        if loss_weights is not None:
+            shift_loss_weights = F.pad(loss_weights, (0, 1), value=0.0)[..., 1:]
     targets = shift_labels.reshape(-1)
-    loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size)
-    denominator = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
-    return loss / denominator
+    target_weights = shift_loss_weights.reshape(-1) if shift_loss_weights is not None else None
+    loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size, target_weights)
+    if num_items_in_batch is not None:
+        return loss / num_items_in_batch
+    return loss / (target_weights.sum() if target_weights is not None else (targets != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss(
+    logits,
+    labels,
+    vocab_size: int,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels=None,
+    loss_weights=None,
+    shift_loss_weights=None,
+    **kwargs,
+) -> torch.Tensor:
+    """HF's causal-LM loss (`ForCausalLMLoss`, the same numbers), with optional per-target weights.
+
+    `loss_weights` are aligned with `labels` (or `shift_loss_weights` with `shift_labels`): the weighted sum of
+    the targets' losses is divided by `num_items_in_batch` (the step's summed weights), else by the weights' sum.
+    """
+    if loss_weights is None and shift_loss_weights is None:
+        return ForCausalLMLoss(
+            logits,
+            labels,
+            vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index,
+            shift_labels=shift_labels,
+            **kwargs,
+        )
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_loss_weights = F.pad(loss_weights, (0, 1), value=0.0)[..., 1:]
+    targets = shift_labels.reshape(-1).to(logits.device)
+    nll = F.cross_entropy(logits.float().reshape(-1, vocab_size), targets, ignore_index=ignore_index, reduction="none")
+    weights = shift_loss_weights.reshape(-1).to(nll)
+    return (nll * weights).sum() / (num_items_in_batch if num_items_in_batch is not None else weights.sum())
 
 
 # `save_pretrained` then copies this file next to the weights and writes `auto_map` into config.json, so

@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -355,6 +356,27 @@ def test_dataset_bos_eos_only_at_record_ends_reaches_the_loader(tmp_path):
         return sum(int(w[0] == 2) + int(w[-1] == 0) for w in windows)
 
     assert specials() == 60 and specials("dataset.bos_eos_only_at_record_ends=true") < 30
+
+
+@pytest.mark.parametrize("entrypoint", [train_ddp, train_fsdp2], ids=["ddp", "fsdp2"])
+def test_dataset_lowercase_loss_weight_weighs_soft_masked_targets(tmp_path, entrypoint):
+    """Step 1's loss (before any update) is the weighted mean: it moves with the weight on soft-masked data."""
+    rng = np.random.default_rng(0)
+    records = [
+        "".join(c.lower() if i // 50 % 2 else c for i, c in enumerate(rng.choice(list("ACGT"), 3000)))
+        for _ in range(8)
+    ]  # runs of 50 lowercase (repeat) bases
+    data = tmp_path / "soft_masked.parquet"
+    pq.write_table(pa.table({"sequence": records}), data)
+    step_one = {}
+    for weight in (1.0, 0.1, 0.0):
+        run = tmp_path / f"w{weight}"
+        keys = [f"dataset.load_dataset_kwargs.path={data}", "dataset.uppercase_labels=true", "num_train_steps=1"]
+        entrypoint.main(make_cfg(run, *keys, f"dataset.lowercase_loss_weight={weight}"))
+        step_one[weight] = losses(run)[1]
+    assert len(set(step_one.values())) == 3
+    with pytest.raises(ValueError, match="dataset.lowercase_loss_weight=-1 must be >= 0"):
+        validate_config(make_cfg(tmp_path, "dataset.lowercase_loss_weight=-1"), use_te=False)
 
 
 def test_split_samples_keeps_the_budget_exact(tmp_path):

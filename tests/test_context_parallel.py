@@ -123,3 +123,24 @@ def test_cp_loader_yields_each_ranks_shard(packing):
             expected = shard_batch_for_cp(batch, 2, rank)
             assert shard.keys() == expected.keys()
             assert all(torch.equal(shard[k], expected[k]) for k in expected if torch.is_tensor(expected[k]))
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_loss_weights_are_shifted_and_sharded_with_the_labels(cp_size):
+    """Each CP rank's `shift_loss_weights` weigh its `shift_labels`; the shards' summed weights make the whole's."""
+    from data.collate import LabelPolicy
+
+    rng = np.random.default_rng(5)
+    samples = [{"input_ids": rng.choice([65, 67, 97, 99], size=rng.integers(5, 60))} for _ in range(4)]
+    policy = LabelPolicy(lowercase_loss_weight=0.25)
+    batch = ThdCollator(pad_token_id=1, pad_sequences_to_be_divisible_by=2 * cp_size, labels=policy)(samples)
+    shards = [shard_batch_for_cp(batch, cp_size, r) for r in range(cp_size)]
+    assert sum(count_label_tokens(s) for s in shards) == pytest.approx(count_label_tokens(batch).item())
+    for shard in shards:
+        weights, targets = shard["shift_loss_weights"], shard["shift_labels"]
+        assert ((weights == 0) == (targets == IGNORE_INDEX)).all()  # a weight exactly where there is a target
+        lowercase = (targets >= ord("a")) & (targets <= ord("z"))
+        assert (
+            torch.allclose(weights[lowercase], torch.tensor(0.25))
+            and (weights[~lowercase & (targets >= 0)] == 1).all()
+        )

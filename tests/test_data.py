@@ -156,6 +156,22 @@ def test_genomic_label_masking():
     assert batch["input_ids"][0].tolist() == ids.tolist()  # the input keeps the characters
 
 
+def test_lowercase_loss_weight_gives_soft_masked_targets_their_weight():
+    """`loss_weights` beside `labels`: the weight where the data has a lowercase base, 1 elsewhere, 0 off target."""
+    policy = LabelPolicy(uppercase_labels=True, mask_degenerate_bases=True, lowercase_loss_weight=0.1)
+    window = np.array([2, *map(ord, "ACgtN"), 0], dtype=np.int64)
+    bshd = BshdCollator(1, labels=policy)([{"input_ids": window}, {"input_ids": window[:4]}])
+    expected = [0.0, 1.0, 1.0, 0.1, 0.1, 0.0, 1.0]  # <BOS> and N are no targets; <EOS> is one
+    assert bshd["loss_weights"][0].tolist() == pytest.approx(expected)
+    assert bshd["loss_weights"][1].tolist() == pytest.approx([0.0, 1.0, 1.0, 0.1, 0.0, 0.0, 0.0])  # padding: 0
+    thd = ThdCollator(1, labels=policy)([{"input_ids": window}, {"input_ids": window}])
+    assert thd["loss_weights"][0].tolist() == pytest.approx(expected * 2)  # (each sequence's first label: ignored)
+    from data.batches import count_label_tokens
+
+    assert count_label_tokens(thd) == pytest.approx(2 * sum(expected[1:]) - 0)  # the loss divisor: summed weights
+    assert "loss_weights" not in BshdCollator(1, labels=LabelPolicy(uppercase_labels=True))([{"input_ids": window}])
+
+
 def test_mask_eos_label_drops_eos_as_opengenome2_masks_it():
     """`dataset.mask_eos_label`: no target on <EOS> (OpenGenome2's degenerate masking drops it; ours keeps it)."""
     ids = np.array([2, *(ord(c) for c in "ACgtN"), 0], dtype=np.int64)

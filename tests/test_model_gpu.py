@@ -334,3 +334,21 @@ def test_exports_load_through_automodel_and_llama(hf_model, tmp_path):
     llama = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).cuda().eval()
     assert_close_logits(llama(input_ids=ids).logits, te_model(input_ids=ids).logits)
     assert math.isfinite(llama(input_ids=ids, labels=ids).loss.item())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("loss_chunk_size", [None, 64])
+def test_te_loss_with_lowercase_weights_matches_the_weighted_reference(hf_model, loss_chunk_size):
+    """`dataset.lowercase_loss_weight`: the TE model's loss (full or chunked) is the weighted mean of HF's logits."""
+    from data.collate import LabelPolicy, ThdCollator
+    from model.modeling_llama_te import causal_lm_loss
+
+    te_model = te_from_hf(hf_model, attn_input_format="thd", loss_chunk_size=loss_chunk_size)
+    policy = LabelPolicy(lowercase_loss_weight=0.1)
+    seqs = [torch.tensor([ord(c) for c in "ACGTacgt"])[torch.randint(0, 8, (n,))] for n in SEQ_LENS]
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in ThdCollator(1, labels=policy)([{"input_ids": s.numpy()} for s in seqs]).items()}  # fmt: skip
+    te_loss = te_model(**batch).loss.item()
+    logits = torch.cat([hf_model(input_ids=s[None].cuda()).logits[0] for s in seqs])[None]
+    reference = causal_lm_loss(logits, batch["labels"], 256, loss_weights=batch["loss_weights"]).item()
+    assert te_loss == pytest.approx(reference, rel=0.01)
