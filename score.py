@@ -9,25 +9,26 @@ and per base (sequences longer than `--window` are scored in consecutive windows
 
 `variants`: for each SNV or indel of the VCF (each ALT of a multi-allelic site), a window of `--window - 1`
 reference bases centred on it, and score = LL(alt window) - LL(ref window): the same span of the genome
-with the ALT allele in place of REF (an indel changes the length). Negative scores: the model finds the
-variant less likely. `--both-strands` averages the score with that of the reverse-complement windows.
-A REF that does not match the reference is skipped and counted (or stops the run with
-`--on-ref-mismatch stop`); symbolic ALTs (<DEL>, *) are skipped and counted. A .vcf output is the input
-with an INFO field `LLR`; .tsv lists chrom, pos, id, ref, alt, window start, LL(ref), LL(alt), score.
-On a GPU with TE the windows run packed (THD); elsewhere HF runs them one by one.
+with the ALT allele in place of REF (an indel changes the length; `--length-matched` scores windows of the
+same length). Negative scores: the model finds the variant less likely. `--both-strands` averages the score
+with that of the reverse-complement windows. Every record reaches the output: scored, or with the reason it
+was not (`ref_mismatch`, `unknown_chrom`, `out_of_bounds`, `symbolic_alt`, `no_alt`; `--on-error stop` stops
+at the first instead, `--on-ref-mismatch stop` at a REF mismatch). A .vcf/.vcf.gz/.bcf output is the input
+with INFO `LLR` and `LLR_STATUS` per ALT; .tsv lists chrom, pos, id, ref, alt, window start, LL(ref), LL(alt),
+score, status, note. The output is written to `<out>.partial` as it goes and renamed at the end
+(`use/variants.py`). On a GPU with TE the windows run packed (THD); elsewhere HF runs them one by one.
 """
 
 import argparse
 import csv
-import math
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data.dna import reverse_complement
 from data.sources import read_records
-from use.inference import encode, load_model, record_windows, token_log_probs
+from use.inference import load_model, record_windows, token_log_probs
+from use.variants import SKIP_REASONS, Reference, read_calls, score_calls, write_calls
 
 
 def parse_args(argv=None):
@@ -45,10 +46,19 @@ def parse_args(argv=None):
     seqs.add_argument("--input", required=True, help="FASTA/FASTQ (.gz) or parquet")
     seqs.add_argument("--text-column", default="sequence")
     variants = sub.choices["variants"]
-    variants.add_argument("--reference", required=True, help="the reference FASTA (indexed with pyfaidx)")
+    variants.add_argument("--reference", required=True, help="reference FASTA: plain, gzip or bgzip (.fai/.gzi made)")
     variants.add_argument("--vcf", required=True, help="VCF or BCF, plain or bgzipped")
-    variants.add_argument("--on-ref-mismatch", choices=["skip", "stop"], default="skip")
+    variants.add_argument(
+        "--on-error",
+        choices=["skip", "stop"],
+        default="skip",
+        help="a record that cannot be scored: write it with its reason, or stop",
+    )
+    variants.add_argument("--on-ref-mismatch", choices=["skip", "stop"], default="skip", help="stop on REF mismatches")
     variants.add_argument("--both-strands", action="store_true", help="average with the reverse complement")
+    variants.add_argument(
+        "--length-matched", action="store_true", help="indels: the alt window cut or filled to the ref window's length"
+    )
     return p.parse_args(argv)
 
 
@@ -77,97 +87,6 @@ def score_sequences(model, tokenizer, records, window: int, batch_windows: int):
     yield from flush()
 
 
-def variant_windows(fetch, length: int, pos0: int, ref: str, alt: str, bases: int) -> tuple[int, str, str]:
-    """(start, ref window, alt window) for a variant at 0-based `pos0` of a sequence of `length` bases.
-
-    The ref window is `bases` reference bases (`fetch(start, end)`) centred on REF; the alt window is the
-    same span with ALT in place of REF. REF always lies inside the window.
-    """
-    start = max(0, min(pos0 - (bases - len(ref)) // 2, length - bases))
-    ref_window = fetch(start, start + bases)
-    offset = pos0 - start
-    return start, ref_window, ref_window[:offset] + alt + ref_window[offset + len(ref) :]
-
-
-def read_variants(reference, vcf_path: str, bases: int, on_mismatch: str, counts: dict):
-    """Yield (record, alt, start, ref window, alt window) for each scorable ALT; count what is skipped."""
-    import pysam
-
-    with pysam.VariantFile(vcf_path) as vcf:
-        for record in vcf:
-            if record.chrom not in reference:
-                known = list(reference.keys())[:5]
-                raise ValueError(
-                    f"{vcf_path}: chromosome {record.chrom!r} is not in the reference (it has {known}); "
-                    "use the reference the VCF was called on."
-                )
-            chrom = reference[record.chrom]  # sliced on demand: never a whole chromosome in memory
-            genome_ref = chrom[record.pos - 1 : record.pos - 1 + len(record.ref)]
-            if genome_ref.upper() != record.ref.upper():
-                if on_mismatch == "stop":
-                    raise ValueError(
-                        f"{vcf_path}: {record.chrom}:{record.pos} has REF {record.ref} but the reference reads "
-                        f"{genome_ref}; check the reference build, or pass --on-ref-mismatch skip."
-                    )
-                counts["ref_mismatch"] += 1
-                continue
-            for alt in record.alts or ():
-                if alt.startswith("<") or alt == "*" or not alt.isalpha():
-                    counts["symbolic"] += 1
-                    continue
-                fetch = lambda a, b, chrom=chrom: chrom[a:b]  # noqa: E731
-                yield (record, alt, *variant_windows(fetch, len(chrom), record.pos - 1, record.ref, alt, bases))
-
-
-def score_variants(model, tokenizer, variants, batch_windows: int, both_strands: bool):
-    """Yield (record, alt, start, LL(ref), LL(alt), score) for each variant."""
-    batch = []
-
-    def flush():
-        strands = (lambda s: s, reverse_complement) if both_strands else (lambda s: s,)
-        windows = [encode(tokenizer, f(w)) for _, _, _, ref_w, alt_w in batch for f in strands for w in (ref_w, alt_w)]
-        lls = iter(log_likelihood(x) for x in token_log_probs(model, windows))
-        for record, alt, start, _, _ in batch:
-            pairs = [(next(lls), next(lls)) for _ in strands]  # (LL ref, LL alt) per strand
-            ll_ref, ll_alt = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
-            yield record, alt, start, ll_ref, ll_alt, ll_alt - ll_ref
-        batch.clear()
-
-    for variant in variants:
-        batch.append(variant)
-        if len(batch) >= batch_windows:
-            yield from flush()
-    yield from flush()
-
-
-def write_variants(scored, vcf_path: str, out: Path) -> int:
-    """Write the scores as TSV, or as the input VCF with INFO/LLR (one value per ALT); returns the count."""
-    import pysam
-
-    rows = list(scored)
-    if out.suffix in (".vcf", ".gz", ".bcf"):
-        llr = {}
-        for record, alt, _, _, _, score in rows:
-            llr.setdefault((record.chrom, record.pos, record.ref, record.alts), {})[alt] = score
-        with pysam.VariantFile(vcf_path) as vcf:
-            vcf.header.info.add("LLR", "A", "Float", "log-likelihood ratio LL(alt window) - LL(ref window)")
-            with pysam.VariantFile(str(out), "w", header=vcf.header) as writer:
-                for record in vcf:
-                    scores = llr.get((record.chrom, record.pos, record.ref, record.alts))
-                    if scores:
-                        record.info["LLR"] = tuple(scores.get(a, math.nan) for a in record.alts)
-                    writer.write(record)
-        return len(rows)
-    with out.open("w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["chrom", "pos", "id", "ref", "alt", "window_start", "ll_ref", "ll_alt", "score"])
-        for record, alt, start, ll_ref, ll_alt, score in rows:
-            writer.writerow(
-                [record.chrom, record.pos, record.id or ".", record.ref, alt, start, ll_ref, ll_alt, score]
-            )
-    return len(rows)
-
-
 def main(argv=None) -> dict:
     """Score, write `--out`, print a one-line summary with throughput; returns the summary."""
     args = parse_args(argv)
@@ -183,18 +102,16 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - start
         summary = {"sequences": len(scored), "sequences_per_s": len(scored) / seconds}
     else:
-        from pyfaidx import Fasta
-
-        counts = {"ref_mismatch": 0, "symbolic": 0}
-        with Fasta(args.reference, as_raw=True, sequence_always_upper=False) as reference:
-            variants = read_variants(reference, args.vcf, args.window - 1, args.on_ref_mismatch, counts)
-            scored = score_variants(
-                model, tokenizer, tqdm(variants, unit=" var"), args.batch_windows, args.both_strands
-            )
-            n = write_variants(scored, args.vcf, out)
+        stop_on = (
+            SKIP_REASONS if args.on_error == "stop" else ("ref_mismatch",) if args.on_ref_mismatch == "stop" else ()
+        )
+        with Reference(args.reference) as reference:
+            calls = read_calls(reference, args.vcf, args.window - 1, args.length_matched, stop_on)
+            scored = score_calls(model, tokenizer, tqdm(calls, unit=" alt"), args.batch_windows, args.both_strands)
+            counts = write_calls(scored, args.vcf, out)
         seconds = time.perf_counter() - start
-        windows = n * 2 * (2 if args.both_strands else 1)
-        summary = {"variants": n, **counts, "windows_per_s": windows / seconds, "variants_per_s": n / seconds}
+        windows = counts["scored"] * 2 * (2 if args.both_strands else 1)
+        summary = {**counts, "windows_per_s": windows / seconds, "variants_per_s": counts["scored"] / seconds}
     print(" ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()), f"-> {out}")
     return summary
 

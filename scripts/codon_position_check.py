@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.dna import reverse_complement  # noqa: E402
 from data.sources import read_records  # noqa: E402
-from score import variant_windows  # noqa: E402
 from use.inference import encode, load_model, token_log_probs  # noqa: E402
+from use.variants import variant_windows  # noqa: E402
 
 STOPS = ("TAA", "TAG", "TGA")
 

@@ -110,9 +110,10 @@ def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands)
     argv = ["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf), "--window", "101",
             "--out", str(out), *(["--both-strands"] if both_strands else [])]  # fmt: skip
     summary = score.main(argv)
-    assert (summary["variants"], summary["ref_mismatch"], summary["symbolic"]) == (4, 1, 1)
+    assert (summary["scored"], summary["ref_mismatch"], summary["symbolic_alt"]) == (4, 1, 1)
     model, tokenizer = load_model(model_dir)
     rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+    assert [row[9] for row in rows] == ["scored"] * 4 + ["ref_mismatch", "symbolic_alt"]  # every record, in order
     for (_, pos, name, ref, alt), row in zip(cases, rows):
         start = int(row[5])
         ref_window = GENOME[0][start : start + 100]
@@ -124,19 +125,31 @@ def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands)
         assert float(row[8]) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
 
 
-def test_ref_mismatch_can_stop_and_vcf_output_carries_llr(trained, tmp_path):
+def test_ref_mismatch_can_stop_vcf_output_carries_llr_and_length_matched_scores(trained, tmp_path):
     import pysam
 
     model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
     reference, vcf = write_reference_and_vcf(tmp_path, [*variant_cases(), ("chr2", 100, "mismatch", "N", "A")])
-    with pytest.raises(ValueError, match=r"chr2:100 has REF N but the reference reads"):
+    with pytest.raises(ValueError, match=r"chr2:100 N>A cannot be scored \(ref_mismatch: the reference reads"):
         score.main(["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf),
                     "--window", "101", "--out", str(tmp_path / "x.tsv"), "--on-ref-mismatch", "stop"])  # fmt: skip
     score.main(["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf), "--window", "101",
                 "--out", str(tmp_path / "scored.vcf")])  # fmt: skip
     with pysam.VariantFile(str(tmp_path / "scored.vcf")) as scored:
         llr = {r.id: r.info.get("LLR") for r in scored}
-    assert all(llr[name] is not None for _, _, name, _, _ in variant_cases()) and llr["mismatch"] is None
+    assert all(llr[name] is not None for _, _, name, _, _ in variant_cases()) and llr["mismatch"] == (None,)
+    score.main(["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf), "--window", "101",
+                "--out", str(tmp_path / "matched.tsv"), "--length-matched"])  # fmt: skip
+    rows = {row.split("\t")[2]: row.split("\t") for row in (tmp_path / "matched.tsv").read_text().splitlines()[1:]}
+    model, tokenizer = load_model(model_dir)
+    for name, pos, ref, alt in [(c[2], c[1], c[3], c[4]) for c in variant_cases() if c[2] in ("ins", "del")]:
+        start = int(rows[name][5])
+        window = GENOME[0][start : start + 100]
+        alt_window = (window[: pos - 1 - start] + alt + GENOME[0][pos - 1 + len(ref) :])[:100]  # same length
+        expected = (
+            direct_log_probs(model, tokenizer, alt_window).sum() - direct_log_probs(model, tokenizer, window).sum()
+        )
+        assert float(rows[name][8]) == pytest.approx(expected, abs=1e-5), name  # float32 sums of ~100 nats
 
 
 def test_generation_is_reproducible_and_stops_at_eos(trained, tmp_path):

@@ -169,10 +169,9 @@ class Validator:
             labels = batch.pop("labels")
             logits = model(**batch).logits  # [B, S, V]
             targets = labels[..., 1:]
-            nll = F.cross_entropy(
-                logits[..., :-1, :].flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view(targets.shape).double()  # fmt: skip
+            flat_logits = logits[..., :-1, :].flatten(0, -2).float()
+            nll = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+            nll = nll.view(targets.shape).double()
             is_base = torch.isin(targets, base_ids)
             sums += torch.stack([nll.sum(), (targets != IGNORE_INDEX).sum(), (nll * is_base).sum(), is_base.sum()])
             per_window.append(torch.stack(window_sums(batch, nll * is_base, is_base.double())))

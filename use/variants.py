@@ -1,0 +1,277 @@
+"""Variant effect scores: every VCF record against a reference, scored or skipped with a reason, written as it goes.
+
+    with Reference("genome.fa.gz") as reference:                       # plain, gzip or bgzip FASTA
+        calls = read_calls(reference, "calls.vcf.gz", bases=1023)       # one Call per ALT of every record
+        scored = score_calls(model, tokenizer, calls, batch_windows=64) # in input order, unscored ones passed on
+        write_calls(scored, "calls.vcf.gz", Path("scored.vcf"))         # .vcf/.vcf.gz/.bcf or .tsv
+
+A call's score is LL(alt window) - LL(ref window): a window of `bases` reference bases centred on REF, and
+the same span with ALT in place of REF (an indel changes its length, so its score compares windows of
+different lengths; `length_matched` fills or trims the alt window's end to the same length instead, so SNVs
+and indels rank together). A call that cannot be scored keeps its record in the output with its reason:
+`ref_mismatch` (REF is not what the reference reads), `unknown_chrom` (a chromosome the reference lacks;
+`chr1` vs `1` aliases are named in the log, not guessed), `out_of_bounds` (REF past the chromosome's end),
+`symbolic_alt` (`<DEL>`, `*`, breakends), `no_alt` (ALT `.`). A scored call whose chromosome is shorter
+than the window is `scored` with the note `window_truncated`. The output goes to `<out>.partial` as records
+are finished and is renamed to `<out>` at the end: a crash leaves the finished part, never a truncated `<out>`.
+"""
+
+import csv
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.dna import reverse_complement
+from use.inference import encode, token_log_probs
+
+logger = logging.getLogger(__name__)
+SKIP_REASONS = ("ref_mismatch", "unknown_chrom", "out_of_bounds", "symbolic_alt", "no_alt")
+
+
+class Reference:
+    """A reference FASTA read on demand: plain or bgzip through pysam (building `.fai`/`.gzi` where missing).
+
+    A plain-gzip file has no random access: its records are read into memory, with a log line saying so
+    (`bgzip -d` then `bgzip` makes it random-access).
+    """
+
+    def __init__(self, path: str):
+        import pysam
+
+        self.path = str(path)
+        self._memory = None
+        try:
+            self._fasta = pysam.FastaFile(self.path)
+        except (OSError, ValueError) as error:
+            if not self.path.endswith((".gz", ".bgz")):
+                raise FileNotFoundError(f"--reference {self.path} could not be read as FASTA ({error}).") from error
+            self._fasta, self._memory = None, self._read_into_memory()
+        names = self._fasta.references if self._fasta else list(self._memory)
+        self.lengths = {name: self.length_of(name) for name in names}
+
+    def _read_into_memory(self) -> dict[str, str]:
+        import dnaio
+
+        logger.warning("%s is gzip, not bgzip: read whole into memory (bgzip it for random access).", self.path)
+        with dnaio.open(self.path) as reader:
+            return {record.name.split(" ", 1)[0]: record.sequence for record in reader}
+
+    def length_of(self, chrom: str) -> int:
+        """The chromosome's length in bases."""
+        return self._fasta.get_reference_length(chrom) if self._fasta else len(self._memory[chrom])
+
+    def fetch(self, chrom: str, start: int, end: int) -> str:
+        """Bases [start, end) (0-based) of `chrom`, in the file's case."""
+        return self._fasta.fetch(chrom, start, end) if self._fasta else self._memory[chrom][start:end]
+
+    def alias_of(self, chrom: str) -> str | None:
+        """The reference's name for `chrom` under the usual `chr` prefix difference (`1` vs `chr1`), if any."""
+        other = chrom.removeprefix("chr") if chrom.startswith("chr") else f"chr{chrom}"
+        return other if other in self.lengths else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fasta is not None:
+            self._fasta.close()
+
+
+@dataclass
+class Call:
+    """One ALT of one VCF record, its windows, and what became of it."""
+
+    record: int  # the record's index in the VCF (0-based, input order)
+    chrom: str
+    pos: int
+    id: str | None
+    ref: str
+    alt: str | None
+    status: str = "scored"
+    note: str = ""
+    start: int | None = None
+    ref_window: str | None = None
+    alt_window: str | None = None
+    ll_ref: float | None = None
+    ll_alt: float | None = None
+    score: float | None = None
+
+
+def variant_windows(
+    fetch, length: int, pos0: int, ref: str, alt: str, bases: int, length_matched: bool = False
+) -> tuple[int, str, str]:
+    """(start, ref window, alt window) for a variant at 0-based `pos0` of a sequence of `length` bases.
+
+    The ref window is `bases` reference bases (`fetch(start, end)`) centred on REF; the alt window is the
+    same span with ALT in place of REF. REF always lies inside the window. With `length_matched` the alt
+    window is then cut, or filled with the reference bases that follow, to the ref window's length.
+    """
+    start = max(0, min(pos0 - (bases - len(ref)) // 2, length - bases))
+    ref_window = fetch(start, start + bases)
+    offset = pos0 - start
+    alt_window = ref_window[:offset] + alt + ref_window[offset + len(ref) :]
+    if length_matched and len(alt_window) < len(ref_window):  # a deletion: filled with the bases that follow
+        end = start + len(ref_window)
+        alt_window += fetch(end, end + len(ref_window) - len(alt_window))
+    if length_matched:  # an insertion: cut (a deletion near the chromosome's end stays short)
+        alt_window = alt_window[: len(ref_window)]
+    return start, ref_window, alt_window
+
+
+def read_calls(
+    reference: Reference, vcf_path: str, bases: int, length_matched: bool = False, stop_on: Iterable[str] = ()
+) -> Iterator[Call]:
+    """Every ALT of every record of the VCF as a `Call`, in input order; unscorable ones carry their reason.
+
+    `stop_on`: reasons (`SKIP_REASONS`) that raise a `ValueError` naming the call instead of passing it on.
+    """
+    stop_on = set(stop_on)
+    import pysam
+
+    aliases = {}
+    with pysam.VariantFile(vcf_path) as vcf:
+        for index, record in enumerate(vcf):
+            for call in _calls_of(index, record, reference, bases, length_matched):
+                if call.status == "unknown_chrom" and reference.alias_of(call.chrom):
+                    aliases[call.chrom] = reference.alias_of(call.chrom)
+                if call.status in stop_on:
+                    raise ValueError(
+                        f"{vcf_path}: {call.chrom}:{call.pos} {call.ref}>{call.alt} cannot be scored "
+                        f"({call.status}{': ' + call.note if call.note else ''}); pass --on-error skip "
+                        "to write it with its reason and go on."
+                    )
+                yield call
+    if aliases:
+        logger.warning(
+            "Chromosomes of %s not in the reference under that name but under another: %s; rename "
+            "them (e.g. bcftools annotate --rename-chrs) to score those records.",
+            vcf_path,
+            ", ".join(f"{a} (reference: {b})" for a, b in sorted(aliases.items())),
+        )
+
+
+def _calls_of(index: int, record, reference: Reference, bases: int, length_matched: bool) -> list[Call]:
+    alts = record.alts or (None,)
+    calls = [Call(index, record.chrom, record.pos, record.id, record.ref, alt) for alt in alts]
+    length = reference.lengths.get(record.chrom)
+    pos0, ref = record.pos - 1, record.ref or ""
+    genome_ref = None if length is None else reference.fetch(record.chrom, pos0, pos0 + len(ref))
+    for call in calls:
+        if length is None:
+            call.status = "unknown_chrom"
+        elif pos0 + len(ref) > length:
+            call.status, call.note = "out_of_bounds", f"the chromosome has {length} bases"
+        elif genome_ref.upper() != ref.upper():
+            call.status, call.note = "ref_mismatch", f"the reference reads {genome_ref}"
+        elif call.alt is None or call.alt == ".":
+            call.status = "no_alt"
+        elif call.alt.startswith("<") or not call.alt.isalpha():  # <DEL>, *, breakends
+            call.status = "symbolic_alt"
+        else:
+            fetch = lambda a, b, chrom=record.chrom: reference.fetch(chrom, a, b)  # noqa: E731
+            call.start, call.ref_window, call.alt_window = variant_windows(
+                fetch, length, pos0, ref, call.alt, bases, length_matched
+            )
+            call.note = "window_truncated" if length < bases else ""
+    return calls
+
+
+def score_calls(model, tokenizer, calls: Iterable[Call], batch_windows: int, both_strands: bool = False):
+    """The calls in input order, the scorable ones with LL(ref), LL(alt) and their difference filled in.
+
+    `both_strands`: each LL is the mean over the windows and their reverse complements.
+    """
+    strands = (lambda s: s, reverse_complement) if both_strands else (lambda s: s,)
+    pending = []
+
+    def flush():
+        windows = [
+            encode(tokenizer, f(w))
+            for c in pending
+            if c.ref_window
+            for f in strands
+            for w in (c.ref_window, c.alt_window)
+        ]
+        lls = iter(float(x.sum()) for x in token_log_probs(model, windows))
+        for call in pending:
+            if call.ref_window:
+                pairs = [(next(lls), next(lls)) for _ in strands]  # (LL ref, LL alt) per strand
+                call.ll_ref, call.ll_alt = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+                call.score = call.ll_alt - call.ll_ref
+        yield from pending
+        pending.clear()
+
+    for call in calls:
+        pending.append(call)
+        if sum(c.ref_window is not None for c in pending) * 2 * len(strands) >= batch_windows:
+            yield from flush()
+    yield from flush()
+
+
+def write_calls(calls: Iterable[Call], vcf_path: str, out: Path) -> dict[str, int]:
+    """Write every call (TSV) or every record (VCF/BCF with INFO/LLR and INFO/LLR_STATUS); the status counts.
+
+    Written to `<out>.partial` as the calls arrive, renamed to `out` when all are written.
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    counts = dict.fromkeys(("scored", *SKIP_REASONS), 0)
+    tally = _tallied(calls, counts)
+    if out.suffix in (".tsv", ".txt"):
+        _write_tsv(tally, partial)
+    else:
+        _write_vcf(tally, vcf_path, partial)
+    os.replace(partial, out)
+    return counts
+
+
+def _tallied(calls: Iterable[Call], counts: dict) -> Iterator[Call]:
+    for call in calls:
+        counts[call.status] += 1
+        yield call
+
+
+def _write_tsv(calls: Iterable[Call], path: Path) -> None:
+    columns = ["chrom", "pos", "id", "ref", "alt", "window_start", "ll_ref", "ll_alt", "score", "status", "note"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(columns)
+        for c in calls:
+            values = [c.chrom, c.pos, c.id or ".", c.ref, c.alt or ".", c.start, c.ll_ref, c.ll_alt, c.score]
+            writer.writerow(["." if v is None else v for v in values] + [c.status, c.note or "."])
+            f.flush()
+
+
+def _write_vcf(calls: Iterable[Call], vcf_path: str, path: Path) -> None:
+    """The input's records, untouched but for INFO/LLR and INFO/LLR_STATUS (one value per ALT)."""
+    import pysam
+
+    with pysam.VariantFile(vcf_path) as first_pass:
+        for _ in first_pass:  # htslib declares the INFO keys and contigs the header lacks as it meets them
+            pass
+        declared = str(first_pass.header).splitlines()
+    calls = iter(calls)
+    pending = next(calls, None)
+    with pysam.VariantFile(vcf_path) as vcf:
+        # Declared before reading, records and output share one complete header (no translation, valid BCF).
+        present = set(str(vcf.header).splitlines())
+        for line in declared:
+            if line.startswith("##INFO=<ID=END,"):  # htslib's stand-in is a String; END is the spec's Integer
+                line = '##INFO=<ID=END,Number=1,Type=Integer,Description="End position of the variant">'
+            if line.startswith("##") and line not in present:
+                vcf.header.add_line(line)
+        vcf.header.info.add("LLR", "A", "Float", "log-likelihood ratio LL(alt window) - LL(ref window) (score.py)")
+        vcf.header.info.add("LLR_STATUS", "A", "String", "scored, or why not: " + ", ".join(SKIP_REASONS))
+        mode = "wb" if path.name.endswith(".bcf.partial") else "wz" if path.name.endswith(".gz.partial") else "w"
+        with pysam.VariantFile(str(path), mode, header=vcf.header) as writer:
+            for index, record in enumerate(vcf):
+                mine = []
+                while pending is not None and pending.record == index:
+                    mine.append(pending)
+                    pending = next(calls, None)
+                if record.alts:  # (a record without ALT gets its status only in the count)
+                    record.info["LLR"] = tuple(c.score for c in mine)
+                    record.info["LLR_STATUS"] = tuple(c.status for c in mine)
+                writer.write(record)
