@@ -18,6 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from config.command_line import ToolHelp, run_tool
 from data.dna import BASES
 from data.sources import read_records
 from model.shape import head_dim_of
@@ -26,20 +27,20 @@ from use.inference import encode, load_model
 
 def parse_args(argv=None):
     """Command-line options (see --help)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ToolHelp)
     p.add_argument("--model", required=True, help="final_model, best_model, an HF directory or a step_N")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt, as bases")
     source.add_argument("--prompts", help="a FASTA/FASTQ (.gz) or parquet file of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="bases to add to each prompt")
+    p.add_argument("--greedy", action="store_true", help="always the most likely base")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+    p.add_argument("--top-p", type=float, default=None, help="sample within this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible)")
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--alphabet", default=BASES, help="the characters it may emit (and <EOS>); 'any': no limit")
-    p.add_argument("--use-te", choices=["auto", "true", "false"], default="auto")
+    p.add_argument("--use-te", choices=["auto", "true", "false"], default="auto", help="auto: TE on a GPU with TE")
     p.add_argument("--out", default=None, help="FASTA of the continuations (default: print them)")
     return p.parse_args(argv)
 
@@ -96,7 +97,7 @@ def main(argv=None) -> list[tuple[str, str]]:
     if args.prompt is not None:
         prompts = [("prompt", args.prompt)]
     else:
-        prompts = list(read_records(args.prompts))
+        prompts = list(read_records(args.prompts, option="--prompts"))
     greedy = args.greedy or args.temperature == 0
     sampling = (
         {"do_sample": False}
@@ -126,4 +127,4 @@ def main(argv=None) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

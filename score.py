@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from config.command_line import ToolHelp, run_tool
 from data.sources import read_records
 from use.inference import load_model, record_windows, token_log_probs
 from use.variants import SKIP_REASONS, Reference, read_calls, score_calls, write_calls
@@ -33,18 +34,18 @@ from use.variants import SKIP_REASONS, Reference, read_calls, score_calls, write
 
 def parse_args(argv=None):
     """Command-line options (see --help)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ToolHelp)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("sequences", "variants"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, formatter_class=ToolHelp)
         s.add_argument("--model", required=True, help="final_model, best_model, an HF directory or a step_N")
         s.add_argument("--out", required=True, help="results: .tsv (both), .csv (sequences) or .vcf (variants)")
-        s.add_argument("--window", type=int, default=8192 if name == "sequences" else 1024)
+        s.add_argument("--window", type=int, default=8192 if name == "sequences" else 1024, help="tokens per window")
         s.add_argument("--batch-windows", type=int, default=64, help="windows scored per call (packed on TE)")
-        s.add_argument("--use-te", choices=["auto", "true", "false"], default="auto")
+        s.add_argument("--use-te", choices=["auto", "true", "false"], default="auto", help="auto: TE on a GPU with TE")
     seqs = sub.choices["sequences"]
     seqs.add_argument("--input", required=True, help="FASTA/FASTQ (.gz) or parquet")
-    seqs.add_argument("--text-column", default="sequence")
+    seqs.add_argument("--text-column", default="sequence", help="parquet: the sequences' column")
     variants = sub.choices["variants"]
     variants.add_argument("--reference", required=True, help="reference FASTA: plain, gzip or bgzip (.fai/.gzi made)")
     variants.add_argument("--vcf", required=True, help="VCF or BCF, plain or bgzipped")
@@ -93,7 +94,7 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
     start, out = time.perf_counter(), Path(args.out)
     if args.command == "sequences":
-        records = read_records(args.input, args.text_column)
+        records = read_records(args.input, args.text_column, option="--input")
         scored = list(score_sequences(model, tokenizer, tqdm(records, unit=" seq"), args.window, args.batch_windows))
         with out.open("w", newline="") as f:
             writer = csv.writer(f, delimiter="," if out.suffix == ".csv" else "\t")
@@ -117,4 +118,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -11,6 +11,7 @@ upstream's tier files list them. Any other unknown key gets our suggestion inste
 add it with `+` (which would only defer the error to the config check).
 """
 
+import argparse
 import difflib
 import functools
 import json
@@ -183,6 +184,27 @@ def exit_on_user_error(main):
             _fail(out_of_memory_message(cfg, e), code=1)
 
     return run
+
+
+class ToolHelp(argparse.RawDescriptionHelpFormatter):
+    """A tool's --help: its docstring as written, and each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in (action.help or "")
+        return f"{action.help or ''} (default: %(default)s)" if shown else action.help
+
+
+def run_tool(main) -> None:
+    """Run a tool's `main()` (evaluate.py, score.py, generate.py): a user error ends it in one line, exit 2.
+
+    A bad option, path or input prints its message, not a traceback (`HYDRA_FULL_ERROR=1` shows it).
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotADirectoryError, UnicodeDecodeError) as e:
+        _fail(str(e), code=2)
 
 
 def out_of_memory_message(cfg, error: Exception) -> str:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data.fasta import fasta_files, is_fasta, load_fasta_dataset
-from runtime.paths import RECIPE_DIR, resolve_path
+from runtime.paths import looked_in, resolve_path
 
 logger = logging.getLogger(__name__)
 # Local files read by another `datasets` builder than parquet, by suffix (optionally .gz).
@@ -60,7 +60,7 @@ def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
         )
     elif _looks_local(path) and path != "parquet":
         raise FileNotFoundError(
-            f"dataset.load_dataset_kwargs.path={path!r} does not exist (looked in {Path.cwd()} and {RECIPE_DIR}). "
+            f"dataset.load_dataset_kwargs.path={path!r} does not exist ({looked_in()}). "
             "Point it at a parquet file, a folder of parquet files, or an HF dataset name."
         )
     files = kwargs.get("data_files")
@@ -74,8 +74,8 @@ def normalize_load_kwargs(load_dataset_kwargs: dict) -> dict:
                 continue
             if not resolve_path(f).exists():
                 raise FileNotFoundError(
-                    f"dataset.load_dataset_kwargs.data_files entry {f!r} does not exist (looked in {Path.cwd()} "
-                    f"and {RECIPE_DIR}). Fix the path or override dataset.load_dataset_kwargs.data_files=..."
+                    f"dataset.load_dataset_kwargs.data_files entry {f!r} does not exist ({looked_in()}). "
+                    "Fix the path or override dataset.load_dataset_kwargs.data_files=..."
                 )
             resolved.append(str(resolve_path(f)))
         kwargs["data_files"] = resolved
@@ -117,8 +117,8 @@ def load_tokenizer(tokenizer_name_or_path: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer_name_or_path)
     except OSError as e:  # neither a local folder nor a hub name that can be fetched (offline, typo, private)
         raise FileNotFoundError(
-            f"dataset.tokenizer_name_or_path={tokenizer_name_or_path!r} is not a tokenizer folder here (looked in "
-            f"{Path.cwd()} and {RECIPE_DIR}) and could not be fetched from the hub ({str(e).splitlines()[0]}). "
+            f"dataset.tokenizer_name_or_path={tokenizer_name_or_path!r} is not a tokenizer folder here ("
+            f"{looked_in()}) and could not be fetched from the hub ({str(e).splitlines()[0]}). "
             "Use ./tokenizers/nucleotide_fast_tokenizer or a folder holding tokenizer.json."
         ) from e
 
@@ -217,10 +217,13 @@ def _select_text_column(ds, text_column: str):
     return ds.select_columns(keep) if keep != columns else ds
 
 
-def read_records(path: str, text_column: str = "sequence"):
+def read_records(path: str, text_column: str = "sequence", option: str = "--data"):
     """(name, sequence) of every record of a FASTA/FASTQ/parquet/CSV/JSON file or folder, streamed.
 
-    A record without a name (a table without a `name` column) is named by its position, from "0".
+    A record without a name (a table without a `name` column) is named by its position, from "0". `option`:
+    the command-line option `path` came from, named in the error for a path that does not exist.
     """
-    data = load_raw_dataset({"path": path, "streaming": True}, text_column)
+    if _looks_local(str(path)) and not resolve_path(path).exists():
+        raise FileNotFoundError(f"{option} {path} does not exist ({looked_in()}); point it at FASTA/FASTQ or parquet.")
+    data = load_raw_dataset({"path": str(path), "streaming": True}, text_column)
     return ((r.get("name") or str(i), r[text_column]) for i, r in enumerate(data))

@@ -17,3 +17,9 @@ def resolve_path(path: str | Path) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return RECIPE_DIR / path if (RECIPE_DIR / path).exists() else path
+
+
+def looked_in() -> str:
+    """Where `resolve_path` looks, for an error message: the working directory, and the recipe folder if other."""
+    here = Path.cwd().resolve()
+    return f"looked in {here}" if here == RECIPE_DIR.resolve() else f"looked in {here} and {RECIPE_DIR}"

@@ -4,12 +4,14 @@ Loading from each place training leaves a model, evaluate.py, score.py (sequence
 """
 
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PARQUET, make_cfg
+from conftest import ENV, PARQUET, make_cfg
 
 import evaluate
 import generate
@@ -51,22 +53,60 @@ def test_every_saved_form_loads_the_same_model(trained):
     assert scores["fsdp2", "step_4"].mean() > -math.log(256)  # trained a little: better than a uniform guess
 
 
-def test_evaluate_matches_a_hand_computation(trained, tmp_path):
+def test_sliding_windows_score_every_base_once_with_the_stated_context():
+    assert list(evaluate.sliding_windows(10, window=5, context=2)) == [(0, 4, 0), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    assert list(evaluate.sliding_windows(11, 5, 2))[-1] == (8, 11, 10)  # a short last window
+    assert list(evaluate.sliding_windows(10, 5, 0)) == [(0, 4, 0), (4, 8, 4), (8, 10, 8)]  # consecutive
+    for length, window, context in [(1, 3, 0), (1000, 200, 99), (1001, 64, 63 - 1), (57, 1024, 512)]:
+        windows = list(evaluate.sliding_windows(length, window, context))
+        scored = [i for _, end, first in windows for i in range(first, end)]
+        assert scored == list(range(length))  # every base once, in order
+        assert all(end - start <= window - 1 for start, end, _ in windows)
+        assert all(first - start >= context for start, _, first in windows[1:])
+
+
+@pytest.mark.parametrize("context", [0, 50])
+def test_evaluate_matches_a_hand_computation(trained, tmp_path, context):
     model_dir = trained / "fsdp2" / "ckpt" / "final_model"
     out = tmp_path / "eval.tsv"
-    summary = evaluate.main(["--model", str(model_dir), "--data", PARQUET, "--window", "200", "--max-records", "2",
-                             "--out", str(out)])  # fmt: skip
+    records = [GENOME[0][:700], GENOME[1][:450].lower() + "NNRYacgt"]  # soft-masked, N and IUPAC characters
+    fasta = tmp_path / "records.fa"
+    fasta.write_text("".join(f">r{i}\n{r}\n" for i, r in enumerate(records)))
+    summary = evaluate.main(["--model", str(model_dir), "--data", str(fasta), "--window", "200", "--context",
+                             str(context), "--out", str(out)])  # fmt: skip
     model, tokenizer = load_model(model_dir)
-    nll, bases = 0.0, 0
-    for record in GENOME:
-        for i in range(0, len(record), 199):  # windows of <BOS> + 199 bases
-            chunk = record[i : i + 199]
-            base = is_base(np.frombuffer(chunk.encode(), dtype=np.uint8))
-            nll -= direct_log_probs(model, tokenizer, chunk)[base].sum()
-            bases += int(base.sum())
-    assert summary["bases"] == bases
+    nll, bases, excluded = 0.0, 0, 0
+    for record in records:
+        record, start = record.upper(), 0  # soft-masked bases are read as uppercase
+        while start < len(record):  # windows of <BOS> + 199 bases, the first `context` of later ones not scored
+            begin = max(0, start - context)
+            chunk = record[begin : begin + 199]
+            skip = start - begin
+            base = is_base(np.frombuffer(chunk.encode(), dtype=np.uint8))[skip:]
+            nll -= direct_log_probs(model, tokenizer, chunk)[skip:][base].sum()
+            bases, excluded, start = bases + int(base.sum()), excluded + int((~base).sum()), begin + len(chunk)
+    assert (summary["bases"], summary["excluded"]) == (bases, excluded) == (1154, 4)
     assert summary["bits_per_base"] == pytest.approx(nll / bases / math.log(2), rel=1e-6)
-    assert out.read_text().splitlines()[0].split("\t") == ["name", "length", "bases", "nll_nats", "bits_per_base"]
+    assert out.read_text().splitlines()[0].split("\t") == ["name", "length", "bases", "excluded", "nll_nats",
+                                                           "bits_per_base"]  # fmt: skip
+    if context:  # context helps a trained model: the bases after each window boundary are predicted better
+        no_context = evaluate.main(["--model", str(model_dir), "--data", str(fasta), "--window", "200",
+                                    "--context", "0"])  # fmt: skip
+        assert summary["bits_per_base"] != no_context["bits_per_base"]
+
+
+def test_evaluate_reads_soft_masked_bases_as_uppercase_and_defaults_to_the_training_window(trained, tmp_path):
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    upper, lower = tmp_path / "upper.fa", tmp_path / "lower.fa"
+    upper.write_text(f">r\n{GENOME[0][:600].upper()}\n")
+    lower.write_text(f">r\n{GENOME[0][:600].lower()}\n")
+    a, b = (evaluate.main(["--model", model_dir, "--data", str(f)]) for f in (upper, lower))
+    assert a["bits_per_base"] == b["bits_per_base"] and a["bases"] == b["bases"] == 600
+    assert (a["window"], a["context"]) == (256, 127)  # L0_sanity as the fixture trained it: max_seq_length=256
+    kept = evaluate.main(["--model", model_dir, "--data", str(lower), "--keep-case"])
+    assert kept["bases"] == 600 and kept["bits_per_base"] != a["bits_per_base"]  # lowercase tokens, other ids
+    with pytest.raises(ValueError, match="--window 256 --context 255: need"):
+        evaluate.main(["--model", model_dir, "--data", str(upper), "--context", "255"])
 
 
 def test_score_sequences_matches_a_hand_computation(trained, tmp_path):
@@ -178,3 +218,38 @@ def test_markov_baseline_probabilities_and_evaluate_path(tmp_path):
     fasta.write_text("".join(f">r{i}\n{s}\n" for i, s in enumerate(GENOME)))
     summary = evaluate.main(["--model", "markov:0", "--train-data", str(fasta), "--data", str(fasta)])
     assert 1.8 < summary["bits_per_base"] < 2.0  # base composition: under 2 bits (these records are GC-rich)
+
+
+TOOL_ERRORS = [  # (command, the error's line); files made by the test: empty.fa, headers.fa, an empty folder
+    (
+        ["evaluate.py", "--model", "markov:1", "--train-data", "headers.fa", "--data", "empty.fa"],
+        "No FASTA/FASTQ records",
+    ),
+    (["evaluate.py", "--model", "no_weights", "--data", "headers.fa"], "--data headers.fa holds no bases"),
+    (["evaluate.py", "--model", "no_weights", "--data", PARQUET], "no_weights is neither an exported model"),
+    (
+        ["evaluate.py", "--model", "markov:1", "--train-data", "headers.fa", "--data", "nope.fa"],
+        "--data nope.fa does not exist",
+    ),
+    (
+        ["score.py", "sequences", "--model", "no_weights", "--input", "nope.fa", "--out", "x.tsv"],
+        "is neither an exported model",
+    ),
+    (["generate.py", "--model", "no_weights", "--prompt", "ACGT"], "no_weights is neither an exported model"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("argv", "message"), TOOL_ERRORS, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(TOOL_ERRORS)])
+def test_tool_user_errors_are_one_line_exit_2(tmp_path, argv, message):
+    import sys
+
+    (tmp_path / "empty.fa").write_text("")
+    (tmp_path / "headers.fa").write_text(">a\n>b\n")
+    (tmp_path / "no_weights").mkdir()
+    recipe = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(recipe / argv[0]), *argv[1:]]
+    result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -63,6 +63,12 @@ def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
+def training_window(path) -> int | None:
+    """The window (`dataset.max_seq_length`) the model at `path` was trained on, from its run record, if any."""
+    info = read_run_info(Path(path)) if Path(path).is_dir() else None
+    return ((info or {}).get("config") or {}).get("dataset", {}).get("max_seq_length")
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
