@@ -116,8 +116,8 @@ def resume_from_latest(
         logger.warning(
             "Checkpoint %s could not be loaded (%s); falling back to the previous complete checkpoint.", path, cause
         )
-    if candidates:
-        raise RuntimeError(
+    if candidates:  # a ValueError: the user's to fix, ended in one line like a bad path
+        raise ValueError(
             f"No checkpoint in {ckpt_dir} could be loaded (tried {[p.name for p in candidates]}; see the warnings "
             "above). Move the damaged folders away, or start afresh with checkpoint.resume_from_checkpoint=false."
         )

@@ -7,7 +7,9 @@ inputs are tried (data paths, tokenizer, model config: small files), so that a t
 """
 
 import difflib
+import importlib.util
 import logging
+import sys
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -245,6 +247,9 @@ def _check_validation(cfg: DictConfig, entrypoint: str) -> None:
                 f"validation.{key}={value} must be a positive integer (3 or more tokens for a window), "
                 f"or null for dataset.{key}."
             )
+    num_bases = cfg.validation.get("num_bases")
+    if num_bases is not None and (not isinstance(num_bases, int) or isinstance(num_bases, bool) or num_bases < 1):
+        raise ValueError(f"validation.num_bases={num_bases!r} must be a positive integer (e.g. 1000000), or null.")
     if cfg.validation.stride is not None and cfg.validation.stride < 0:
         raise ValueError(f"validation.stride={cfg.validation.stride} must be >= 0, or null for dataset.stride.")
 
@@ -393,3 +398,9 @@ def check_inputs(cfg: DictConfig, options: Options) -> None:
             normalize_load_kwargs(kwargs)  # a missing local file or folder is an error here
     load_tokenizer(cfg.dataset.tokenizer_name_or_path)
     build_model_config(options.model)
+    mode = (cfg.get("wandb_init_args") or {}).get("mode", "disabled")
+    if mode != "disabled" and "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"wandb_init_args.mode={mode} needs wandb, which is not installed: pip install wandb, or "
+            "wandb_init_args.mode=disabled (metrics.jsonl in the run folder has every logged metric)."
+        )

@@ -179,7 +179,7 @@ def exit_on_user_error(main):
         try:
             return main(cfg)
         except (ValueError, FileNotFoundError) as e:
-            _fail(str(e), code=2)
+            _fail(user_message(e), code=2)
         except torch.OutOfMemoryError as e:
             _fail(out_of_memory_message(cfg, e), code=1)
 
@@ -204,7 +204,20 @@ def run_tool(main) -> None:
     try:
         main()
     except (ValueError, FileNotFoundError, NotADirectoryError, UnicodeDecodeError) as e:
-        _fail(str(e), code=2)
+        _fail(user_message(e), code=2)
+
+
+def user_message(error: Exception) -> str:
+    """The error's own message; for one re-raised from a loader worker, without the worker's traceback.
+
+    (PyTorch re-raises a worker's exception as "Caught X in DataLoader worker process N. Original Traceback
+    ...", the original message on the last line.)
+    """
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
 
 
 def out_of_memory_message(cfg, error: Exception) -> str:

@@ -73,9 +73,16 @@ def iter_batches(dataloader, device: torch.device, watch: Callable[[dict, float]
     if dist.is_initialized():
         dist.all_reduce(empty)
     if empty.item():
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
         raise ValueError(
-            f"{int(empty.item())} of {dist.get_world_size() if dist.is_initialized() else 1} rank(s) got no data: "
-            "the data set has fewer records (or files/row groups) than ranks. Use fewer ranks or more data."
+            f"{int(empty.item())} of {world_size} rank(s) got no data: "
+            + (
+                "the data set's records hold no bases (empty sequences, a FASTA of headers only?); point it at "
+                "records with sequences."
+                if world_size == 1
+                else "the data set has fewer records (or files/row "
+                "groups) than ranks, or its records hold no bases. Use fewer ranks or more data."
+            )
         )
     batch, waited = first, 0.0  # the first batch was fetched above, before the loop
     while batch is not None:

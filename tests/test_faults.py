@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ from conftest import (
 import train_ddp
 from checkpointing.folders import complete_checkpoints
 from checkpointing.format import MARKER
-from config.checks import validate_config, validate_cp_config
+from config.checks import check_config, validate_config, validate_cp_config
 from training.optimizer import NonFiniteGuard
 
 SCRIPTS = {
@@ -114,7 +115,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
     for step in ("step_2", "step_4"):
         truncate(tmp_path / "x" / "ckpt" / step / "model_optimizer.pt")
     result = train(tmp_path / "x" / "again", "ddp", "num_train_steps=6", check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "No checkpoint in" in result.stderr and "checkpoint.resume_from_checkpoint=false" in result.stderr
 
 
@@ -214,6 +215,7 @@ BAD_CONFIGS = [
     (["adamw_kwargs.betas=[0.9,1.5]"], "adamw_kwargs.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     (["lr_scheduler_kwargs.num_warmup_steps=-10"], "lr_scheduler_kwargs.num_warmup_steps=-10 must be an integer >= 0"),
     (["lr_scheduler_kwargs.min_lr_ratio=2"], "lr_scheduler_kwargs.min_lr_ratio=2 must be a number from 0 to 1"),
+    (["validation.enabled=true", "validation.num_bases=0"], "validation.num_bases=0 must be a positive integer"),
 ]
 
 
@@ -259,6 +261,18 @@ def test_wrong_column_type_and_missing_column_are_named(tmp_path):
     assert "The data set has no column 'dna'" in result.stderr
 
 
+def test_records_without_bases_and_wandb_not_installed_are_named(tmp_path, monkeypatch):
+    headers = tmp_path / "headers.fa"
+    headers.write_text(">a\n>b\n")
+    cfg = make_cfg(tmp_path, f"dataset.load_dataset_kwargs.path={headers}", "num_train_steps=2")
+    with pytest.raises(ValueError, match="1 of 1 rank\\(s\\) got no data: the data set's records hold no bases"):
+        train_ddp.main(cfg)
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ValueError, match="wandb_init_args.mode=offline needs wandb, which is not installed"):
+        check_config(make_cfg(tmp_path, "wandb_init_args.mode=offline"), "ddp")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_text_that_is_not_utf8_is_named_with_file_and_row(tmp_path, num_workers):
@@ -269,6 +283,7 @@ def test_text_that_is_not_utf8_is_named_with_file_and_row(tmp_path, num_workers)
                    f"dataset.num_workers={num_workers}", check=False)  # fmt: skip
     assert f"{bad}, row 1 (1 row(s) in all): column 'sequence' is not valid UTF-8" in result.stderr
     assert "killed by signal" not in result.stderr  # loader workers end quietly after the error
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # one line, not the worker's traceback
 
 
 @pytest.mark.slow

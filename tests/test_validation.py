@@ -58,6 +58,25 @@ def test_held_out_records_never_reach_training_on_any_rank(tmp_path, genome):
     ]
 
 
+def test_num_bases_sizes_the_set_in_bases_and_a_small_set_is_warned_about(tmp_path, genome, caplog):
+    tokenizer = load_tokenizer(TOKENIZER)
+
+    def bases_of(windows):
+        return sum(int(np.isin(np.asarray(w), [ord(c) for c in "ACGT"]).sum()) for w in windows)
+
+    by_count = validation_windows(val_cfg(tmp_path, genome).validation, val_cfg(tmp_path, genome).dataset, tokenizer)
+    assert len(by_count) == 20 and "only" in caplog.text and "validation.num_bases=100000" in caplog.text
+    caplog.clear()
+    cfg = val_cfg(tmp_path, genome, "validation.num_bases=3000")  # num_windows=20 is then ignored
+    windows = validation_windows(cfg.validation, cfg.dataset, tokenizer)
+    assert bases_of(windows) >= 3000 > bases_of(windows[:-1])  # the first windows that hold 3000 bases
+    assert [list(w) for w in windows] == [list(w) for w in by_count[: len(windows)]]  # the same stream, cut by bases
+    assert "only" not in caplog.text  # asked for fewer than the floor, and got them
+    cfg = val_cfg(tmp_path, genome, "validation.num_bases=1000000000")
+    everything = validation_windows(cfg.validation, cfg.dataset, tokenizer)
+    assert len(everything) > 20 and "the set has no more" in caplog.text
+
+
 @pytest.mark.parametrize("layout", ["bshd", "thd", "packed_rows"])
 def test_val_bits_per_base_equals_a_hand_computation(tmp_path, genome, layout):
     cfg = val_cfg(tmp_path, genome, f"use_sequence_packing={layout == 'thd'}", "dataset.max_seq_length=256")

@@ -17,7 +17,7 @@ only). Validation runs in BF16 without FP8 autocast, so the figure does not depe
 and evaluating does not change it.
 """
 
-import itertools
+import logging
 import math
 from collections.abc import Callable
 
@@ -28,10 +28,13 @@ from omegaconf import OmegaConf
 
 from data.batches import BatchOptions, to_device
 from data.collate import IGNORE_INDEX, LabelPolicy, make_collator
-from data.dna import BASE_IDS_ANY_CASE, reverse_complement_ids
+from data.dna import BASE_IDS_ANY_CASE, is_base, reverse_complement_ids
 from data.loader import create_tokenized_dataset
 from data.windows import is_byte_tokenizer
 from runtime.distributed import DistributedConfig, all_reduce_sum
+
+logger = logging.getLogger(__name__)
+MIN_VALIDATION_BASES = 100_000  # below this, a curve of bits per base is mostly sampling noise
 
 
 def window_keys(validation, dataset) -> tuple[int, int, int]:
@@ -43,7 +46,10 @@ def window_keys(validation, dataset) -> tuple[int, int, int]:
 
 
 def validation_windows(validation, dataset, tokenizer) -> list:
-    """The first `validation.num_windows` windows of the validation stream (the same on every rank)."""
+    """The first `validation.num_windows` windows of the validation stream (the same on every rank).
+
+    With `validation.num_bases`, the first windows holding that many A/C/G/T bases instead.
+    """
     separate = validation.load_dataset_kwargs is not None
     source = OmegaConf.to_container(validation.load_dataset_kwargs if separate else dataset.load_dataset_kwargs)
     _, max_seq_length, stride = window_keys(validation, dataset)
@@ -58,12 +64,33 @@ def validation_windows(validation, dataset, tokenizer) -> list:
         holdout_side="validation",
         bos_eos_only_at_record_ends=dataset.bos_eos_only_at_record_ends,
     )
-    windows = [w["input_ids"] for w in itertools.islice(stream, validation.num_windows)]
+    num_bases = validation.get("num_bases")
+    windows, bases = [], 0
+    for window in (w["input_ids"] for w in stream):
+        if (len(windows) >= validation.num_windows) if num_bases is None else bases >= num_bases:
+            break
+        windows.append(window)
+        bases += int(is_base(np.asarray(window)).sum())
     if not windows:
         raise ValueError(
             f"No validation windows: validation.fraction={validation.fraction} of the training records is none "
             "of them. Raise validation.fraction or set validation.load_dataset_kwargs.path to a separate data set."
         )
+    if bases < min(MIN_VALIDATION_BASES, num_bases or MIN_VALIDATION_BASES):
+        logger.warning(
+            "Validation: %d windows hold only %s bases (under %s): val_bits_per_base will move by chance and "
+            "best_model follow it. Set validation.num_bases=%d (or more validation.num_windows)%s.",
+            len(windows),
+            f"{bases:,}",
+            f"{MIN_VALIDATION_BASES:,}",
+            MIN_VALIDATION_BASES,
+            "" if num_bases is None or bases >= num_bases else ", with more held-out data: the set has no more",
+        )
+    elif num_bases is not None and bases < num_bases:
+        logger.warning(
+            "Validation: the held-out set has %s bases, fewer than validation.num_bases=%d.", f"{bases:,}", num_bases
+        )
+    logger.info("Validation: %d windows, %s bases.", len(windows), f"{bases:,}")
     return windows
 
 
