@@ -9,9 +9,12 @@ runs are kept as they are, and the label policy (`dataset.uppercase_labels`, `ma
 treats them exactly as for parquet.
 """
 
+import logging
 from pathlib import Path
 
 import datasets
+
+logger = logging.getLogger(__name__)
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".fq", ".fastq")
 
@@ -29,17 +32,28 @@ def fasta_files(path: Path) -> list[str]:
     return sorted(str(p) for p in path.rglob("*") if p.is_file() and is_fasta(p))
 
 
+_READ_ONCE = set()  # files this process has read to the end (their counts are logged the first time)
+
+
 def fasta_records(files: list[str], text_column: str = "sequence"):
-    """Yield `{"name": ..., text_column: ...}` for every record of `files`, in order."""
+    """Yield `{"name": ..., text_column: ...}` for every record of `files`, in order.
+
+    The first time a file is read to its end, its records and bases are logged.
+    """
     import dnaio
 
     for file in files:
+        records = bases = 0
         try:
             with dnaio.open(file) as reader:
                 for record in reader:
+                    records, bases = records + 1, bases + len(record.sequence)
                     yield {"name": record.name.split(" ", 1)[0], text_column: record.sequence}
         except (dnaio.UnknownFileFormat, dnaio.FileFormatError, EOFError) as e:  # dnaio's message lacks the file
             raise ValueError(f"{file} could not be read as FASTA/FASTQ ({e}); fix or remove it.") from None
+        if file not in _READ_ONCE:
+            _READ_ONCE.add(file)
+            logger.info("Read %s: %s records, %s bases", file, f"{records:,}", f"{bases:,}")
 
 
 def _check_not_empty(files: list[str]) -> None:

@@ -123,20 +123,48 @@ def load_tokenizer(tokenizer_name_or_path: str) -> PreTrainedTokenizerBase:
         ) from e
 
 
-def _check_parquet_files(files: list[str]) -> None:
-    """Read each local parquet footer: a corrupt or empty file is named here, before any worker starts."""
-    n_rows = 0
+def _check_parquet_files(files: list[str]) -> list[int] | None:
+    """Read each local parquet footer: a corrupt or empty file is named here, before any worker starts.
+
+    Returns the records per file (None for remote files or globs, which `datasets` checks itself).
+    """
+    rows = []
     for f in files:
         if "://" in f or any(c in f for c in "*?["):
-            return  # remote or glob: `datasets` reports its own errors
+            return None
         try:
-            n_rows += pq.read_metadata(f).num_rows
+            rows.append(pq.read_metadata(f).num_rows)
         except (OSError, pa.ArrowException) as e:
             raise ValueError(
                 f"{f} is not a readable parquet file ({e}); re-export it or drop it from data_files."
             ) from e
-    if n_rows == 0:
+    if sum(rows) == 0:
         raise ValueError(f"The data set {files} has no records; check dataset.load_dataset_kwargs.")
+    return rows
+
+
+_DESCRIBED = set()  # data paths already logged by this process
+
+
+def describe_files(path: str, files: list[str], records: list[int] | None = None) -> None:
+    """Log the files a data path stands for (once per process); warn when a folder's subfolders are read too."""
+    if path in _DESCRIBED or not files:
+        return
+    _DESCRIBED.add(path)
+    root = resolve_path(path)
+    under = [root.is_dir() and Path(f).is_relative_to(root) for f in files]
+    names = [str(Path(f).relative_to(root)) if inside else Path(f).name for f, inside in zip(files, under)]
+    listed = [name + (f" ({n:,} records)" if records else "") for name, n in zip(names, records or files)]
+    more = f", ... ({len(files) - 10} more)" if len(files) > 10 else ""
+    logger.info("Data %s: %d file(s): %s%s", path, len(files), ", ".join(listed[:10]), more)
+    nested = [f for f, inside in zip(files, under) if inside and Path(f).parent != root]
+    if nested:
+        folders = sorted({str(Path(f).parent.relative_to(root)) for f in nested})
+        logger.warning(
+            "Data %s is read with its subfolders %s (%d of %d files); if they are not meant as training data (e.g. "
+            "a references/ folder), point the path at the folder or file you mean, or move them out.",
+            *(path, folders[:5], len(nested), len(files)),
+        )
 
 
 def local_fasta_files(load_dataset_kwargs: dict) -> list[str]:
@@ -155,11 +183,13 @@ def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Da
     """
     fasta = local_fasta_files(load_dataset_kwargs)
     if fasta:
+        describe_files(str(load_dataset_kwargs["path"]), fasta)
         return load_fasta_dataset(fasta, text_column, streaming=load_dataset_kwargs.get("streaming", False))
     kwargs = normalize_load_kwargs(load_dataset_kwargs)
     checked = kwargs["path"] == "parquet" and isinstance(kwargs.get("data_files"), list)
     if checked:
-        _check_parquet_files(kwargs["data_files"])  # also rejects an empty data set
+        rows = _check_parquet_files(kwargs["data_files"])  # also rejects an empty data set
+        describe_files(str(load_dataset_kwargs.get("path")), kwargs["data_files"], rows)
     try:
         ds = datasets.load_dataset(**kwargs)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:

@@ -1,6 +1,7 @@
 """FASTA and FASTQ input: the same windows as the equivalent parquet, names kept, resumable, clear errors."""
 
 import gzip
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -55,6 +56,27 @@ def test_fasta_and_fastq_give_the_parquet_windows(tmp_path, parquet_windows, nam
     path = tmp_path / name
     write_fasta(path, RECORDS, fastq="fastq" in name)
     assert windows({"path": str(path), "streaming": streaming}) == parquet_windows
+
+
+def test_the_log_names_files_records_bases_and_subfolders(tmp_path, caplog):
+    caplog.set_level("INFO")
+    folder = tmp_path / "species"
+    (folder / "references").mkdir(parents=True)
+    write_fasta(folder / "a.fa", RECORDS[:3])
+    write_fasta(folder / "references" / "ref.fa.gz", RECORDS[3:5])
+    for _ in range(2):  # a second pass (epoch) logs nothing new
+        list(load_raw_dataset({"path": str(folder), "streaming": True}, "sequence"))
+    assert caplog.text.count(f"Data {folder}: 2 file(s): a.fa, references/ref.fa.gz") == 1
+    assert caplog.text.count("is read with its subfolders ['references'] (1 of 2 files)") == 1
+    for name, records in (("a.fa", RECORDS[:3]), ("references/ref.fa.gz", RECORDS[3:5])):
+        line = f"Read {folder / name}: {len(records)} records, {sum(map(len, records)):,} bases"
+        assert caplog.text.count(line) == 1
+    caplog.clear()
+    parquet = tmp_path / "copy.parquet"  # (a path this process has not logged yet)
+    parquet.write_bytes(Path(PARQUET).read_bytes())
+    list(load_raw_dataset({"path": str(parquet), "streaming": True}, "sequence"))
+    assert f"copy.parquet ({pq.read_metadata(PARQUET).num_rows:,} records)" in caplog.text
+    assert "subfolders" not in caplog.text
 
 
 def test_a_folder_of_fasta_files_and_record_names(tmp_path, parquet_windows):
