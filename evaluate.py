@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from config.command_line import ToolHelp, run_tool
 from data.dna import is_base
-from data.sources import load_tokenizer, read_records
-from use.baselines import MarkovModel
+from data.sources import read_records
+from use.baselines import load_baseline
 from use.inference import encode, load_model, token_log_probs, training_window
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ def evaluate(
     rows, pending, pending_tokens = [], [], 0  # pending: (row, ids, bases to skip) not yet scored
 
     def flush():
-        windows = [ids for _, ids, _ in pending]
-        is_markov = isinstance(model, MarkovModel)
-        logps = iter([model.log_probs(w) for w in windows] if is_markov else token_log_probs(model, windows))
+        logps = iter(token_log_probs(model, [ids for _, ids, _ in pending]))
         for row, ids, skip in pending:
             targets, logp = ids[1 + skip :], next(logps)[skip:]
             bases = is_base(targets)
@@ -127,22 +125,6 @@ def write_rows(rows: list[dict], out: Path, summary: dict) -> None:
         writer.writerows([*rows, {"name": "ALL", **summary}])
 
 
-def load_baseline(args):
-    """`markov:K` fitted on `--train-data`, and the nucleotide tokenizer."""
-    if not args.train_data:
-        raise ValueError(f"--model {args.model} needs --train-data (the records to count k-mers in).")
-    order = int(args.model.split(":", 1)[1])
-    model = MarkovModel(order).fit(
-        seq
-        for _, seq in tqdm(
-            read_records(args.train_data, args.text_column, option="--train-data"),
-            desc=f"counting {order}-mers",
-            unit=" rec",
-        )
-    )
-    return model, load_tokenizer("./tokenizers/nucleotide_fast_tokenizer")
-
-
 def window_and_context(args) -> tuple[int, int]:
     """`--window` (else the model's training window) and `--context` (else half the window), checked."""
     window = args.window or (None if args.model.startswith("markov:") else training_window(args.model))
@@ -173,7 +155,9 @@ def main(argv=None) -> dict:
         raise ValueError(f"--data {args.data} holds no bases: point it at FASTA/FASTQ or parquet with sequences.")
     window, context = window_and_context(args)
     model, tokenizer = (
-        load_baseline(args) if args.model.startswith("markov:") else load_model(args.model, use_te=use_te)
+        load_baseline(args.model, args.train_data, args.text_column)
+        if args.model.startswith("markov:")
+        else load_model(args.model, use_te=use_te)
     )
     records = limited(read_records(args.data, args.text_column), args.max_records)
     start = time.perf_counter()

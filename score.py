@@ -17,6 +17,7 @@ at the first instead, `--on-ref-mismatch stop` at a REF mismatch). A .vcf/.vcf.g
 with INFO `LLR` and `LLR_STATUS` per ALT; .tsv lists chrom, pos, id, ref, alt, window start, LL(ref), LL(alt),
 score, status, note. The output is written to `<out>.partial` as it goes and renamed at the end
 (`use/variants.py`). On a GPU with TE the windows run packed (THD); elsewhere HF runs them one by one.
+`--model markov:K --train-data train.fa.gz` scores with an order-K Markov baseline through the same path.
 """
 
 import argparse
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from config.command_line import ToolHelp, run_tool
 from data.sources import read_records
+from use.baselines import load_baseline
 from use.inference import load_model, record_windows, token_log_probs
 from use.variants import SKIP_REASONS, Reference, read_calls, score_calls, write_calls
 
@@ -38,7 +40,8 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("sequences", "variants"):
         s = sub.add_parser(name, formatter_class=ToolHelp)
-        s.add_argument("--model", required=True, help="final_model, best_model, an HF directory or a step_N")
+        s.add_argument("--model", required=True, help="final_model, best_model, an HF directory, a step_N, markov:K")
+        s.add_argument("--train-data", default=None, help="markov:K only: the records to count k-mers in")
         s.add_argument("--out", required=True, help="results: .tsv (both), .csv (sequences) or .vcf (variants)")
         s.add_argument("--window", type=int, default=8192 if name == "sequences" else 1024, help="tokens per window")
         s.add_argument("--batch-windows", type=int, default=64, help="windows scored per call (packed on TE)")
@@ -91,7 +94,10 @@ def score_sequences(model, tokenizer, records, window: int, batch_windows: int):
 def main(argv=None) -> dict:
     """Score, write `--out`, print a one-line summary with throughput; returns the summary."""
     args = parse_args(argv)
-    model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
+    if args.model.startswith("markov:"):
+        model, tokenizer = load_baseline(args.model, args.train_data)
+    else:
+        model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
     start, out = time.perf_counter(), Path(args.out)
     if args.command == "sequences":
         records = read_records(args.input, args.text_column, option="--input")

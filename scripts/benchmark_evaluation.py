@@ -7,8 +7,9 @@ Training data: the E. coli, S. aureus and V. cholerae reference genomes; held ou
 (a species the model never sees), also the validation set during training. Then, through `evaluate.py`
 on the same windows (each genome cut to `--eval-bases` bases): bits per base of the model and of order-0
 and order-k Markov models fitted on the training genomes, on the held-out species and on the trained ones
-(in-sample for all models); the codon-position check (`scripts/codon_position_check.py`) on one held-out
-genome; and scoring throughput, TE packed vs HF one window at a time, on the same 8k windows.
+(in-sample for all models); the codon-position check (`scripts/codon_position_check.py`) and the zero-shot
+variant-effect AUROCs (`scripts/variant_effect_benchmark.py`, the model and the Markov baselines) on one
+held-out genome; and scoring throughput, TE packed vs HF one window at a time, on the same 8k windows.
 Writes `evaluation.{md,json}` and `evaluation_*.png` to `--out`.
 """
 
@@ -39,6 +40,8 @@ def parse_args():
     p.add_argument("--eval-bases", type=int, default=300_000, help="bases evaluated per genome")
     p.add_argument("--markov-orders", default="0,5,6,7,8")
     p.add_argument("--no-throughput", action="store_true", help="skip TE vs HF scoring speed (needs a GPU)")
+    p.add_argument("--no-variant-effects", action="store_true", help="skip the zero-shot variant-effect AUROCs")
+    p.add_argument("--vep-args", default="", help="extra variant_effect_benchmark.py options, e.g. '--max-orfs 100'")
     p.add_argument("--codon-args", default="", help="extra codon_position_check.py options, e.g. '--max-orfs 50'")
     p.add_argument("--out", type=Path, default=RECIPE_DIR / "benchmarks")
     p.add_argument("--plot-only", type=Path, default=None, help="re-plot an existing evaluation.json into --out")
@@ -99,77 +102,213 @@ def main():
     train_files, held_files = genomes(args.ragout, TRAIN_SPECIES), genomes(args.ragout, HELD_OUT_SPECIES)
     train, held_out = link_folder(work / "train", train_files), link_folder(work / "held_out", held_files)
     ckpt, run_dir = work / "ckpt", work / "run"
-    launcher = [sys.executable] if args.gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                         "--standalone", f"--nproc_per_node={args.gpus}"]  # fmt: skip
-    train_seconds = run([*launcher, "train_fsdp2.py", "--config-name", args.config_name,
-                         f"num_train_steps={args.steps}", f"dataset.load_dataset_kwargs.path={train}",
-                         "validation.enabled=true", f"+validation.load_dataset_kwargs.path={held_out}",
-                         f"validation.every_n_steps={max(args.steps // 10, 1)}", f"checkpoint.ckpt_dir={ckpt}",
-                         "checkpoint.save_final_model=true", "checkpoint.overwrite=true",
-                         "checkpoint.resume_from_checkpoint=false", f"checkpoint.save_every_n_steps={args.steps}",
-                         f"run_dir={run_dir}", *args.overrides.split()], work / "train.log")  # fmt: skip
-    sets = {"held-out species (H. pylori)": truncated(work / "eval_held_out", held_files, args.eval_bases),
-            "trained species (in-sample)": truncated(work / "eval_train", train_files, args.eval_bases)}  # fmt: skip
-    models = {"trained model": str(ckpt / "final_model"), **{f"Markov order {k}": f"markov:{k}"
-                                                             for k in args.markov_orders.split(",")}}  # fmt: skip
+    launcher = (
+        [sys.executable]
+        if args.gpus == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
+    )
+    train_seconds = run(
+        [
+            *launcher,
+            "train_fsdp2.py",
+            "--config-name",
+            args.config_name,
+            f"num_train_steps={args.steps}",
+            f"dataset.load_dataset_kwargs.path={train}",
+            "validation.enabled=true",
+            f"+validation.load_dataset_kwargs.path={held_out}",
+            f"validation.every_n_steps={max(args.steps // 10, 1)}",
+            f"checkpoint.ckpt_dir={ckpt}",
+            "checkpoint.save_final_model=true",
+            "checkpoint.overwrite=true",
+            "checkpoint.resume_from_checkpoint=false",
+            f"checkpoint.save_every_n_steps={args.steps}",
+            f"run_dir={run_dir}",
+            *args.overrides.split(),
+        ],
+        work / "train.log",
+    )
+    sets = {
+        "held-out species (H. pylori)": truncated(work / "eval_held_out", held_files, args.eval_bases),
+        "trained species (in-sample)": truncated(work / "eval_train", train_files, args.eval_bases),
+    }
+    models = {
+        "trained model": str(ckpt / "final_model"),
+        **{f"Markov order {k}": f"markov:{k}" for k in args.markov_orders.split(",")},
+    }
     jobs = {}  # (set, model) -> (command, log, out); the baselines run side by side on the CPU cores
     for set_name, data in sets.items():
         for model_name, model in models.items():
             out = work / f"eval_{len(jobs)}.json"
-            jobs[set_name, model_name] = ([sys.executable, "evaluate.py", "--model", model, "--data", str(data),
-                                           "--window", str(args.window), "--context", str(args.context),
-                                           "--train-data", str(train), "--out",
-                                           str(out)], work / f"eval_{len(jobs)}.log", out)  # fmt: skip
+            jobs[set_name, model_name] = (
+                [
+                    sys.executable,
+                    "evaluate.py",
+                    "--model",
+                    model,
+                    "--data",
+                    str(data),
+                    "--window",
+                    str(args.window),
+                    "--context",
+                    str(args.context),
+                    "--train-data",
+                    str(train),
+                    "--out",
+                    str(out),
+                ],
+                work / f"eval_{len(jobs)}.log",
+                out,
+            )
     with ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2)) as pool:
         list(pool.map(lambda job: run(*job[:2]), jobs.values()))
     table = {key: json.loads(out.read_text())["overall"]["bits_per_base"] for key, (_, _, out) in jobs.items()}
     codon_out = work / "codon.json"
-    run([sys.executable, "scripts/codon_position_check.py", "--model", str(ckpt / "final_model"), "--genome",
-         str(held_files[0]), "--out", str(codon_out), "--plot", str(args.out / "evaluation_codon.png"),
-         *args.codon_args.split()], work / "codon.log")  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "scripts/codon_position_check.py",
+            "--model",
+            str(ckpt / "final_model"),
+            "--genome",
+            str(held_files[0]),
+            "--out",
+            str(codon_out),
+            "--plot",
+            str(args.out / "evaluation_codon.png"),
+            *args.codon_args.split(),
+        ],
+        work / "codon.log",
+    )
+    vep_out = work / "variant_effects.json"
+    if not args.no_variant_effects:
+        run(
+            [
+                sys.executable,
+                "scripts/variant_effect_benchmark.py",
+                "--genome",
+                str(held_files[0]),
+                "--work",
+                str(work / "variant_effects"),
+                "--model",
+                str(ckpt / "final_model"),
+                *(f"--model=markov:{k}" for k in args.markov_orders.split(",") if k != "0"),
+                "--train-data",
+                str(train),
+                "--out",
+                str(vep_out),
+                *args.vep_args.split(),
+            ],
+            work / "variant_effects.log",
+        )
     throughput = {}
     for label, flag in (
         () if args.no_throughput else (("TE packed (THD)", "true"), ("HF, one window at a time", "false"))
     ):
         out = work / f"throughput_{flag}.json"
-        run([sys.executable, "evaluate.py", "--model", str(ckpt / "final_model"), "--data",
-             str(sets["held-out species (H. pylori)"]), "--window", str(args.window), "--context", "0",
-             "--use-te", flag,
-             "--out", str(out)], work / f"throughput_{flag}.log")  # fmt: skip
+        run(
+            [
+                sys.executable,
+                "evaluate.py",
+                "--model",
+                str(ckpt / "final_model"),
+                "--data",
+                str(sets["held-out species (H. pylori)"]),
+                "--window",
+                str(args.window),
+                "--context",
+                "0",
+                "--use-te",
+                flag,
+                "--out",
+                str(out),
+            ],
+            work / f"throughput_{flag}.log",
+        )
         overall = json.loads(out.read_text())["overall"]
         windows = overall["bases"] / (args.window - 1)
-        throughput[label] = {"bases_per_s": overall["bases"] / overall["seconds"], "windows_per_s": windows /
-                             overall["seconds"], "bits_per_base": overall["bits_per_base"]}  # fmt: skip
-    write_report(args, table, json.loads(codon_out.read_text()), throughput, run_dir, train_seconds)
+        throughput[label] = {
+            "bases_per_s": overall["bases"] / overall["seconds"],
+            "windows_per_s": windows / overall["seconds"],
+            "bits_per_base": overall["bits_per_base"],
+        }
+    effects = None if args.no_variant_effects else json.loads(vep_out.read_text())
+    write_report(args, table, json.loads(codon_out.read_text()), effects, throughput, run_dir, train_seconds)
 
 
-def write_report(args, table: dict, codon: dict, throughput: dict, run_dir: Path, train_seconds: float) -> None:
+def write_report(args, table: dict, codon: dict, effects, throughput: dict, run_dir: Path, train_seconds: float):
     """evaluation.json, evaluation.md and the bits-per-base and validation plots."""
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [(e["step"], e["val_bits_per_base"]) for e in events if "val_bits_per_base" in e]
     sets = sorted({s for s, _ in table})
     models = list(dict.fromkeys(m for _, m in table))
-    lines = [f"`{' '.join(sys.argv)}`: {args.steps} steps of {args.config_name} in {train_seconds / 60:.1f} min.", "",
-             f"evaluate.py --window {args.window} --context {args.context}: every base after a genome's first window "
-             f"predicted from at least {args.context} bases.", "",
-             "| bits per base | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]  # fmt: skip
+    lines = [
+        f"`{' '.join(sys.argv)}`: {args.steps} steps of {args.config_name} in {train_seconds / 60:.1f} min.",
+        "",
+        f"evaluate.py --window {args.window} --context {args.context}: every base after a genome's first window "
+        f"predicted from at least {args.context} bases.",
+        "",
+        "| bits per base | " + " | ".join(sets) + " |",
+        "|---|" + "---|" * len(sets),
+    ]
     lines += [f"| {m} | " + " | ".join(f"{table[s, m]:.4f}" for s in sets) + " |" for m in models]
     best_markov = min((table["held-out species (H. pylori)", m], m) for m in models if m.startswith("Markov"))
     gain = table["held-out species (H. pylori)", "trained model"] - best_markov[0]
     ratio, ci = codon["ratio_pos12_over_pos3"], codon["ratio_95ci"]
-    lines += ["", f"Held-out species: model minus best baseline ({best_markov[1]}) = {gain:+.4f} bits per base "
-              "(negative: the model is better).", "",
-              f"Codon positions (held-out {codon['genome']}, {codon['orfs']} ORFs, "
-              f"{codon['substitutions']} substitutions): mean |score| at positions 1, 2 / position 3 = {ratio:.3f}, "
-              f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}].", "",
-              f"| scoring, {args.window}-token windows, no overlap | windows/s | bases/s | bits per base |",
-              "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {k} | {v['windows_per_s']:.1f} | {v['bases_per_s']:,.0f} | {v['bits_per_base']:.4f} |"
-              for k, v in throughput.items()]  # fmt: skip
+    lines += [
+        "",
+        f"Held-out species: model minus best baseline ({best_markov[1]}) = {gain:+.4f} bits per base "
+        "(negative: the model is better)."
+        + "".join(
+            f" Without context (--context 0, consecutive windows, {label}): {v['bits_per_base']:.4f} bits per base "
+            f"vs {table['held-out species (H. pylori)', 'trained model']:.4f} with --context {args.context}."
+            for label, v in list(throughput.items())[:1]
+        ),
+        "",
+        f"Codon positions (held-out {codon['genome']}, {codon['orfs']} ORFs, "
+        f"{codon['substitutions']} substitutions): mean |score| at positions 1, 2 / position 3 = {ratio:.3f}, "
+        f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}].",
+        "",
+        f"| scoring, {args.window}-token windows, no overlap | windows/s | bases/s | bits per base |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v['windows_per_s']:.1f} | {v['bases_per_s']:,.0f} | {v['bits_per_base']:.4f} |"
+        for k, v in throughput.items()
+    ]
+    if effects:
+        n = effects["substitutions"]
+        lines += [
+            "",
+            f"Zero-shot variant effects (scripts/variant_effect_benchmark.py, held-out {effects['genome']}, "
+            f"{n['synonymous']} synonymous, {n['missense']} missense, {n['nonsense']} stop-gained SNVs in long "
+            f"ORFs, {effects['window']}-token windows): AUROC of the score, the more benign class higher "
+            "(0.5 = chance), 95% bootstrap interval.",
+            "",
+            "| model | synonymous vs stop-gained | missense vs stop-gained | synonymous vs missense |",
+            "|---|---|---|---|",
+        ]
+        pairs = ("synonymous_vs_nonsense", "missense_vs_nonsense", "synonymous_vs_missense")
+        lines += [
+            f"| {'trained model' if m.endswith('final_model') else m} | "
+            + " | ".join(f"{r[k]['auroc']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]" for k in pairs)
+            + " |"
+            for m, r in effects["models"].items()
+        ]
     (args.out / "evaluation.md").write_text("\n".join(lines) + "\n")
-    (args.out / "evaluation.json").write_text(json.dumps(
-        {"bits_per_base": {f"{s} | {m}": v for (s, m), v in table.items()}, "validation_curve": curve,
-         "codon": codon, "throughput": throughput, "command": " ".join(sys.argv)}, indent=1))  # fmt: skip
+    (args.out / "evaluation.json").write_text(
+        json.dumps(
+            {
+                "bits_per_base": {f"{s} | {m}": v for (s, m), v in table.items()},
+                "validation_curve": curve,
+                "codon": codon,
+                "variant_effects": effects,
+                "throughput": throughput,
+                "command": " ".join(sys.argv),
+            },
+            indent=1,
+        )
+    )
     print("\n".join(lines))
     plot(args.out, table, curve)
 

@@ -22,29 +22,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from variant_effect_benchmark import orf_spans  # noqa: E402  (scripts/, this script's folder)
+
 from data.dna import reverse_complement  # noqa: E402
 from data.sources import read_records  # noqa: E402
 from use.inference import encode, load_model, token_log_probs  # noqa: E402
 from use.variants import variant_windows  # noqa: E402
 
-STOPS = ("TAA", "TAG", "TGA")
-
 
 def long_orfs(sequence: str, min_length: int) -> list[str]:
     """ORFs (ATG to stop, stop included) of at least `min_length` bases on both strands, 5' to 3'."""
-    orfs = []
-    for strand in (sequence.upper(), reverse_complement(sequence.upper())):
-        for frame in range(3):
-            start = None
-            for i in range(frame, len(strand) - 2, 3):
-                codon = strand[i : i + 3]
-                if start is None and codon == "ATG":
-                    start = i
-                elif start is not None and codon in STOPS:
-                    if i + 3 - start >= min_length:
-                        orfs.append(strand[start : i + 3])
-                    start = None
-    return orfs
+    strands = {"+": sequence.upper(), "-": reverse_complement(sequence.upper())}
+    return [strands[strand][start:end] for strand, start, end in orf_spans(sequence, min_length)]
 
 
 def orf_substitution_scores(model, tokenizer, orf: str, codons: int, bases: int, rng) -> dict[int, list[float]]:

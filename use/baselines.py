@@ -12,11 +12,26 @@ model (`token_log_probs`), so the figures compare on the same windows. Order 0 i
 """
 
 import numpy as np
+from tqdm import tqdm
 
 from data.dna import BASE_IDS_ANY_CASE, BASES
+from data.sources import load_tokenizer, read_records
+from runtime.paths import RECIPE_DIR
 
 BASE_INDEX = np.full(256, -1, dtype=np.int64)  # id -> 0..3 for A, C, G, T (either case), -1 for anything else
 BASE_INDEX[BASE_IDS_ANY_CASE] = np.tile(np.arange(len(BASES)), 2)
+
+
+def load_baseline(spec: str, train_data: str | None, text_column: str = "sequence"):
+    """`markov:K` fitted on the records of `train_data`, and the nucleotide tokenizer: a `(model, tokenizer)`."""
+    if not train_data:
+        raise ValueError(f"--model {spec} needs --train-data (the records to count k-mers in).")
+    order = spec.split(":", 1)[1]
+    if not order.isdigit():
+        raise ValueError(f"--model {spec}: the Markov order must be a whole number, as in markov:5.")
+    records = read_records(train_data, text_column, option="--train-data")
+    model = MarkovModel(int(order)).fit(seq for _, seq in tqdm(records, desc=f"counting {order}-mers", unit=" rec"))
+    return model, load_tokenizer(str(RECIPE_DIR / "tokenizers" / "nucleotide_fast_tokenizer"))
 
 
 class MarkovModel:

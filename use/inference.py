@@ -109,7 +109,12 @@ def record_windows(tokenizer, sequence: str, window: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def token_log_probs(model, sequences: list[np.ndarray], max_tokens: int = 16384) -> list[np.ndarray]:
-    """For each id sequence, log p(id_t | ids before t) for t = 1..n-1 (float64 on the CPU)."""
+    """For each id sequence, log p(id_t | ids before t) for t = 1..n-1 (float64 on the CPU).
+
+    `model`: a TE or HF model, or a `use.baselines.MarkovModel` (scored through the same path).
+    """
+    if not isinstance(model, torch.nn.Module):  # a k-mer baseline
+        return [model.log_probs(np.asarray(s)) for s in sequences]
     device = next(model.parameters()).device
     if getattr(model.config, "attn_input_format", None) != "thd":
         return [_log_probs(model(input_ids=torch.as_tensor(s, device=device)[None]).logits[0], s) for s in sequences]
