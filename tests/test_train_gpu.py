@@ -160,9 +160,11 @@ def test_nan_steps_are_skipped_on_the_gpu(tmp_path, monkeypatch, script):
 @pytest.mark.gpu
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2], ids=["train_ddp", "train_fsdp2"])
 def test_dna_switches_on_the_te_path_learn_and_resume_exactly(tmp_path, script):
-    """OpenGenome2's FP8 with first and last layers in BF16 (THD), reverse-complement augmentation, down-weighted
-    soft-masked targets, <EOS> masking and <BOS>/<EOS> at record ends only, all at once on TE: the run learns,
-    validation reports the strand gap, and a resumed run repeats the uninterrupted one's losses exactly."""
+    """OpenGenome2's DNA switches all at once on TE: the run learns, and resumes exactly.
+
+    FP8 with the first and last layers in BF16 (THD), reverse-complement augmentation, down-weighted soft-masked
+    targets, <EOS> masking and <BOS>/<EOS> at record ends only; validation reports the strand gap.
+    """
     common = ["num_train_steps=16", "use_sequence_packing=true", "fp8_config.enabled=true",
               "+config_kwargs.fp8_first_last_bf16=true", "dataset.reverse_complement_prob=0.5",
               "dataset.lowercase_loss_weight=0.1", "dataset.mask_eos_label=true",
