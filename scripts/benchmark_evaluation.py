@@ -44,9 +44,18 @@ def parse_args():
     p.add_argument("--vep-args", default="", help="extra variant_effect_benchmark.py options, e.g. '--max-orfs 100'")
     p.add_argument("--codon-args", default="", help="extra codon_position_check.py options, e.g. '--max-orfs 50'")
     p.add_argument("--out", type=Path, default=RECIPE_DIR / "benchmarks")
-    p.add_argument("--plot-only", type=Path, default=None, help="re-plot an existing evaluation.json into --out")
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="a training variant at the same budget, e.g. 'rc=dataset.reverse_complement_prob=0.5' "
+        "(repeatable; the first is reported in full, every arm in the arms table)",
+    )
+    p.add_argument("--arms-only", action="store_true", help="train and check only the --arm variants (no baselines)")
+    p.add_argument("--report-only", action="store_true", help="rewrite evaluation.md and plots from --out's JSON")
     args = p.parse_args()
-    if args.ragout is None and args.plot_only is None:
+    if args.ragout is None and not args.report_only:
         p.error("--ragout is required: apt-get download ragout-examples && dpkg -x ragout-examples_*_all.deb DIR")
     return args
 
@@ -90,24 +99,10 @@ def truncated(folder: Path, files: list[Path], bases: int) -> Path:
     return folder
 
 
-def main():
-    """Prepare, train, evaluate, check, time; then write the evidence table and plots."""
-    args = parse_args()
-    if args.plot_only:
-        saved = json.loads(args.plot_only.read_text())
-        table = {tuple(k.split(" | ")): v for k, v in saved["bits_per_base"].items()}
-        return plot(args.out, table, saved["validation_curve"])
-    sys.path.insert(0, str(RECIPE_DIR))
-    work = args.work
-    train_files, held_files = genomes(args.ragout, TRAIN_SPECIES), genomes(args.ragout, HELD_OUT_SPECIES)
-    train, held_out = link_folder(work / "train", train_files), link_folder(work / "held_out", held_files)
-    ckpt, run_dir = work / "ckpt", work / "run"
-    launcher = (
-        [sys.executable]
-        if args.gpus == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
-    )
-    train_seconds = run(
+def train_arm(args, name: str, overrides: str, train: Path, held_out: Path, launcher: list[str]):
+    """Train one arm for `--steps`; returns its final model, run folder and seconds."""
+    work = args.work / name
+    seconds = run(
         [
             *launcher,
             "train_fsdp2.py",
@@ -118,102 +113,111 @@ def main():
             "validation.enabled=true",
             f"+validation.load_dataset_kwargs.path={held_out}",
             f"validation.every_n_steps={max(args.steps // 10, 1)}",
-            f"checkpoint.ckpt_dir={ckpt}",
+            f"checkpoint.ckpt_dir={work / 'ckpt'}",
             "checkpoint.save_final_model=true",
             "checkpoint.overwrite=true",
             "checkpoint.resume_from_checkpoint=false",
             f"checkpoint.save_every_n_steps={args.steps}",
-            f"run_dir={run_dir}",
+            f"run_dir={work / 'run'}",
             *args.overrides.split(),
+            *overrides.split(),
         ],
-        work / "train.log",
+        args.work / f"train_{name}.log",
     )
-    sets = {
-        "held-out species (H. pylori)": truncated(work / "eval_held_out", held_files, args.eval_bases),
-        "trained species (in-sample)": truncated(work / "eval_train", train_files, args.eval_bases),
-    }
-    models = {
-        "trained model": str(ckpt / "final_model"),
-        **{f"Markov order {k}": f"markov:{k}" for k in args.markov_orders.split(",")},
-    }
-    jobs = {}  # (set, model) -> (command, log, out); the baselines run side by side on the CPU cores
+    return work / "ckpt" / "final_model", work / "run", seconds
+
+
+def evaluate_jobs(args, sets: dict, models: dict, train: Path, tag: str) -> dict:
+    """Bits per base of every (set, model) through evaluate.py; the Markov baselines run side by side on the CPU."""
+    jobs = {}  # (set, model) -> (command, log, out)
     for set_name, data in sets.items():
         for model_name, model in models.items():
-            out = work / f"eval_{len(jobs)}.json"
-            jobs[set_name, model_name] = (
-                [
-                    sys.executable,
-                    "evaluate.py",
-                    "--model",
-                    model,
-                    "--data",
-                    str(data),
-                    "--window",
-                    str(args.window),
-                    "--context",
-                    str(args.context),
-                    "--train-data",
-                    str(train),
-                    "--out",
-                    str(out),
-                ],
-                work / f"eval_{len(jobs)}.log",
-                out,
-            )
+            out = args.work / f"eval_{tag}_{len(jobs)}.json"
+            command = [
+                sys.executable,
+                "evaluate.py",
+                "--model",
+                model,
+                "--data",
+                str(data),
+                "--window",
+                str(args.window),
+                "--context",
+                str(args.context),
+                "--train-data",
+                str(train),
+                "--out",
+                str(out),
+            ]
+            jobs[set_name, model_name] = (command, out.with_suffix(".log"), out)
     with ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2)) as pool:
         list(pool.map(lambda job: run(*job[:2]), jobs.values()))
-    table = {key: json.loads(out.read_text())["overall"]["bits_per_base"] for key, (_, _, out) in jobs.items()}
-    codon_out = work / "codon.json"
+    return {key: json.loads(out.read_text())["overall"]["bits_per_base"] for key, (_, _, out) in jobs.items()}
+
+
+def codon_check(args, model: Path, genome: Path, name: str, plot: bool) -> dict:
+    """scripts/codon_position_check.py on the held-out genome."""
+    out = args.work / f"codon_{name}.json"
+    plot_args = ["--plot", str(args.out / "evaluation_codon.png")] if plot else []
     run(
         [
             sys.executable,
             "scripts/codon_position_check.py",
             "--model",
-            str(ckpt / "final_model"),
+            str(model),
             "--genome",
-            str(held_files[0]),
+            str(genome),
             "--out",
-            str(codon_out),
-            "--plot",
-            str(args.out / "evaluation_codon.png"),
+            str(out),
+            *plot_args,
             *args.codon_args.split(),
         ],
-        work / "codon.log",
+        args.work / f"codon_{name}.log",
     )
-    vep_out = work / "variant_effects.json"
-    if not args.no_variant_effects:
-        run(
-            [
-                sys.executable,
-                "scripts/variant_effect_benchmark.py",
-                "--genome",
-                str(held_files[0]),
-                "--work",
-                str(work / "variant_effects"),
-                "--model",
-                str(ckpt / "final_model"),
-                *(f"--model=markov:{k}" for k in args.markov_orders.split(",") if k != "0"),
-                "--train-data",
-                str(train),
-                "--out",
-                str(vep_out),
-                *args.vep_args.split(),
-            ],
-            work / "variant_effects.log",
-        )
+    return json.loads(out.read_text())
+
+
+def variant_effects(args, model: Path, genome: Path, train: Path, name: str, baselines: bool) -> dict | None:
+    """scripts/variant_effect_benchmark.py on the held-out genome (with the Markov baselines when `baselines`)."""
+    if args.no_variant_effects:
+        return None
+    out = args.work / f"variant_effects_{name}.json"
+    markov = [f"--model=markov:{k}" for k in args.markov_orders.split(",") if k != "0"] if baselines else []
+    run(
+        [
+            sys.executable,
+            "scripts/variant_effect_benchmark.py",
+            "--genome",
+            str(genome),
+            "--work",
+            str(args.work / f"variant_effects_{name}"),
+            "--model",
+            str(model),
+            *markov,
+            "--train-data",
+            str(train),
+            "--out",
+            str(out),
+            *args.vep_args.split(),
+        ],
+        args.work / f"variant_effects_{name}.log",
+    )
+    return json.loads(out.read_text())
+
+
+def scoring_throughput(args, model: Path, data: Path) -> dict:
+    """TE packed vs HF one window at a time, consecutive windows (--context 0) of the held-out set."""
     throughput = {}
-    for label, flag in (
-        () if args.no_throughput else (("TE packed (THD)", "true"), ("HF, one window at a time", "false"))
-    ):
-        out = work / f"throughput_{flag}.json"
+    for label, flag in (("TE packed (THD)", "true"), ("HF, one window at a time", "false")):
+        out = args.work / f"throughput_{flag}.json"
         run(
             [
                 sys.executable,
                 "evaluate.py",
                 "--model",
-                str(ckpt / "final_model"),
+                str(model),
                 "--data",
-                str(sets["held-out species (H. pylori)"]),
+                str(data),
                 "--window",
                 str(args.window),
                 "--context",
@@ -223,59 +227,124 @@ def main():
                 "--out",
                 str(out),
             ],
-            work / f"throughput_{flag}.log",
+            args.work / f"throughput_{flag}.log",
         )
         overall = json.loads(out.read_text())["overall"]
-        windows = overall["bases"] / (args.window - 1)
         throughput[label] = {
             "bases_per_s": overall["bases"] / overall["seconds"],
-            "windows_per_s": windows / overall["seconds"],
+            "windows_per_s": overall["bases"] / (args.window - 1) / overall["seconds"],
             "bits_per_base": overall["bits_per_base"],
         }
-    effects = None if args.no_variant_effects else json.loads(vep_out.read_text())
-    write_report(args, table, json.loads(codon_out.read_text()), effects, throughput, run_dir, train_seconds)
+    return throughput
 
 
-def write_report(args, table: dict, codon: dict, effects, throughput: dict, run_dir: Path, train_seconds: float):
-    """evaluation.json, evaluation.md and the bits-per-base and validation plots."""
+def validation_curve(run_dir: Path, key: str) -> list:
+    """(step, value) of a validation metric from the run's metrics.jsonl."""
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(e["step"], e["val_bits_per_base"]) for e in events if "val_bits_per_base" in e]
+    return [(e["step"], e[key]) for e in events if key in e]
+
+
+def main():
+    """Prepare; train and check each arm (the first in full, unless --arms-only); then write the report."""
+    args = parse_args()
+    if args.report_only:
+        return report(args.out)
+    sys.path.insert(0, str(RECIPE_DIR))
+    train_files, held_files = genomes(args.ragout, TRAIN_SPECIES), genomes(args.ragout, HELD_OUT_SPECIES)
+    train, held_out = link_folder(args.work / "train", train_files), link_folder(args.work / "held_out", held_files)
+    sets = {
+        "held-out species (H. pylori)": truncated(args.work / "eval_held_out", held_files, args.eval_bases),
+        "trained species (in-sample)": truncated(args.work / "eval_train", train_files, args.eval_bases),
+    }
+    launcher = [sys.executable]
+    if args.gpus > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
+    arms = [arm.partition("=")[::2] for arm in args.arm] or [("default", "")]
+    (args.out / "evaluation_arms").mkdir(parents=True, exist_ok=True)
+    for i, (name, overrides) in enumerate(arms):
+        model, run_dir, seconds = train_arm(args, name, overrides, train, held_out, launcher)
+        full = i == 0 and not args.arms_only
+        models = {"trained model": str(model)}
+        if full:
+            models |= {f"Markov order {k}": f"markov:{k}" for k in args.markov_orders.split(",")}
+        table = evaluate_jobs(args, sets if full else dict(list(sets.items())[:1]), models, train, name)
+        codon = codon_check(args, model, held_files[0], name, plot=full)
+        effects = variant_effects(args, model, held_files[0], train, name, baselines=full)
+        arm = {
+            "overrides": " ".join([args.overrides, overrides]).strip(),
+            "held_out_bits_per_base": table["held-out species (H. pylori)", "trained model"],
+            "val_rc_gap": (validation_curve(run_dir, "val_rc_gap") or [(None, None)])[-1][1],
+            "codon": codon,
+            "variant_effects": effects,
+            "train_seconds": seconds,
+            "command": " ".join(sys.argv),
+            "setup": {k: getattr(args, k) for k in ("config_name", "steps", "window", "context", "eval_bases")},
+        }
+        (args.out / "evaluation_arms" / f"{name}.json").write_text(json.dumps(arm, indent=1))
+        if full:
+            throughput = (
+                {} if args.no_throughput else scoring_throughput(args, model, sets["held-out species (H. pylori)"])
+            )
+            saved = {
+                "bits_per_base": {f"{s} | {m}": v for (s, m), v in table.items()},
+                "validation_curve": validation_curve(run_dir, "val_bits_per_base"),
+                "codon": codon,
+                "variant_effects": effects,
+                "throughput": throughput,
+                "train_seconds": seconds,
+                "command": " ".join(sys.argv),
+                "arm": name,
+                **arm["setup"],
+            }
+            (args.out / "evaluation.json").write_text(json.dumps(saved, indent=1))
+    report(args.out)
+
+
+def report(out: Path) -> None:
+    """evaluation.md from evaluation.json and evaluation_arms/*.json; the bits-per-base and validation plots."""
+    saved = json.loads((out / "evaluation.json").read_text())
+    table = {tuple(k.split(" | ")): v for k, v in saved["bits_per_base"].items()}
+    held = "held-out species (H. pylori)"
     sets = sorted({s for s, _ in table})
     models = list(dict.fromkeys(m for _, m in table))
     lines = [
-        f"`{' '.join(sys.argv)}`: {args.steps} steps of {args.config_name} in {train_seconds / 60:.1f} min.",
+        f"`{saved['command']}`: {saved['steps']} steps of {saved['config_name']} in {saved['train_seconds'] / 60:.1f} "
+        "min.",
         "",
-        f"evaluate.py --window {args.window} --context {args.context}: every base after a genome's first window "
-        f"predicted from at least {args.context} bases.",
+        f"evaluate.py --window {saved['window']} --context {saved['context']}: every base after a genome's first "
+        f"window predicted from at least {saved['context']} bases.",
         "",
         "| bits per base | " + " | ".join(sets) + " |",
         "|---|" + "---|" * len(sets),
     ]
     lines += [f"| {m} | " + " | ".join(f"{table[s, m]:.4f}" for s in sets) + " |" for m in models]
-    best_markov = min((table["held-out species (H. pylori)", m], m) for m in models if m.startswith("Markov"))
-    gain = table["held-out species (H. pylori)", "trained model"] - best_markov[0]
+    best_markov = min((table[held, m], m) for m in models if m.startswith("Markov"))
+    codon = saved["codon"]
     ratio, ci = codon["ratio_pos12_over_pos3"], codon["ratio_95ci"]
     lines += [
         "",
-        f"Held-out species: model minus best baseline ({best_markov[1]}) = {gain:+.4f} bits per base "
-        "(negative: the model is better)."
+        f"Held-out species: model minus best baseline ({best_markov[1]}) = "
+        f"{table[held, 'trained model'] - best_markov[0]:+.4f} bits per base (negative: the model is better)."
         + "".join(
             f" Without context (--context 0, consecutive windows, {label}): {v['bits_per_base']:.4f} bits per base "
-            f"vs {table['held-out species (H. pylori)', 'trained model']:.4f} with --context {args.context}."
-            for label, v in list(throughput.items())[:1]
+            f"vs {table[held, 'trained model']:.4f} with --context {saved['context']}."
+            for label, v in list(saved["throughput"].items())[:1]
         ),
         "",
-        f"Codon positions (held-out {codon['genome']}, {codon['orfs']} ORFs, "
-        f"{codon['substitutions']} substitutions): mean |score| at positions 1, 2 / position 3 = {ratio:.3f}, "
-        f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}].",
-        "",
-        f"| scoring, {args.window}-token windows, no overlap | windows/s | bases/s | bits per base |",
-        "|---|---|---|---|",
+        f"Codon positions (held-out {codon['genome']}, {codon['orfs']} ORFs, {codon['substitutions']} substitutions): "
+        f"mean |score| at positions 1, 2 / position 3 = {ratio:.3f}, 95% CI [{ci[0]:.3f}, {ci[1]:.3f}].",
     ]
-    lines += [
-        f"| {k} | {v['windows_per_s']:.1f} | {v['bases_per_s']:,.0f} | {v['bits_per_base']:.4f} |"
-        for k, v in throughput.items()
-    ]
+    if saved["throughput"]:
+        lines += [
+            "",
+            f"| scoring, {saved['window']}-token windows, no overlap | windows/s | bases/s | bits per base |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['windows_per_s']:.1f} | {v['bases_per_s']:,.0f} | {v['bits_per_base']:.4f} |"
+            for k, v in saved["throughput"].items()
+        ]
+    effects = saved["variant_effects"]
     if effects:
         n = effects["substitutions"]
         lines += [
@@ -288,29 +357,53 @@ def write_report(args, table: dict, codon: dict, effects, throughput: dict, run_
             "| model | synonymous vs stop-gained | missense vs stop-gained | synonymous vs missense |",
             "|---|---|---|---|",
         ]
-        pairs = ("synonymous_vs_nonsense", "missense_vs_nonsense", "synonymous_vs_missense")
         lines += [
-            f"| {'trained model' if m.endswith('final_model') else m} | "
-            + " | ".join(f"{r[k]['auroc']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]" for k in pairs)
-            + " |"
+            f"| {'trained model' if m.endswith('final_model') else m} | {aurocs(r, PAIRS)} |"
             for m, r in effects["models"].items()
         ]
-    (args.out / "evaluation.md").write_text("\n".join(lines) + "\n")
-    (args.out / "evaluation.json").write_text(
-        json.dumps(
-            {
-                "bits_per_base": {f"{s} | {m}": v for (s, m), v in table.items()},
-                "validation_curve": curve,
-                "codon": codon,
-                "variant_effects": effects,
-                "throughput": throughput,
-                "command": " ".join(sys.argv),
-            },
-            indent=1,
-        )
-    )
+    arms = {p.stem: json.loads(p.read_text()) for p in sorted((out / "evaluation_arms").glob("*.json"))}
+    if len(arms) > 1:
+        lines += [
+            "",
+            "Training variants at the same budget (each arm its own run; the command that trained it below the "
+            "table). Held-out H. pylori bits per base with --context as above; val_rc_gap: the last validation's mean "
+            "|bits per base of a window - of its reverse complement|; codon ratio and AUROC as above.",
+            "",
+            "| arm | overrides | held-out bits per base | val_rc_gap | codon pos 1,2 / 3 | synonymous vs stop-gained "
+            "AUROC | training |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, a in arms.items():
+            vep = next(
+                (
+                    r
+                    for m, r in (a["variant_effects"] or {"models": {}})["models"].items()
+                    if not m.startswith("markov")
+                ),
+                None,
+            )
+            codon_ci = a["codon"]["ratio_95ci"]
+            lines.append(
+                f"| {name} | `{a['overrides'] or '-'}` | {a['held_out_bits_per_base']:.4f} | "
+                f"{a['val_rc_gap'] if a['val_rc_gap'] is None else format(a['val_rc_gap'], '.4f')} | "
+                f"{a['codon']['ratio_pos12_over_pos3']:.3f} [{codon_ci[0]:.3f}, {codon_ci[1]:.3f}] | "
+                f"{aurocs(vep, PAIRS[:1]) if vep else '-'} | {a['setup']['steps']} steps, "
+                f"{a['train_seconds'] / 60:.1f} min |"
+            )
+        lines += ["", *(f"- {name}: `{a['command']}`" for name, a in arms.items())]
+    (out / "evaluation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(args.out, table, curve)
+    plot(out, table, saved["validation_curve"])
+
+
+PAIRS = ("synonymous_vs_nonsense", "missense_vs_nonsense", "synonymous_vs_missense")
+
+
+def aurocs(result: dict, pairs) -> str:
+    """'AUROC [low, high]' cells of one model's variant-effect result."""
+    return " | ".join(
+        f"{result[k]['auroc']:.3f} [{result[k]['ci95'][0]:.3f}, {result[k]['ci95'][1]:.3f}]" for k in pairs
+    )
 
 
 def plot(out: Path, table: dict, curve: list) -> None:

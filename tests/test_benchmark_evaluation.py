@@ -1,0 +1,76 @@
+"""scripts/benchmark_evaluation.py's report: the evidence tables rebuilt from the JSON the runs wrote."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import benchmark_evaluation  # noqa: E402
+
+SETUP = {"config_name": "L1_genomic_1b", "steps": 500, "window": 8192, "context": 4096, "eval_bases": 300000}
+CODON = {
+    "genome": "ELS37",
+    "orfs": 200,
+    "substitutions": 18000,
+    "ratio_pos12_over_pos3": 1.044,
+    "ratio_95ci": [1.022, 1.065],
+}
+
+
+def vep(model: str, syn_vs_stop: float) -> dict:
+    pair = {"auroc": syn_vs_stop, "ci95": [syn_vs_stop - 0.02, syn_vs_stop + 0.02]}
+    pairs = ("synonymous_vs_nonsense", "missense_vs_nonsense", "synonymous_vs_missense")
+    return {
+        "genome": "ELS37",
+        "window": 1024,
+        "substitutions": {"synonymous": 10, "missense": 20, "nonsense": 5},
+        "models": {model: dict.fromkeys(pairs, pair), "markov:5": dict.fromkeys(pairs, pair)},
+    }
+
+
+def test_report_has_the_baseline_table_and_one_row_per_arm(tmp_path):
+    table = {
+        ("held-out species (H. pylori)", "trained model"): 1.90,
+        ("held-out species (H. pylori)", "Markov order 5"): 1.95,
+        ("trained species (in-sample)", "trained model"): 1.93,
+        ("trained species (in-sample)", "Markov order 5"): 1.94,
+    }
+    saved = {
+        "bits_per_base": {f"{s} | {m}": v for (s, m), v in table.items()},
+        "validation_curve": [[50, 2.0]],
+        "codon": CODON,
+        "variant_effects": vep("/w/default/ckpt/final_model", 0.71),
+        "train_seconds": 180,
+        "throughput": {"TE packed (THD)": {"bases_per_s": 1.5e5, "windows_per_s": 18.3, "bits_per_base": 1.92}},
+        "command": "benchmark_evaluation.py --arm default=",
+        "arm": "default",
+        **SETUP,
+    }
+    (tmp_path / "evaluation.json").write_text(json.dumps(saved))
+    (tmp_path / "evaluation_arms").mkdir()
+    for name, bits, gap, auroc in (("default", 1.90, 0.05, 0.71), ("rc", 1.89, 0.01, 0.74)):
+        arm = {
+            "overrides": "" if name == "default" else "dataset.reverse_complement_prob=0.5",
+            "held_out_bits_per_base": bits,
+            "val_rc_gap": gap,
+            "codon": CODON,
+            "train_seconds": 180,
+            "variant_effects": vep(f"/w/{name}/ckpt/final_model", auroc),
+            "command": f"run {name}",
+            "setup": SETUP,
+        }
+        (tmp_path / "evaluation_arms" / f"{name}.json").write_text(json.dumps(arm))
+
+    benchmark_evaluation.report(tmp_path)
+    md = (tmp_path / "evaluation.md").read_text()
+    assert "model minus best baseline (Markov order 5) = -0.0500 bits per base" in md
+    assert "1.9200 bits per base vs 1.9000 with --context 4096" in md  # the no-context figure next to the context one
+    assert "| trained model | 0.710 [0.690, 0.730] |" in md and "| markov:5 | 0.710" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| default |", "| rc |"))]
+    assert rows == [
+        "| default | `-` | 1.9000 | 0.0500 | 1.044 [1.022, 1.065] | 0.710 [0.690, 0.730] | 500 steps, 3.0 min |",
+        "| rc | `dataset.reverse_complement_prob=0.5` | 1.8900 | 0.0100 | 1.044 [1.022, 1.065] | 0.740 [0.720, 0.760] "
+        "| 500 steps, 3.0 min |",
+    ]
+    assert "- rc: `run rc`" in md
