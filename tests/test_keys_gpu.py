@@ -28,12 +28,12 @@ def gpu_cfg(run_dir, *overrides):
 
 
 def watch_model(monkeypatch, script) -> dict:
-    """Record the model `script.main` builds (and the `on_meta` it was asked for)."""
+    """Record the model `script.main` builds (and whether its options asked for the meta device)."""
     seen, make = {}, script.create_model
 
-    def create_and_watch(*args, **kwargs):
-        model = make(*args, **kwargs)
-        seen.update(model=model, on_meta=kwargs["on_meta"], built_on=next(model.parameters()).device.type)
+    def create_and_watch(options, device):
+        model = make(options, device)
+        seen.update(model=model, on_meta=options.on_meta, built_on=next(model.parameters()).device.type)
         model.model.layers[0].register_forward_hook(lambda m, i, out: seen.update(compute_dtype=out.dtype))
         return model
 
