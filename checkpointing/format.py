@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from checkpointing.run_record import write_run_info
+from data.streams import merge_stream_states
 
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"  # written last: a folder without it is a save that did not finish
@@ -80,26 +81,40 @@ def _rank_state(step: int, scheduler, dataloader, extra_model_state: dict) -> di
 def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
     """Restore this rank's scheduler, RNG and dataloader state.
 
-    A checkpoint from a different number of ranks resumes too (the model and optimizer are whole or
-    resharded by DCP), but the data streams cannot be resharded: the loader then starts its stream anew,
-    and RNG states are not restored.
+    A checkpoint from a different number of ranks resumes too: the model and optimizer are whole or resharded
+    by DCP, and the data streams (`data/streams.py`) are handed out to this run's ranks, each continuing
+    where it stood; RNG states are not restored (they were per rank).
     """
     saved_ranks = len(list(path.glob(rank_file("*"))))
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if saved_ranks != world_size:
-        if rank == 0:
+        states = [torch.load(path / rank_file(r), weights_only=False) for r in range(saved_ranks)]
+        scheduler.load_state_dict(states[0]["scheduler"])
+        if hasattr(dataloader, "resume_streams") and all("dataloader" in s for s in states):
+            merged = merge_stream_states([s["dataloader"] for s in states])
+            dataloader.resume_streams(merged["streams"], merged["num_streams"])
+            if rank == 0:
+                streams = merged["num_streams"]
+                logger.info(
+                    "%s was saved by %d ranks and this run has %d: model, optimizer, scheduler and step are restored, "
+                    "and its %d data streams continue where they stood (%d to %d per rank); RNG states are fresh.",
+                    path,
+                    saved_ranks,
+                    world_size,
+                    streams,
+                    streams // world_size,
+                    -(-streams // world_size),
+                )
+        elif rank == 0:
             logger.warning(
                 "%s was saved by %d ranks and this run has %d: model, optimizer, scheduler and step are restored, "
-                "but the data loader starts its stream from the beginning and RNG states are fresh. Resume with "
-                "%d ranks to continue the exact data order.",
+                "but the data loader starts its stream from the beginning (no loader state was saved) and RNG "
+                "states are fresh.",
                 path,
                 saved_ranks,
                 world_size,
-                saved_ranks,
             )
-        state = torch.load(path / rank_file(0), weights_only=False)
-        scheduler.load_state_dict(state["scheduler"])
-        return state
+        return states[0]
     state = torch.load(path / rank_file(rank), weights_only=False)  # our own file: holds numpy RNG state
     scheduler.load_state_dict(state["scheduler"])
     if "dataloader" in state and hasattr(dataloader, "load_state_dict"):

@@ -155,11 +155,13 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         "validation.every_n_steps",
         "validation.num_windows",
         "gc_collect_every_n_steps",
+        "dataset.data_streams",
     )
     for key in positive:
         value = OmegaConf.select(cfg, key)
-        if key in ("checkpoint.save_every_n_steps", "gc_collect_every_n_steps") and value is None:
-            continue  # no interval saves, as upstream; Python's automatic garbage collection
+        optional = ("checkpoint.save_every_n_steps", "gc_collect_every_n_steps", "dataset.data_streams")
+        if key in optional and value is None:
+            continue  # no interval saves, as upstream; Python's automatic garbage collection; one stream per rank
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer.")
     if cfg.dataset.num_workers < 0:

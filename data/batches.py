@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from data.collate import IGNORE_INDEX
 from data.loader import create_bshd_dataloader, create_thd_dataloader
+from data.streams import StreamLoader
 from runtime.distributed import DistributedConfig
 
 
@@ -55,9 +56,29 @@ def create_dataloader(
             kwargs.update(pad_sequences_to_be_divisible_by=divisor, pad_to_multiple_of=None)
         else:
             kwargs["pad_to_multiple_of"] = math.lcm(divisor, kwargs.get("pad_to_multiple_of") or 1)
-    if batches.use_sequence_packing:
-        return create_thd_dataloader(dist_config, **kwargs)
-    return create_bshd_dataloader(dist_config, pack_rows=batches.pack_rows, **kwargs)
+    num_streams = kwargs.pop("data_streams", None) or dist_config.world_size
+
+    def build_stream(stream: int, streams: int):
+        """The loader rank `stream` of `streams` ranks would build: one data stream (data/streams.py)."""
+        ranks = DistributedConfig(rank=stream, local_rank=dist_config.local_rank, world_size=streams)
+        if batches.use_sequence_packing:
+            return create_thd_dataloader(ranks, **kwargs)
+        return create_bshd_dataloader(ranks, pack_rows=batches.pack_rows, **kwargs)
+
+    if not kwargs.get("use_stateful_dataloader", True):  # no loader state to save: nothing to carry across resumes
+        if num_streams != dist_config.world_size:
+            raise ValueError(
+                f"dataset.data_streams={num_streams} needs dataset.use_stateful_dataloader=true (stream positions are "
+                "loader states)."
+            )
+        return build_stream(dist_config.rank, dist_config.world_size)
+    built = {}
+
+    def stream_loader(stream: int, streams: int):
+        loader, built["tokenizer"] = build_stream(stream, streams)
+        return loader
+
+    return StreamLoader(stream_loader, num_streams, dist_config.rank, dist_config.world_size), built["tokenizer"]
 
 
 def iter_batches(dataloader, device: torch.device, watch: Callable[[dict, float], None] | None = None) -> Iterator:

@@ -284,7 +284,7 @@ def test_wandb_init_args_reach_wandb(tmp_path, monkeypatch):
 
 def test_dataset_prefetch_factor_reaches_the_loader(tmp_path):
     loader, _ = build_loader(make_cfg(tmp_path, "dataset.num_workers=1", "dataset.prefetch_factor=2"), ONE_RANK)
-    assert loader.prefetch_factor == 2
+    assert loader.loaders[0].prefetch_factor == 2  # the rank's one data stream (data/streams.py)
 
 
 def test_dataset_pad_sequences_to_be_divisible_by_pads_each_packed_sequence(tmp_path):
@@ -405,7 +405,7 @@ def test_packing_lookahead_balances_the_packs_of_the_loader(tmp_path):
 
 
 def test_use_stateful_dataloader(tmp_path):
-    assert type(build_loader(make_cfg(tmp_path), ONE_RANK)[0]) is StatefulDataLoader
+    assert type(build_loader(make_cfg(tmp_path), ONE_RANK)[0].loaders[0]) is StatefulDataLoader
     loader, _ = build_loader(make_cfg(tmp_path, "dataset.use_stateful_dataloader=false"), ONE_RANK)
     assert type(loader) is DataLoader
 

@@ -116,7 +116,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, script):
     assert (tmp_path / "ckpt" / "final_model" / "config.json").exists()
 
     # The same checkpoint resumed by one process: weights and optimizer state load whole (DDP) or
-    # resharded (FSDP2 DCP); the data stream restarts, with a warning. No step runs (num_train_steps=4),
+    # resharded (FSDP2 DCP); the one rank continues both data streams. No step runs (num_train_steps=4),
     # so the export must equal the 2-process one exactly.
     one = tmp_path / "one_rank"
     single = [sys.executable, script, "--config-name", "L0_sanity", *FAST, "num_train_steps=4", f"run_dir={one}",
@@ -124,6 +124,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, script):
     shutil.copytree(tmp_path / "ckpt" / "step_4", one / "ckpt" / "step_4")
     result = run_command(single)
     assert "was saved by 2 ranks and this run has 1" in result.stderr
+    assert "its 2 data streams continue where they stood (2 to 2 per rank)" in result.stderr
     two_ranks = load_file(tmp_path / "ckpt" / "final_model" / "model.safetensors")
     one_rank = load_file(one / "ckpt" / "final_model" / "model.safetensors")
     assert two_ranks.keys() == one_rank.keys()

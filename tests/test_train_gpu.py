@@ -75,8 +75,13 @@ def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, monkeypatc
 
     layouts, set_layout = [], NVLlamaModel._set_attention_layout
     monkeypatch.setattr(NVLlamaModel, "_set_attention_layout", lambda m, f: layouts.append(f) or set_layout(m, f))
-    common = ["num_train_steps=20", "use_sequence_packing=false", "logger.frequency=1",
-              f"fp8_config.enabled={str(fp8).lower()}", "checkpoint.save_every_n_steps=null"]  # fmt: skip
+    common = [
+        "num_train_steps=20",
+        "use_sequence_packing=false",
+        "logger.frequency=1",
+        f"fp8_config.enabled={str(fp8).lower()}",
+        "checkpoint.save_every_n_steps=null",
+    ]
     script.main(gpu_cfg(tmp_path / "packed", *common))
     assert "bshd" in layouts  # the L0 loader's micro-batches are mostly full windows
     script.main(gpu_cfg(tmp_path / "padded", *common, "+config_kwargs.attn_input_format=bshd"))
@@ -100,8 +105,13 @@ def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, monkeypatc
 @pytest.mark.gpu
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_resume_on_gpu_and_export(tmp_path, script):
-    common = ["num_train_steps=20", "use_sequence_packing=true", "fp8_config.enabled=true",
-              "checkpoint.save_every_n_steps=10", "logger.frequency=1"]  # fmt: skip
+    common = [
+        "num_train_steps=20",
+        "use_sequence_packing=true",
+        "fp8_config.enabled=true",
+        "checkpoint.save_every_n_steps=10",
+        "logger.frequency=1",
+    ]
     straight = tmp_path / "straight"
     script.main(gpu_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
     resumed = tmp_path / "resumed"
@@ -124,9 +134,19 @@ def test_resume_on_gpu_and_export(tmp_path, script):
 @pytest.mark.multi_gpu
 @pytest.mark.parametrize("script", ["train_ddp.py", "train_fsdp2.py"])
 def test_two_gpus_fp8_thd(tmp_path, script):
-    cmd = [*TORCHRUN_2, script, "--config-name", "L0_sanity", *GPU, "num_train_steps=60", "fp8_config.enabled=true",
-           "use_sequence_packing=true", f"run_dir={tmp_path}", f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}",
-           "checkpoint.save_every_n_steps=30"]  # fmt: skip
+    cmd = [
+        *TORCHRUN_2,
+        script,
+        "--config-name",
+        "L0_sanity",
+        *GPU,
+        "num_train_steps=60",
+        "fp8_config.enabled=true",
+        "use_sequence_packing=true",
+        f"run_dir={tmp_path}",
+        f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}",
+        "checkpoint.save_every_n_steps=30",
+    ]
     run_command(cmd, timeout=900)
     assert losses(tmp_path)[60] < 2.0
     assert len(list((tmp_path / "ckpt" / "step_60").glob("rank_*.pt"))) == 2
@@ -165,11 +185,21 @@ def test_dna_switches_on_the_te_path_learn_and_resume_exactly(tmp_path, script):
     FP8 with the first and last layers in BF16 (THD), reverse-complement augmentation, down-weighted soft-masked
     targets, <EOS> masking and <BOS>/<EOS> at record ends only; validation reports the strand gap.
     """
-    common = ["num_train_steps=16", "use_sequence_packing=true", "fp8_config.enabled=true",
-              "+config_kwargs.fp8_first_last_bf16=true", "dataset.reverse_complement_prob=0.5",
-              "dataset.lowercase_loss_weight=0.1", "dataset.mask_eos_label=true",
-              "dataset.bos_eos_only_at_record_ends=true", "checkpoint.save_every_n_steps=8", "logger.frequency=1",
-              "validation.enabled=true", "validation.every_n_steps=8", "validation.num_windows=16"]  # fmt: skip
+    common = [
+        "num_train_steps=16",
+        "use_sequence_packing=true",
+        "fp8_config.enabled=true",
+        "+config_kwargs.fp8_first_last_bf16=true",
+        "dataset.reverse_complement_prob=0.5",
+        "dataset.lowercase_loss_weight=0.1",
+        "dataset.mask_eos_label=true",
+        "dataset.bos_eos_only_at_record_ends=true",
+        "checkpoint.save_every_n_steps=8",
+        "logger.frequency=1",
+        "validation.enabled=true",
+        "validation.every_n_steps=8",
+        "validation.num_windows=16",
+    ]
     straight = tmp_path / "straight"
     script.main(gpu_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
     resumed = tmp_path / "resumed"
@@ -182,3 +212,25 @@ def test_dna_switches_on_the_te_path_learn_and_resume_exactly(tmp_path, script):
     events = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     gaps = [e["val_rc_gap"] for e in events if "val_rc_gap" in e]
     assert len(gaps) == 2 and all(0.0 < g < 1.0 for g in gaps), gaps  # a trained model is not strand-symmetric
+
+
+@pytest.mark.gpu
+def test_two_data_streams_on_one_gpu_resume_exactly(tmp_path):
+    """`dataset.data_streams=2` on one GPU (FP8 THD): the rank alternates two streams; a resume is exact."""
+    common = [
+        "num_train_steps=8",
+        "use_sequence_packing=true",
+        "fp8_config.enabled=true",
+        "dataset.data_streams=2",
+        "checkpoint.save_every_n_steps=4",
+        "logger.frequency=1",
+    ]
+    straight = tmp_path / "straight"
+    train_fsdp2.main(gpu_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
+    resumed = tmp_path / "resumed"
+    ckpt = f"checkpoint.ckpt_dir={resumed / 'ckpt'}"
+    train_fsdp2.main(gpu_cfg(resumed, *common, ckpt, "num_train_steps=4"))
+    train_fsdp2.main(gpu_cfg(resumed, *common, ckpt))
+    a, b = losses(straight), losses(resumed)
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
+    assert a[8] < a[1] - 1.0
