@@ -39,7 +39,7 @@ def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat
         state = _read_weights(path)
         if config.model_type != "nvllama":
             state = hf_to_te_state_dict(state, hf_config)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # our export: its config has auto_map
     else:
         raise FileNotFoundError(
             f"{path} is neither an exported model (config.json) nor a complete step_N checkpoint ({MARKER}); "
