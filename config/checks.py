@@ -156,10 +156,16 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         "validation.num_windows",
         "gc_collect_every_n_steps",
         "dataset.data_streams",
+        "validation.num_batches",
     )
     for key in positive:
         value = OmegaConf.select(cfg, key)
-        optional = ("checkpoint.save_every_n_steps", "gc_collect_every_n_steps", "dataset.data_streams")
+        optional = (
+            "checkpoint.save_every_n_steps",
+            "gc_collect_every_n_steps",
+            "dataset.data_streams",
+            "validation.num_batches",
+        )
         if key in optional and value is None:
             continue  # no interval saves, as upstream; Python's automatic garbage collection; one stream per rank
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

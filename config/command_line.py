@@ -71,7 +71,6 @@ UPSTREAM_REFUSED = {
         ],
         _SHUFFLE,
     ),
-    "validation.num_batches": "use validation.num_windows (a fixed set of windows, not batches)",
     "lr_scheduler_kwargs.num_training_steps": "use lr_scheduler_kwargs.num_decay_steps = num_training_steps - "
     "num_warmup_steps (warmup, then cosine decay over num_decay_steps)",
     "fp8_config.fp8_model_init_kwargs.": _QUANTIZED_INIT,

@@ -72,3 +72,14 @@ def test_validation_window_keys(tmp_path, tokenizer):
     assert list(windows[0][-1 - 40 : -1]) == list(windows[1][1:41])
     with pytest.raises(ValueError, match="validation.micro_batch_size=0 must be a positive integer"):
         validate_config(make_cfg(tmp_path, "validation.enabled=true", "validation.micro_batch_size=0"), use_te=False)
+
+
+def test_validation_num_batches_is_micro_batches_per_rank(tmp_path, tokenizer):
+    """OG2's `validation.num_batches`: num_batches x micro_batch_size x ranks windows, num_windows ignored."""
+    cfg = make_cfg(tmp_path, "validation.enabled=true", "validation.num_batches=3", "validation.micro_batch_size=2")
+    assert len(validation_windows(cfg.validation, cfg.dataset, tokenizer)) == 6
+    assert len(validation_windows(cfg.validation, cfg.dataset, tokenizer, world_size=4)) == 24
+    plain = make_cfg(tmp_path, "validation.enabled=true", "validation.num_windows=5")
+    assert len(validation_windows(plain.validation, plain.dataset, tokenizer)) == 5
+    with pytest.raises(ValueError, match="validation.num_batches=0 must be a positive integer"):
+        validate_config(make_cfg(tmp_path, "validation.enabled=true", "validation.num_batches=0"), use_te=False)

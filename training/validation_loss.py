@@ -45,10 +45,11 @@ def window_keys(validation, dataset) -> tuple[int, int, int]:
     return micro_batch_size, max_seq_length, stride
 
 
-def validation_windows(validation, dataset, tokenizer) -> list:
+def validation_windows(validation, dataset, tokenizer, world_size: int = 1) -> list:
     """The first `validation.num_windows` windows of the validation stream (the same on every rank).
 
-    With `validation.num_bases`, the first windows holding that many A/C/G/T bases instead.
+    With `validation.num_bases`, the first windows holding that many A/C/G/T bases instead; with OpenGenome2's
+    `validation.num_batches`, that many micro-batches per rank (of `world_size`).
     """
     separate = validation.load_dataset_kwargs is not None
     source = OmegaConf.to_container(validation.load_dataset_kwargs if separate else dataset.load_dataset_kwargs)
@@ -64,10 +65,22 @@ def validation_windows(validation, dataset, tokenizer) -> list:
         holdout_side="validation",
         bos_eos_only_at_record_ends=dataset.bos_eos_only_at_record_ends,
     )
-    num_bases = validation.get("num_bases")
+    num_bases, num_windows = validation.get("num_bases"), validation.num_windows
+    if validation.get("num_batches") and num_bases is None:
+        micro_batch_size = window_keys(validation, dataset)[0]
+        num_windows = validation.num_batches * micro_batch_size * world_size
+        logger.info(
+            "Validation: validation.num_batches=%d (OpenGenome2's key) is %d micro-batches of %d windows on each of "
+            "%d rank(s): the first %d windows (validation.num_windows ignored).",
+            validation.num_batches,
+            validation.num_batches,
+            micro_batch_size,
+            world_size,
+            num_windows,
+        )
     windows, bases = [], 0
     for window in (w["input_ids"] for w in stream):
-        if (len(windows) >= validation.num_windows) if num_bases is None else bases >= num_bases:
+        if (len(windows) >= num_windows) if num_bases is None else bases >= num_bases:
             break
         windows.append(window)
         bases += int(is_base(np.asarray(window)).sum())
@@ -139,7 +152,7 @@ class Validator:
     ):
         self.every_n_steps = validation.every_n_steps
         self.last_step = last_step
-        windows = validation_windows(validation, dataset, tokenizer)
+        windows = validation_windows(validation, dataset, tokenizer, dist_config.world_size)
         self.num_windows = len(windows)
         mine = slice(dist_config.rank, None, dist_config.world_size)
         self.batches = micro_batches(validation, dataset, batches, windows, tokenizer)[mine]
