@@ -171,6 +171,11 @@ def main(argv=None) -> dict:
         "excluded": sum(r["excluded"] for r in rows),
         "nll_nats": nll,
         "bits_per_base": nll / max(bases, 1) / math.log(2),
+        # OpenGenome2's evaluate_fasta_lm_loss.py figures, in nats: each record's mean over its A/C/G/T bases,
+        # averaged over records ("per-seq avg CE loss"), and the mean over all bases ("token-weighted CE loss")
+        "per_record_nll_nats": sum(r["nll_nats"] / r["bases"] for r in rows if r["bases"])
+        / max(sum(1 for r in rows if r["bases"]), 1),
+        "token_weighted_nll_nats": nll / max(bases, 1),
         "window": window,
         "context": context,
         "seconds": seconds,
@@ -179,7 +184,8 @@ def main(argv=None) -> dict:
         write_rows(rows, Path(args.out), summary)
     print(
         f"{len(rows)} records, {bases:,} bases scored, {summary['excluded']:,} excluded (not A/C/G/T): "
-        f"{summary['bits_per_base']:.4f} bits per base (window {window}, context {context}; "
+        f"{summary['bits_per_base']:.4f} bits per base; per-record mean NLL {summary['per_record_nll_nats']:.4f} nats "
+        f"(token-weighted {summary['token_weighted_nll_nats']:.4f}) (window {window}, context {context}; "
         f"{bases / seconds:,.0f} bases/s; model {args.model}, data {args.data})"
     )
     return summary

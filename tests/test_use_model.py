@@ -75,9 +75,10 @@ def test_evaluate_matches_a_hand_computation(trained, tmp_path, context):
     summary = evaluate.main(["--model", str(model_dir), "--data", str(fasta), "--window", "200", "--context",
                              str(context), "--out", str(out)])  # fmt: skip
     model, tokenizer = load_model(model_dir)
-    nll, bases, excluded = 0.0, 0, 0
+    nll, bases, excluded, per_record = 0.0, 0, 0, []
     for record in records:
         record, start = record.upper(), 0  # soft-masked bases are read as uppercase
+        nll_before, bases_before = nll, bases
         while start < len(record):  # windows of <BOS> + 199 bases, the first `context` of later ones not scored
             begin = max(0, start - context)
             chunk = record[begin : begin + 199]
@@ -85,7 +86,10 @@ def test_evaluate_matches_a_hand_computation(trained, tmp_path, context):
             base = is_base(np.frombuffer(chunk.encode(), dtype=np.uint8))[skip:]
             nll -= direct_log_probs(model, tokenizer, chunk)[skip:][base].sum()
             bases, excluded, start = bases + int(base.sum()), excluded + int((~base).sum()), begin + len(chunk)
+        per_record.append((nll - nll_before) / (bases - bases_before))
     assert (summary["bases"], summary["excluded"]) == (bases, excluded) == (1154, 4)
+    assert summary["per_record_nll_nats"] == pytest.approx(sum(per_record) / 2, rel=1e-6)  # OpenGenome2's metric
+    assert summary["token_weighted_nll_nats"] == pytest.approx(nll / bases, rel=1e-6)
     assert summary["bits_per_base"] == pytest.approx(nll / bases / math.log(2), rel=1e-6)
     assert out.read_text().splitlines()[0].split("\t") == ["name", "length", "bases", "excluded", "nll_nats",
                                                            "bits_per_base"]  # fmt: skip
