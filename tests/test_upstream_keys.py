@@ -10,11 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ENV, FAST, RECIPE_DIR, build_model, build_model_config_of, make_cfg
+from conftest import ENV, FAST, PARQUET, RECIPE_DIR, build_model, build_model_config_of, make_cfg
 
 from checkpointing.run_record import read_run_info
 from config.checks import validate_config
 from config.command_line import normalize_command_line
+from runtime.distributed import DistributedConfig
 
 
 def normalized(*args):
@@ -303,3 +304,14 @@ def test_opengenome2_inits_set_each_groups_std(tmp_path):
     te_config = build_model_config_of(og2, use_te=True)
     assert (te_config.embedding_std, te_config.output_layer_std) == (1.0, pytest.approx(0.02 / 8**0.5))
     assert not te_config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_upstream_create_tokenized_dataset_yields_lists(tokenizer, streaming):
+    """`dataset.create_tokenized_dataset` rows hold lists of ints, streamed or not, as upstream's loader yields."""
+    import dataset
+
+    source = {"path": PARQUET, "split": "train", "streaming": streaming}
+    rows = dataset.create_tokenized_dataset(DistributedConfig(), tokenizer, source, 64, 8)
+    first = next(iter(rows))["input_ids"]
+    assert type(first) is list and type(first[0]) is int and len(first) == 64 and first[0] == tokenizer.bos_token_id
