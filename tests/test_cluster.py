@@ -122,3 +122,30 @@ def wait_for(condition, tmp_path, what: str, timeout: float = 300) -> None:
             out = tmp_path / "job.out"
             raise AssertionError(f"no {what} after {timeout} s:\n{out.read_text()[-3000:] if out.exists() else ''}")
         time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_ddp.py", "train_fsdp2.py"])
+def test_resume_on_three_ranks_continues_the_six_data_streams_of_two(tmp_path, script):
+    """Saved by 2 ranks (3 streams each), resumed by 3 (2 each): the streams are handed out and training goes on.
+
+    (That each window is then trained once is checked batch by batch in tests/test_data_streams.py.)
+    """
+    ckpt = tmp_path / "ckpt"
+    common = [
+        script,
+        "--config-name",
+        "L0_sanity",
+        *FAST,
+        "dataset.data_streams=6",
+        f"checkpoint.ckpt_dir={ckpt}",
+        "checkpoint.save_every_n_steps=3",
+        "checkpoint.save_final_model=true",
+    ]
+    run_command([*TORCHRUN_2, *common, "num_train_steps=3", f"run_dir={tmp_path / 'two'}"])
+    three_ranks = [*TORCHRUN_2[:-1], "--nproc_per_node=3"]
+    result = run_command([*three_ranks, *common, "num_train_steps=5", f"run_dir={tmp_path / 'three'}"])
+    assert "was saved by 2 ranks and this run has 3" in result.stderr
+    assert "its 6 data streams continue where they stood (2 to 2 per rank)" in result.stderr
+    assert sorted(losses(tmp_path / "three")) == [4, 5]
+    assert (ckpt / "final_model" / "model.safetensors").exists()
