@@ -77,7 +77,13 @@ class StreamLoader:
 
     def resume_streams(self, states: dict, num_streams: int, turn: int = 0) -> None:
         """Continue streams saved by any number of ranks: `states` maps each stream to its loader state."""
-        if num_streams != self.num_streams:
+        if num_streams != self.num_streams:  # the run's streams were fixed when it started: the checkpoint's win
+            logger.info(
+                "Data: resuming the checkpoint's %d data streams (this run was set up with %d; "
+                "dataset.data_streams applies to a run's start only).",
+                num_streams,
+                self.num_streams,
+            )
             self.assign(num_streams)
         missing = [s for s in self.streams if s not in states]
         if missing:
