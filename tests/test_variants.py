@@ -8,7 +8,7 @@ import gzip
 import pysam
 import pytest
 
-from use.variants import SKIP_REASONS, Reference, read_calls, variant_windows, write_calls
+from use.variants import SKIP_REASONS, Reference, is_plain_gzip, read_calls, variant_windows, write_calls
 
 CHR1 = "ACGTTGCAAC" * 30 + "acgtacgtac" * 5 + "GGCCTTAAGC" * 15  # 500 bases, a soft-masked stretch
 CHR2 = "TTGACCA" * 20  # 140 bases, shorter than the window
@@ -82,17 +82,19 @@ def test_windows_are_centred_and_length_matched_on_request():
     assert alt_w == (ref_w[: offset + 1] + "GATTACA" + ref_w[offset + 1 :])[:21]  # cut to the ref window's length
 
 
-def test_plain_gzip_and_bgzip_references_read_the_same(files, tmp_path):
+def test_plain_gzip_and_bgzip_references_read_the_same(files, tmp_path, capfd):
     reference, vcf = files
     gz, bgz = tmp_path / "ref.fa.gz", tmp_path / "ref.bgz.fa.gz"
     gz.write_bytes(gzip.compress(reference.read_bytes()))
     pysam.tabix_compress(str(reference), str(bgz))
+    assert [is_plain_gzip(str(p)) for p in (reference, gz, bgz)] == [False, True, False]
     windows = {}
     for path in (reference, gz, bgz):
         with Reference(str(path)) as ref:
             assert ref.lengths == {"chr1": 500, "chr2": 140}
             windows[path] = [(c.status, c.ref_window, c.alt_window) for c in read_calls(ref, str(vcf), 201)]
     assert windows[reference] == windows[gz] == windows[bgz]
+    assert "[E::" not in capfd.readouterr().err  # plain gzip goes to memory without htslib trying to index it
     with pytest.raises(FileNotFoundError, match="could not be read as FASTA"):
         Reference(str(tmp_path / "absent.fa"))
 

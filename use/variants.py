@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 SKIP_REASONS = ("ref_mismatch", "unknown_chrom", "out_of_bounds", "symbolic_alt", "no_alt")
 
 
+def is_plain_gzip(path: str) -> bool:
+    """Gzip without BGZF blocks (whose gzip header carries an extra field with the subfield `BC`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(18)
+    except OSError:
+        return False  # pysam then says what is wrong with the path
+    return len(head) == 18 and head[:2] == b"\x1f\x8b" and not (head[3] & 4 and head[12:14] == b"BC")
+
+
 class Reference:
     """A reference FASTA read on demand: plain or bgzip through pysam (building `.fai`/`.gzi` where missing).
 
@@ -42,6 +52,10 @@ class Reference:
 
         self.path = str(path)
         self._memory = None
+        if is_plain_gzip(self.path):  # htslib would print two [E::fai_build...] lines before failing on it
+            self._fasta, self._memory = None, self._read_into_memory()
+            self.lengths = {name: len(sequence) for name, sequence in self._memory.items()}
+            return
         try:
             self._fasta = pysam.FastaFile(self.path)
         except (OSError, ValueError) as error:
