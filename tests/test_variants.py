@@ -139,3 +139,18 @@ def test_a_crash_leaves_the_finished_part_and_no_output(files, tmp_path):
         write_calls(crashing(stand_in_scores(read_calls(ref, str(vcf), 201))), str(vcf), out)
     assert not out.exists()
     assert len(out.with_name("scored.tsv.partial").read_text().splitlines()) == 1 + 3  # the header, 3 finished
+
+
+def test_a_vcf_header_that_lacks_keys_and_contigs_gets_one_warning_not_htslibs(files, tmp_path, caplog, capfd):
+    reference, _ = files
+    vcf = tmp_path / "sloppy.vcf"
+    vcf.write_text(
+        "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+        "chr1\t50\t.\tA\t<DEL>\t.\t.\tSVTYPE=DEL;END=60\nchrX\t5\t.\tA\tT\t.\t.\t.\n"
+    )
+    with Reference(str(reference)) as ref:
+        calls = list(read_calls(ref, str(vcf), 21))
+    assert len(calls) == 2 and calls[1].status == "unknown_chrom"
+    message = caplog.text.split("does not declare (")[1].split(")")[0]
+    assert sorted(message.split(", ")) == ["INFO/END", "INFO/SVTYPE", "contig chr1", "contig chrX"]
+    assert "[W::" not in capfd.readouterr().err

@@ -144,25 +144,60 @@ def read_calls(
     stop_on = set(stop_on)
     import pysam
 
-    aliases = {}
-    with pysam.VariantFile(vcf_path) as vcf:
-        for index, record in enumerate(vcf):
-            for call in _calls_of(index, record, reference, bases, length_matched):
-                if call.status == "unknown_chrom" and reference.alias_of(call.chrom):
-                    aliases[call.chrom] = reference.alias_of(call.chrom)
-                if call.status in stop_on:
-                    raise ValueError(
-                        f"{vcf_path}: {call.chrom}:{call.pos} {call.ref}>{call.alt} cannot be scored "
-                        f"({call.status}{': ' + call.note if call.note else ''}); pass --on-error skip "
-                        "to write it with its reason and go on."
-                    )
-                yield call
+    _warn_about_the_vcf(reference, vcf_path)
+    quiet = pysam.set_verbosity(0)  # htslib's warning per record with an undeclared key: said once above
+    try:
+        with pysam.VariantFile(vcf_path) as vcf:
+            for index, record in enumerate(vcf):
+                for call in _calls_of(index, record, reference, bases, length_matched):
+                    if call.status in stop_on:
+                        raise ValueError(
+                            f"{vcf_path}: {call.chrom}:{call.pos} {call.ref}>{call.alt} cannot be scored "
+                            f"({call.status}{': ' + call.note if call.note else ''}); pass --on-error skip "
+                            "to write it with its reason and go on."
+                        )
+                    yield call
+    finally:
+        pysam.set_verbosity(quiet)
+
+
+def undeclared_header_lines(vcf_path: str) -> tuple[list[str], set[str]]:
+    """The header lines htslib adds as it reads the records (INFO keys, contigs not declared), and the chromosomes."""
+    import pysam
+
+    quiet = pysam.set_verbosity(0)
+    try:
+        with pysam.VariantFile(vcf_path) as vcf:
+            declared = set(str(vcf.header).splitlines())
+            chroms = {record.chrom for record in vcf}
+            added = [line for line in str(vcf.header).splitlines() if line not in declared]
+    finally:
+        pysam.set_verbosity(quiet)
+    return added, chroms
+
+
+def _warn_about_the_vcf(reference: Reference, vcf_path: str) -> None:
+    """One line each for what the VCF's header lacks and for chromosomes named otherwise in the reference."""
+    added, chroms = undeclared_header_lines(vcf_path)
+    if added:
+        names = [
+            line.removeprefix("##").split(",")[0].replace("=<ID=", "/").replace("contig/", "contig ").rstrip(">")
+            for line in added
+        ]
+        logger.warning(
+            "%s uses what its header does not declare (%s): read as htslib reads it (END as a position).",
+            vcf_path,
+            ", ".join(names),
+        )
+    aliases = {
+        c: reference.alias_of(c) for c in sorted(chroms) if c not in reference.lengths and reference.alias_of(c)
+    }
     if aliases:
         logger.warning(
             "Chromosomes of %s not in the reference under that name but under another: %s; rename "
             "them (e.g. bcftools annotate --rename-chrs) to score those records.",
             vcf_path,
-            ", ".join(f"{a} (reference: {b})" for a, b in sorted(aliases.items())),
+            ", ".join(f"{a} (reference: {b})" for a, b in aliases.items()),
         )
 
 
@@ -262,10 +297,7 @@ def _write_vcf(calls: Iterable[Call], vcf_path: str, path: Path) -> None:
     """The input's records, untouched but for INFO/LLR and INFO/LLR_STATUS (one value per ALT)."""
     import pysam
 
-    with pysam.VariantFile(vcf_path) as first_pass:
-        for _ in first_pass:  # htslib declares the INFO keys and contigs the header lacks as it meets them
-            pass
-        declared = str(first_pass.header).splitlines()
+    declared = undeclared_header_lines(vcf_path)[0]  # what htslib adds as it reads: declared before reading
     calls = iter(calls)
     pending = next(calls, None)
     with pysam.VariantFile(vcf_path) as vcf:
