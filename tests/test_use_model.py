@@ -257,3 +257,10 @@ def test_tool_user_errors_are_one_line_exit_2(tmp_path, argv, message):
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_checkpoint_folder_as_model_names_what_it_holds(tmp_path):
+    (tmp_path / "final_model").mkdir()
+    (tmp_path / "final_model" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"it holds final_model: pass one of those \(e.g. .*final_model\)"):
+        load_model(tmp_path)

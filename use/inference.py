@@ -41,9 +41,15 @@ def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat
             state = hf_to_te_state_dict(state, hf_config)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # our export: its config has auto_map
     else:
+        inside = sorted(p.name for p in path.glob("*") if (p / "config.json").exists() or is_complete(p))
         raise FileNotFoundError(
             f"{path} is neither an exported model (config.json) nor a complete step_N checkpoint ({MARKER}); "
-            "point it at <ckpt_dir>/final_model, <ckpt_dir>/best_model, an HF directory or <ckpt_dir>/step_N."
+            + (
+                f"it holds {', '.join(inside)}: pass one of those (e.g. "
+                f"{path / ('final_model' if 'final_model' in inside else inside[-1])})."
+                if inside
+                else "point it at <ckpt_dir>/final_model, <ckpt_dir>/best_model, an HF directory or <ckpt_dir>/step_N."
+            )
         )
     if not hf_config.tie_word_embeddings and "lm_head.weight" not in state:
         raise ValueError(f"{path} holds no lm_head.weight but its config says the embeddings are not tied.")
