@@ -88,7 +88,8 @@ def _restore_rank_state(path: Path, rank: int, scheduler, dataloader) -> dict:
     saved_ranks = len(list(path.glob(rank_file("*"))))
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if saved_ranks != world_size:
-        states = [torch.load(path / rank_file(r), weights_only=False) for r in range(saved_ranks)]
+        # Every rank file, for its streams' positions; mmap: their tensors (FP8 scaling state) are not read.
+        states = [torch.load(path / rank_file(r), weights_only=False, mmap=True) for r in range(saved_ranks)]
         scheduler.load_state_dict(states[0]["scheduler"])
         if hasattr(dataloader, "resume_streams") and all("dataloader" in s for s in states):
             merged = merge_stream_states([s["dataloader"] for s in states])
