@@ -125,6 +125,8 @@ def normalize_command_line(argv: list[str]) -> list[str]:
     """`argv` with upstream keys renamed and free-form keys made addable; exits on an unknown key."""
     keys = known_keys()
     out = argv[:1]
+    # Another folder's config files (e.g. a copy of upstream's hydra_config/) may lack our keys: add or set them.
+    foreign = any(a in ("--config-path", "-cp", "--config-dir", "-cd") or a.startswith("--config-path=") for a in argv)
     for arg in argv[1:]:
         match = OVERRIDE.match(arg)
         if arg.startswith("-") or not match or "=" not in arg and not match.group(1):
@@ -143,7 +145,7 @@ def normalize_command_line(argv: list[str]) -> list[str]:
         if _matches(key, UPSTREAM_REFUSED):
             _exit(upstream_hint(key))
         free_form = any(key.startswith(group + ".") for group in FREE_FORM_GROUPS)
-        if free_form and op == "":
+        if (free_form or foreign) and op == "":
             op = "++"  # add or replace, whether or not the tier file lists the key
         elif key not in keys and op == "" and not free_form:
             close = difflib.get_close_matches(key, sorted(keys), n=1)
@@ -154,6 +156,56 @@ def normalize_command_line(argv: list[str]) -> list[str]:
             )
         out.append(f"{op}{key}{value}")
     return out
+
+
+_ABSENT = object()
+
+
+def adopt_config_file(cfg):
+    """A config composed from another folder's files (`--config-path` to a copy of upstream's `hydra_config/`).
+
+    Upstream spellings in the files are renamed as on the command line (logged; a command-line value under
+    our name wins), and every key of ours that the files lack takes our default. Our own tiers pass unchanged.
+    """
+    container = OmegaConf.to_container(cfg, resolve=False)
+    ours = OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False)
+    ours.pop("defaults", None)
+    ours.pop("hydra", None)
+    renamed = [(key, _renamed(key)) for key in _leaf_keys(container) if _renamed(key)]
+    missing = [key for key in _leaf_keys(ours) if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT]
+    if not renamed and not missing:
+        return cfg
+    for key, new in renamed:
+        value = _pop(container, key)
+        print(f"Upstream key {key} -> {new} (config file)", file=sys.stderr)
+        if key == "validation.data_path" and value is None:
+            continue  # no separate validation set: the default
+        merged = OmegaConf.create(container)
+        if OmegaConf.select(merged, new, default=_ABSENT) is _ABSENT:  # a command-line value under our name wins
+            OmegaConf.update(merged, new, value, force_add=True)
+            container = OmegaConf.to_container(merged, resolve=False)
+    return OmegaConf.merge(OmegaConf.create(ours), OmegaConf.create(container))
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
+
+
+def _pop(node: dict, key: str):
+    """Remove a dotted key from nested dicts (and the groups it leaves empty); returns its value."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return node.pop(head)
+    value = _pop(node[head], rest)
+    if not node[head]:
+        del node[head]
+    return value
 
 
 def _exit(message: str) -> None:
@@ -173,7 +225,10 @@ def exit_on_user_error(main):
     def run(cfg):
         from hydra.core.hydra_config import HydraConfig
 
-        if not HydraConfig.initialized() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if not HydraConfig.initialized():
+            return main(cfg)
+        cfg = adopt_config_file(cfg)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             return main(cfg)
         try:
             return main(cfg)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ENV, FAST, PARQUET, RECIPE_DIR, build_model, build_model_config_of, make_cfg
+from conftest import ENV, FAST, PARQUET, RECIPE_DIR, build_model, build_model_config_of, losses, make_cfg, run_command
 
 from checkpointing.run_record import read_run_info
 from config.checks import validate_config
@@ -315,3 +315,67 @@ def test_upstream_create_tokenized_dataset_yields_lists(tokenizer, streaming):
     rows = dataset.create_tokenized_dataset(DistributedConfig(), tokenizer, source, 64, 8)
     first = next(iter(rows))["input_ids"]
     assert type(first) is list and type(first[0]) is int and len(first) == 64 and first[0] == tokenizer.bos_token_id
+
+
+UPSTREAM_STYLE_DEFAULTS = """
+config_name_or_path: ./model_configs/llama3-tiny
+use_te: false
+use_fp32_master_weights: false
+num_train_steps: 2
+dataset:
+  tokenizer_name_or_path: ./tokenizers/nucleotide_fast_tokenizer
+  micro_batch_size: 2
+  max_seq_length: 256
+  stride: 16
+  num_workers: 0
+  load_dataset_kwargs:
+    path: ./test_genomic_sequences.parquet
+validation:
+  enabled: true
+  eval_interval: 5
+  data_path: null
+wandb:
+  name: upstream_style
+  mode: disabled
+fp8_config:
+  enabled: false
+  quantized_model_init_kwargs:
+    enabled: false
+"""
+
+
+@pytest.mark.slow
+def test_a_config_folder_in_upstream_spelling_runs_with_our_defaults_for_the_rest(tmp_path):
+    """`--config-path` to config files written as upstream's are (its spellings, its own defaults file)."""
+    from omegaconf import OmegaConf
+
+    folder = tmp_path / "upstream_configs"
+    folder.mkdir()
+    (folder / "defaults.yaml").write_text(UPSTREAM_STYLE_DEFAULTS)
+    (folder / "tier.yaml").write_text("defaults:\n  - defaults\n  - _self_\n\nadamw_kwargs:\n  lr: 0.001\n")
+    run = tmp_path / "run"
+    result = run_command(
+        [
+            sys.executable,
+            "train_fsdp2.py",
+            "--config-path",
+            str(folder),
+            "--config-name",
+            "tier",
+            f"run_dir={run}",
+            "validation.eval_interval=2",
+            "validation.num_windows=4",
+        ]
+    )
+    for key, ours in [
+        ("use_fp32_master_weights", "fp32_master_weights"),
+        ("wandb.name", "wandb_init_args.name"),
+        ("validation.eval_interval", "validation.every_n_steps"),
+    ]:
+        assert f"Upstream key {key} -> {ours} (config file)" in result.stderr
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.validation.every_n_steps == 2  # the command line's value, given in upstream's spelling, wins
+    assert saved.wandb_init_args.name == "upstream_style" and saved.fp32_master_weights is False
+    assert saved.validation.load_dataset_kwargs is None and saved.adamw_kwargs.lr == 0.001
+    assert saved.dataset.data_streams is None and saved.checkpoint.save_every_n_steps == 50  # ours, not in the files
+    assert max(losses(run)) == 2
