@@ -267,8 +267,13 @@ def main():
         models = {"trained model": str(model)}
         if full:
             models |= {f"Markov order {k}": f"markov:{k}" for k in args.markov_orders.split(",")}
+        # Each stage's results as they come (partial_<arm>.json): a run cut short by a time limit keeps them.
+        progress, partial = {"train_seconds": seconds}, args.out / f"partial_{name}.json"
         table = evaluate_jobs(args, sets if full else dict(list(sets.items())[:1]), models, train, name)
-        codon = codon_check(args, model, held_files[0], name, plot=full)
+        progress["bits_per_base"] = {f"{s} | {m}": v for (s, m), v in table.items()}
+        partial.write_text(json.dumps(progress, indent=1))
+        codon = progress["codon"] = codon_check(args, model, held_files[0], name, plot=full)
+        partial.write_text(json.dumps(progress, indent=1))
         effects = variant_effects(args, model, held_files[0], train, name, baselines=full)
         arm = {
             "overrides": " ".join([args.overrides, overrides]).strip(),
@@ -281,6 +286,7 @@ def main():
             "setup": {k: getattr(args, k) for k in ("config_name", "steps", "window", "context", "eval_bases")},
         }
         (args.out / "evaluation_arms" / f"{name}.json").write_text(json.dumps(arm, indent=1))
+        partial.unlink()
         if full:
             throughput = (
                 {} if args.no_throughput else scoring_throughput(args, model, sets["held-out species (H. pylori)"])
