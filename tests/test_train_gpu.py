@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import TORCHRUN_2, losses, make_cfg, poison_embedding_gradients, run_command
+from conftest import TORCHRUN_2, losses, make_cfg, poison_embedding_gradients, run_command, train_straight_and_resumed
 
 import train_ddp
 import train_fsdp2
@@ -200,16 +200,10 @@ def test_dna_switches_on_the_te_path_learn_and_resume_exactly(tmp_path, script):
         "validation.every_n_steps=8",
         "validation.num_windows=16",
     ]
-    straight = tmp_path / "straight"
-    script.main(gpu_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
-    resumed = tmp_path / "resumed"
-    ckpt = f"checkpoint.ckpt_dir={resumed / 'ckpt'}"
-    script.main(gpu_cfg(resumed, *common, ckpt, "num_train_steps=8"))
-    script.main(gpu_cfg(resumed, *common, ckpt))
-    a, b = losses(straight), losses(resumed)
+    a, b = train_straight_and_resumed(script.main, gpu_cfg, tmp_path, common, stop_at=8)
     assert [b[s] for s in range(9, 17)] == [a[s] for s in range(9, 17)]
     assert a[16] < a[1] - 1.0, a
-    events = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     gaps = [e["val_rc_gap"] for e in events if "val_rc_gap" in e]
     assert len(gaps) == 2 and all(0.0 < g < 1.0 for g in gaps), gaps  # a trained model is not strand-symmetric
 
@@ -225,12 +219,6 @@ def test_two_data_streams_on_one_gpu_resume_exactly(tmp_path):
         "checkpoint.save_every_n_steps=4",
         "logger.frequency=1",
     ]
-    straight = tmp_path / "straight"
-    train_fsdp2.main(gpu_cfg(straight, *common, f"checkpoint.ckpt_dir={straight / 'ckpt'}"))
-    resumed = tmp_path / "resumed"
-    ckpt = f"checkpoint.ckpt_dir={resumed / 'ckpt'}"
-    train_fsdp2.main(gpu_cfg(resumed, *common, ckpt, "num_train_steps=4"))
-    train_fsdp2.main(gpu_cfg(resumed, *common, ckpt))
-    a, b = losses(straight), losses(resumed)
+    a, b = train_straight_and_resumed(train_fsdp2.main, gpu_cfg, tmp_path, common, stop_at=4)
     assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
     assert a[8] < a[1] - 1.0
