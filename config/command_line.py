@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from runtime.paths import RECIPE_DIR
 
@@ -161,7 +161,7 @@ def normalize_command_line(argv: list[str]) -> list[str]:
 _ABSENT = object()
 
 
-def adopt_config_file(cfg):
+def adopt_config_file(cfg: DictConfig) -> DictConfig:
     """A config composed from another folder's files (`--config-path` to a copy of upstream's `hydra_config/`).
 
     Upstream spellings in the files are renamed as on the command line (logged; a command-line value under
@@ -180,10 +180,9 @@ def adopt_config_file(cfg):
         print(f"Upstream key {key} -> {new} (config file)", file=sys.stderr)
         if key == "validation.data_path" and value is None:
             continue  # no separate validation set: the default
-        merged = OmegaConf.create(container)
-        if OmegaConf.select(merged, new, default=_ABSENT) is _ABSENT:  # a command-line value under our name wins
-            OmegaConf.update(merged, new, value, force_add=True)
-            container = OmegaConf.to_container(merged, resolve=False)
+        *groups, leaf = new.split(".")
+        node = functools.reduce(lambda group, name: group.setdefault(name, {}), groups, container)
+        node.setdefault(leaf, value)  # a command-line value under our name wins
     return OmegaConf.merge(OmegaConf.create(ours), OmegaConf.create(container))
 
 
