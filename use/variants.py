@@ -17,6 +17,7 @@ are finished and is renamed to `<out>` at the end: a crash leaves the finished p
 """
 
 import csv
+import functools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -163,6 +164,12 @@ def read_calls(
 
 def undeclared_header_lines(vcf_path: str) -> tuple[list[str], set[str]]:
     """The header lines htslib adds as it reads the records (INFO keys, contigs not declared), and the chromosomes."""
+    stat = os.stat(vcf_path)
+    return _scan_vcf(vcf_path, stat.st_mtime_ns, stat.st_size)  # read_calls and the VCF writer share one pass
+
+
+@functools.lru_cache(maxsize=4)
+def _scan_vcf(vcf_path: str, mtime_ns: int, size: int) -> tuple[list[str], set[str]]:
     import pysam
 
     quiet = pysam.set_verbosity(0)
