@@ -40,6 +40,11 @@ def parse_args():
     p.add_argument("--eval-bases", type=int, default=300_000, help="bases evaluated per genome")
     p.add_argument("--markov-orders", default="0,5,6,7,8")
     p.add_argument("--no-throughput", action="store_true", help="skip TE vs HF scoring speed (needs a GPU)")
+    p.add_argument(
+        "--throughput-paths",
+        default="te,hf",
+        help="which scoring paths the throughput rows (and the no-context bits per base) run: te, hf or both",
+    )
     p.add_argument("--no-variant-effects", action="store_true", help="skip the zero-shot variant-effect AUROCs")
     p.add_argument("--vep-args", default="", help="extra variant_effect_benchmark.py options, e.g. '--max-orfs 100'")
     p.add_argument("--codon-args", default="", help="extra codon_position_check.py options, e.g. '--max-orfs 50'")
@@ -208,7 +213,8 @@ def variant_effects(args, model: Path, genome: Path, train: Path, name: str, bas
 def scoring_throughput(args, model: Path, data: Path) -> dict:
     """TE packed vs HF one window at a time, consecutive windows (--context 0) of the held-out set."""
     throughput = {}
-    for label, flag in (("TE packed (THD)", "true"), ("HF, one window at a time", "false")):
+    paths = {"te": ("TE packed (THD)", "true"), "hf": ("HF, one window at a time", "false")}
+    for label, flag in (paths[p] for p in args.throughput_paths.split(",")):
         out = args.work / f"throughput_{flag}.json"
         run(
             [
