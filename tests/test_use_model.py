@@ -5,6 +5,7 @@ Loading from each place training leaves a model, evaluate.py, score.py (sequence
 
 import math
 import subprocess
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,33 @@ def test_every_saved_form_loads_the_same_model(trained):
         np.testing.assert_array_equal(scores[run, "final_model"], scores[run, "step_4"])  # the same weights
     np.testing.assert_allclose(scores["ddp", "step_4"], scores["fsdp2", "step_4"], rtol=1e-4)  # same training
     assert scores["fsdp2", "step_4"].mean() > -math.log(256)  # trained a little: better than a uniform guess
+
+
+class PackedHF(torch.nn.Module):
+    """An HF model behind the TE model's THD interface (each packed sequence run on its own): token_log_probs'
+    packing and unpacking checked on the CPU against the model's own per-sequence scores."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, SimpleNamespace(attn_input_format="thd")
+        self.packs = []
+
+    def forward(self, input_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k):
+        bounds = cu_seq_lens_q.tolist()
+        self.packs.append(len(bounds) - 1)
+        logits = [self.model(input_ids=input_ids[:, a:b]).logits for a, b in zip(bounds[:-1], bounds[1:])]
+        return SimpleNamespace(logits=torch.cat(logits, dim=1))
+
+
+def test_packed_scoring_equals_one_by_one(trained):
+    model, tokenizer = load_model(trained / "fsdp2" / "ckpt" / "final_model", use_te=False)
+    windows = [encode(tokenizer, GENOME[0][i : i + n]) for i, n in ((0, 300), (300, 17), (500, 1000), (9, 0), (7, 64))]
+    packed = PackedHF(model)
+    got = token_log_probs(packed, windows, max_tokens=400)
+    assert packed.packs == [2, 1, 2]  # 301 + 18 tokens, then 1001 alone, then 1 + 65
+    for a, b in zip(got, token_log_probs(model, windows)):
+        np.testing.assert_array_equal(a, b)
+    assert [len(x) for x in got] == [300, 17, 1000, 0, 64]
 
 
 def test_sliding_windows_score_every_base_once_with_the_stated_context():
@@ -167,6 +195,28 @@ def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands)
         expected = np.mean([direct_log_probs(model, tokenizer, f(alt_window)).sum()
                             - direct_log_probs(model, tokenizer, f(ref_window)).sum() for f in strands])  # fmt: skip
         assert float(row[8]) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+
+
+def test_each_distinct_window_is_scored_once(trained, tmp_path, monkeypatch):
+    import use.variants
+
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    ref = GENOME[0][499]
+    alts = [b for b in "ACGT" if b != ref]
+    single = [("chr1", 500, f"snv{i}", ref, alt) for i, alt in enumerate(alts)]
+    multi = [("chr1", 500, "multi", ref, ",".join(alts)), ("chr1", 500, "again", ref, alts[0])]
+    scored_windows = []
+    original = use.variants.token_log_probs
+    monkeypatch.setattr(use.variants, "token_log_probs", lambda m, w: scored_windows.extend(w) or original(m, w))
+    scores = {}
+    for name, records in (("single", single), ("multi", multi)):
+        reference, vcf = write_reference_and_vcf(tmp_path, records)
+        out = tmp_path / f"{name}.tsv"
+        score.main(["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf),
+                    "--window", "101", "--out", str(out)])  # fmt: skip
+        scores[name] = [float(line.split("\t")[8]) for line in out.read_text().splitlines()[1:]]
+    assert len(scored_windows) == 2 * (1 + len(alts))  # one REF window per run, one window per distinct ALT
+    assert scores["multi"] == [*scores["single"], scores["single"][0]]  # the repeated record: the same score
 
 
 def test_ref_mismatch_can_stop_vcf_output_carries_llr_and_length_matched_scores(trained, tmp_path):

@@ -117,27 +117,63 @@ def record_windows(tokenizer, sequence: str, window: int) -> list[np.ndarray]:
 def token_log_probs(model, sequences: list[np.ndarray], max_tokens: int = 16384) -> list[np.ndarray]:
     """For each id sequence, log p(id_t | ids before t) for t = 1..n-1 (float64 on the CPU).
 
-    `model`: a TE or HF model, or a `use.baselines.MarkovModel` (scored through the same path).
+    `model`: a TE or HF model, or a `use.baselines.MarkovModel` (scored through the same path). A THD model
+    gets the sequences packed into micro-batches of up to `max_tokens` tokens, one log-softmax and one copy
+    to the host each; the copy of one micro-batch is collected while the GPU runs the next.
     """
     if not isinstance(model, torch.nn.Module):  # a k-mer baseline
         return [model.log_probs(np.asarray(s)) for s in sequences]
     device = next(model.parameters()).device
     if getattr(model.config, "attn_input_format", None) != "thd":
         return [_log_probs(model(input_ids=torch.as_tensor(s, device=device)[None]).logits[0], s) for s in sequences]
-    out, group = [], []
-    for seq in [*sequences, None]:  # packed THD micro-batches of up to max_tokens tokens
-        if group and (seq is None or sum(map(len, group)) + len(seq) > max_tokens):
-            lengths = torch.tensor([0] + [len(s) for s in group], device=device).cumsum(0).to(torch.int32)
-            ids = torch.as_tensor(np.concatenate(group), device=device)[None]
-            longest = max(map(len, group))
-            logits = model(
-                input_ids=ids, cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest, max_length_k=longest
-            ).logits[0]
-            out += [_log_probs(logits[a:b], s) for (a, b), s in zip(zip(lengths[:-1], lengths[1:]), group)]
-            group = []
-        if seq is not None:
-            group.append(seq)
-    return out
+    out, in_flight = [], None
+    for group in _packs(sequences, max_tokens):
+        launched = _launch_pack(model, group, device)
+        if in_flight is not None:
+            out += _collect(*in_flight)
+        in_flight = launched
+    return out + (_collect(*in_flight) if in_flight is not None else [])
+
+
+def _packs(sequences: list[np.ndarray], max_tokens: int):
+    """Consecutive groups of sequences holding up to `max_tokens` tokens (a longer sequence alone)."""
+    group, tokens = [], 0
+    for seq in sequences:
+        if group and tokens + len(seq) > max_tokens:
+            yield group
+            group, tokens = [], 0
+        group.append(seq)
+        tokens += len(seq)
+    if group:
+        yield group
+
+
+def _launch_pack(model, group: list[np.ndarray], device):
+    """Queue one packed THD forward and the copy of its log-probs to the host; returns what `_collect` needs."""
+    lengths = np.cumsum([0] + [len(s) for s in group])
+    cu = torch.as_tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
+    ids = torch.as_tensor(np.concatenate(group)).to(device, non_blocking=True)
+    longest = max(map(len, group))
+    logits = model(
+        input_ids=ids[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest
+    ).logits[0]
+    # Position t predicts token t + 1 of the pack; at each sequence's last position that is the next
+    # sequence's first token, a value `_collect` drops.
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, ids[1:, None])[:, 0]
+    host = torch.empty(logp.shape, dtype=logp.dtype, pin_memory=device.type == "cuda")
+    host.copy_(logp, non_blocking=True)
+    done = torch.cuda.Event() if device.type == "cuda" else None
+    if done is not None:
+        done.record()
+    return host, done, lengths
+
+
+def _collect(host: torch.Tensor, done, lengths: np.ndarray) -> list[np.ndarray]:
+    """Wait for one pack's copy; each sequence's log-probs (its own targets only) as float64."""
+    if done is not None:
+        done.synchronize()
+    flat = host.numpy().astype(np.float64)
+    return [flat[a : b - 1] for a, b in zip(lengths[:-1], lengths[1:])]
 
 
 def _log_probs(logits: torch.Tensor, ids: np.ndarray) -> np.ndarray:

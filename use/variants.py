@@ -243,14 +243,11 @@ def score_calls(model, tokenizer, calls: Iterable[Call], batch_windows: int, bot
     pending = []
 
     def flush():
-        windows = [
-            encode(tokenizer, f(w))
-            for c in pending
-            if c.ref_window
-            for f in strands
-            for w in (c.ref_window, c.alt_window)
-        ]
-        lls = iter(float(x.sum()) for x in token_log_probs(model, windows))
+        texts = [f(w) for c in pending if c.ref_window for f in strands for w in (c.ref_window, c.alt_window)]
+        distinct = list(dict.fromkeys(texts))  # the REF window of a multi-allelic site, a repeated record: once
+        scored = token_log_probs(model, [encode(tokenizer, t) for t in distinct])
+        ll_of = {t: float(x.sum()) for t, x in zip(distinct, scored)}
+        lls = iter(ll_of[t] for t in texts)
         for call in pending:
             if call.ref_window:
                 pairs = [(next(lls), next(lls)) for _ in strands]  # (LL ref, LL alt) per strand
