@@ -5,8 +5,8 @@ Loading from each place training leaves a model, evaluate.py, score.py (sequence
 
 import math
 import subprocess
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -55,8 +55,10 @@ def test_every_saved_form_loads_the_same_model(trained):
 
 
 class PackedHF(torch.nn.Module):
-    """An HF model behind the TE model's THD interface (each packed sequence run on its own): token_log_probs'
-    packing and unpacking checked on the CPU against the model's own per-sequence scores."""
+    """An HF model behind the TE model's THD interface, each packed sequence run on its own.
+
+    token_log_probs' packing and unpacking, checked on the CPU against the model's own per-sequence scores.
+    """
 
     def __init__(self, model):
         super().__init__()
@@ -64,6 +66,7 @@ class PackedHF(torch.nn.Module):
         self.packs = []
 
     def forward(self, input_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k):
+        """Logits of the packed sequences, each computed alone."""
         bounds = cu_seq_lens_q.tolist()
         self.packs.append(len(bounds) - 1)
         logits = [self.model(input_ids=input_ids[:, a:b]).logits for a, b in zip(bounds[:-1], bounds[1:])]
