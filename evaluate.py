@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--max-records", type=int, default=None, help="only the first N records")
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens scored per call (packed on TE)")
     p.add_argument("--use-te", choices=["auto", "true", "false"], default="auto", help="auto: TE on a GPU with TE")
+    p.add_argument("--fp8", action="store_true", help="TE on a GPU: FP8 block scaling (use/inference.py)")
     p.add_argument("--out", default=None, help="per-record results: .tsv, .csv or .json")
     return p.parse_args(argv)
 
@@ -157,7 +158,7 @@ def main(argv=None) -> dict:
     model, tokenizer = (
         load_baseline(args.model, args.train_data, args.text_column)
         if args.model.startswith("markov:")
-        else load_model(args.model, use_te=use_te)
+        else load_model(args.model, use_te=use_te, fp8=args.fp8)
     )
     records = limited(read_records(args.data, args.text_column), args.max_records)
     start = time.perf_counter()

@@ -46,6 +46,7 @@ def parse_args(argv=None):
         s.add_argument("--window", type=int, default=8192 if name == "sequences" else 1024, help="tokens per window")
         s.add_argument("--batch-windows", type=int, default=64, help="windows scored per call (packed on TE)")
         s.add_argument("--use-te", choices=["auto", "true", "false"], default="auto", help="auto: TE on a GPU with TE")
+        s.add_argument("--fp8", action="store_true", help="TE on a GPU: FP8 block scaling (use/inference.py)")
     seqs = sub.choices["sequences"]
     seqs.add_argument("--input", required=True, help="FASTA/FASTQ (.gz) or parquet")
     seqs.add_argument("--text-column", default="sequence", help="parquet: the sequences' column")
@@ -97,7 +98,8 @@ def main(argv=None) -> dict:
     if args.model.startswith("markov:"):
         model, tokenizer = load_baseline(args.model, args.train_data)
     else:
-        model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
+        use_te = None if args.use_te == "auto" else args.use_te == "true"
+        model, tokenizer = load_model(args.model, use_te=use_te, fp8=args.fp8)
     start, out = time.perf_counter(), Path(args.out)
     if args.command == "sequences":
         records = read_records(args.input, args.text_column, option="--input")

@@ -84,6 +84,12 @@ def test_packed_scoring_equals_one_by_one(trained):
     assert [len(x) for x in got] == [300, 17, 1000, 0, 64]
 
 
+def test_fp8_scoring_is_refused_where_the_hf_model_runs(trained, tmp_path):
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    with pytest.raises(ValueError, match="--fp8 scores with the TE model on a GPU"):
+        evaluate.main(["--model", model_dir, "--data", PARQUET, "--use-te", "false", "--fp8"])
+
+
 def test_sliding_windows_score_every_base_once_with_the_stated_context():
     assert list(evaluate.sliding_windows(10, window=5, context=2)) == [(0, 4, 0), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
     assert list(evaluate.sliding_windows(11, 5, 2))[-1] == (8, 11, 10)  # a short last window

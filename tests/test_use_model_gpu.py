@@ -32,3 +32,16 @@ def test_te_generation_with_its_kv_cache(trained):  # noqa: F811
     hf = generate.main([*argv, "--use-te", "false"])
     assert len(te[0][1]) == 32 and set(te[0][1]) <= set("ACGT")
     assert te[0][1][:8] == hf[0][1][:8]  # greedy: the same first bases (bf16 kernels may diverge later)
+
+
+def test_fp8_block_scaled_scoring_is_close_to_bf16_and_independent_of_the_pack(trained):  # noqa: F811
+    model_dir = trained / "fsdp2" / "ckpt" / "final_model"
+    bf16, tokenizer = load_model(model_dir, use_te=True)
+    fp8, _ = load_model(model_dir, use_te=True, fp8=True)
+    windows = [encode(tokenizer, GENOME[0][i : i + n]) for i, n in ((0, 300), (300, 17), (500, 1000), (2000, 64))]
+    reference = token_log_probs(bf16, windows)
+    alone = [token_log_probs(fp8, [w])[0] for w in windows]
+    packed = token_log_probs(fp8, windows)
+    for a, b, c in zip(reference, alone, packed):
+        np.testing.assert_allclose(b.sum(), a.sum(), rtol=2e-2)  # FP8 GEMMs: a little off BF16
+        np.testing.assert_allclose(c, b, atol=2e-2)  # a window's scores do not depend on its pack neighbours

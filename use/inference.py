@@ -8,6 +8,7 @@ padding, no attention across sequences); elsewhere, or with `use_te=False`, the 
 `LlamaForCausalLM`, one sequence at a time. `evaluate.py`, `score.py` and `generate.py` build on this.
 """
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,11 @@ from model.build import ModelOptions, build_model_config, te_available
 from model.convert import hf_config_from_te, hf_to_te_state_dict, te_config_from_hf, te_to_hf_state_dict
 
 
-def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat16):
+def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat16, fp8: bool = False):
     """`(model, tokenizer)` from an exported directory or a `step_N` checkpoint, in eval mode on `device`.
 
     Exported: `final_model`, `best_model`, any HF Llama directory. TE on a GPU with TE, else HF.
+    `fp8`: `token_log_probs` runs the model's FP8 layers under a block-scaled recipe (`scoring_fp8_recipe`).
     """
     path = Path(path)
     use_te = te_available() if use_te is None else use_te
@@ -66,7 +68,25 @@ def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat
     missing = [k for k in missing if not k.endswith("_extra_state") and k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"{path} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    model = model.to(device=device, dtype=dtype).eval()
+    if fp8:
+        model.scoring_fp8_recipe = scoring_fp8_recipe(use_te, device)
+    return model, tokenizer
+
+
+def scoring_fp8_recipe(use_te: bool, device: torch.device):
+    """The FP8 recipe scoring runs under: block scaling (MXFP8 on Blackwell, else 1x128 blocks on Hopper).
+
+    Each token's activations are quantized with scales of their own, so a window's score does not depend
+    on the other windows of its pack, as it would with a per-tensor recipe (delayed or current scaling).
+    """
+    if not (use_te and device.type == "cuda"):
+        raise ValueError("--fp8 scores with the TE model on a GPU: drop --fp8 here, or run on a GPU with TE.")
+    import transformer_engine.pytorch as te
+
+    from model.fp8 import build_fp8_recipe
+
+    return build_fp8_recipe("MXFP8BlockScaling" if te.is_mxfp8_available() else "Float8BlockScaling")
 
 
 def training_window(path) -> int | None:
@@ -154,9 +174,15 @@ def _launch_pack(model, group: list[np.ndarray], device):
     cu = torch.as_tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
     ids = torch.as_tensor(np.concatenate(group)).to(device, non_blocking=True)
     longest = max(map(len, group))
-    logits = model(
-        input_ids=ids[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest
-    ).logits[0]
+    recipe = getattr(model, "scoring_fp8_recipe", None)
+    if recipe is not None:  # FP8 GEMMs want the token count a multiple of 128 here: a pad sequence at the end
+        pad = -len(ids) % 128
+        ids = torch.cat([ids, ids.new_full((pad,), model.config.pad_token_id or 0)])
+        cu, longest = (torch.cat([cu, cu[-1:] + pad]), max(longest, pad)) if pad else (cu, longest)
+    with _autocast(recipe):
+        logits = model(
+            input_ids=ids[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest
+        ).logits[0]
     # Position t predicts token t + 1 of the pack; at each sequence's last position that is the next
     # sequence's first token, a value `_collect` drops.
     logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, ids[1:, None])[:, 0]
@@ -166,6 +192,15 @@ def _launch_pack(model, group: list[np.ndarray], device):
     if done is not None:
         done.record()
     return host, done, lengths
+
+
+def _autocast(recipe):
+    """TE's FP8 autocast with `recipe`, or nothing."""
+    if recipe is None:
+        return nullcontext()
+    import transformer_engine.pytorch as te
+
+    return te.autocast(enabled=True, recipe=recipe)
 
 
 def _collect(host: torch.Tensor, done, lengths: np.ndarray) -> list[np.ndarray]:
