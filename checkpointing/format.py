@@ -181,9 +181,26 @@ def save_fsdp2(path: Path, step: int, *, model, optimizer, scheduler, dataloader
     torch.save(_rank_state(step, scheduler, dataloader, extra), path / rank_file(rank))
     state = {"model": weights, "optimizer": optim_state}
     if async_save:
-        return dcp.async_save(state, checkpoint_id=str(path / DCP_FOLDER))
+        return dcp.async_save(state, checkpoint_id=str(path / DCP_FOLDER), process_group=_async_save_group())
     dcp.save(state, checkpoint_id=str(path / DCP_FOLDER))
     return None
+
+
+_ASYNC_GROUPS = {}  # the default group -> a gloo group of the same ranks for background saves
+
+
+def _async_save_group():
+    """A gloo group of its own for DCP's background write (made on every rank at the first async save).
+
+    The write's collectives run in a thread; on the default group they could interleave with the training
+    loop's (on CPU ranks both are gloo: a deadlock). None without a process group.
+    """
+    if not dist.is_initialized():
+        return None
+    default = dist.group.WORLD
+    if default not in _ASYNC_GROUPS:
+        _ASYNC_GROUPS[default] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUPS[default]
 
 
 def load_fsdp2(path: Path, *, model, optimizer, scheduler, dataloader, rank: int) -> int:

@@ -140,6 +140,19 @@ def test_fsdp2_async_save_resumes_identically(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_async_save_on_two_cpu_ranks(tmp_path):
+    """The background write has a gloo group of its own.
+
+    On the default group its collectives interleaved with the loop's (gloo too on CPU ranks), and the run died
+    of a gloo size mismatch at the second save.
+    """
+    run_command([*TORCHRUN_2, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, "num_train_steps=6",
+                 "checkpoint.save_every_n_steps=2", "checkpoint.async_save=true", f"run_dir={tmp_path}",
+                 f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}"])  # fmt: skip
+    assert all((tmp_path / "ckpt" / f"step_{s}" / MARKER).exists() for s in (2, 4, 6))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [train_ddp, train_fsdp2])
 def test_checkpoint_saves_are_left_out_of_step_time(tmp_path, monkeypatch, script):
     """A slow save (3 s here) shows in `checkpoint_save_s`, not in the step time and tokens/s of its window."""
