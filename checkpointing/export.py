@@ -91,7 +91,8 @@ def export_model(folder, model, tokenizer, *, rank: int, fsdp2: bool, run_info: 
             module.config.use_cache = True  # off for training only (see model.build.build_model_config)
             module.save_pretrained(partial, state_dict=state)
             module.config.use_cache = False
-            tokenizer.save_pretrained(partial)
+            if tokenizer is not None:  # upstream's save_final_model_* have none to pass
+                tokenizer.save_pretrained(partial)
         if run_info is not None:
             write_run_info(partial, run_info)
         old = final.with_name(f"{final.name}.old")

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import build_model, build_optimizer, losses, make_cfg
+from conftest import FAST, TORCHRUN_2, build_model, build_optimizer, losses, make_cfg, run_command
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -116,3 +116,75 @@ def test_entrypoint_continues_an_upstream_run_then_resumes_its_own(tmp_path, scr
 
     script.main(make_cfg(tmp_path / "run2", *overrides, ckpt, "num_train_steps=8"))
     assert sorted(losses(tmp_path / "run2")) == [7, 8]  # our step_6 wins over upstream's step_4
+
+
+def test_upstream_checkpoint_functions_read_and_write_the_recipe_s_checkpoints(tmp_path):
+    """A script written against upstream's checkpoint.py, its checkpoints done by the recipe's functions.
+
+    They load the entrypoint's checkpoint and save the next ones; the entrypoint resumes from those, and its
+    losses equal a run that never stopped.
+    """
+    from conftest import build_loader
+
+    import checkpoint
+
+    def make(run_dir, *extra):
+        return make_cfg(run_dir, "checkpoint.save_every_n_steps=2", *extra)
+
+    ckpt = tmp_path / "ckpt"
+    train_ddp.main(
+        make(tmp_path / "straight", "num_train_steps=6", f"checkpoint.ckpt_dir={tmp_path / 'straight_ckpt'}")
+    )
+    train_ddp.main(make(tmp_path / "first", "num_train_steps=2", f"checkpoint.ckpt_dir={ckpt}"))
+
+    # Upstream's loop for steps 3 and 4 (its own training code; the recipe's functions do the checkpoints).
+    cfg = make(tmp_path / "script", f"checkpoint.ckpt_dir={ckpt}")
+    model = build_model(cfg, use_te=False, device=CPU)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = get_cosine_annealing_schedule_with_warmup(optimizer, **cfg.lr_scheduler_kwargs)
+    loader, _ = build_loader(cfg)
+    model, optimizer, scheduler, loader, start_step, epoch = checkpoint.load_checkpoint_ddp(
+        model, optimizer, scheduler, ckpt, dist_config=None, dataloader=loader
+    )
+    assert (start_step, epoch) == (3, 0)
+    batches = iter(loader)
+    for step in range(start_step, 5):
+        batch = next(batches)
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if checkpoint.should_save_checkpoint(step, 1):
+            checkpoint.save_checkpoint_ddp(model, optimizer, scheduler, ckpt, step, 7, None, loader, max_checkpoints=1)
+    assert checkpoint.get_latest_checkpoint(ckpt) == (ckpt / "step_4", 4)
+    # step_3 pruned (max_checkpoints=1); step_2 is the entrypoint run's (pruning never deletes another run's)
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_2", "step_4"]
+    assert checkpoint.load_checkpoint_ddp(model, optimizer, scheduler, ckpt, None, loader).epoch == 7
+    assert not checkpoint.should_save_checkpoint(0, 2) and not checkpoint.should_save_checkpoint(4, 0)
+
+    train_ddp.main(make(tmp_path / "last", "num_train_steps=6", f"checkpoint.ckpt_dir={ckpt}"))
+    straight, last = losses(tmp_path / "straight"), losses(tmp_path / "last")
+    assert sorted(last) == [5, 6] and [last[s] for s in (5, 6)] == [straight[s] for s in (5, 6)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", [False, True])
+def test_upstream_style_fsdp2_script_on_two_ranks_hands_over_exactly(tmp_path, async_save):
+    """An upstream-style FSDP2 script between two train_fsdp2 runs (2 ranks) hands the run over exactly.
+
+    train_fsdp2 to step 2; the script resumes with load_checkpoint_fsdp2, saves steps 3 and 4 (DCP, in the
+    background or not) and exports; train_fsdp2 resumes to step 6 with a straight run's losses.
+    """
+    ckpt, straight = tmp_path / "ckpt", tmp_path / "straight"
+    entry = [*TORCHRUN_2, "train_fsdp2.py", "--config-name", "L0_sanity", *FAST, "checkpoint.save_every_n_steps=2"]
+    run_command([*entry, f"run_dir={straight}", f"checkpoint.ckpt_dir={tmp_path / 's_ckpt'}", "num_train_steps=6"])
+    run_command([*entry, f"run_dir={tmp_path / 'a'}", f"checkpoint.ckpt_dir={ckpt}", "num_train_steps=2"])
+    script = run_command([*TORCHRUN_2, "tests/upstream_style_fsdp2.py", str(ckpt), str(tmp_path / "b"), "4",
+                          str(int(async_save))])  # fmt: skip
+    assert "resumed at step 3, epoch 0" in script.stdout
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_2", "step_4"]  # step_3 pruned, marker written
+    assert (ckpt / "step_4" / "COMPLETE").exists() and (ckpt / "final_model" / "config.json").exists()
+    run_command([*entry, f"run_dir={tmp_path / 'c'}", f"checkpoint.ckpt_dir={ckpt}", "num_train_steps=6"])
+    resumed, reference = losses(tmp_path / "c"), losses(straight)
+    assert sorted(resumed) == [5, 6] and [resumed[s] for s in (5, 6)] == [reference[s] for s in (5, 6)]
