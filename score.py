@@ -62,6 +62,11 @@ def parse_args(argv=None):
     variants.add_argument("--on-ref-mismatch", choices=["skip", "stop"], default="skip", help="stop on REF mismatches")
     variants.add_argument("--both-strands", action="store_true", help="average with the reverse complement")
     variants.add_argument(
+        "--share-prefix",
+        action="store_true",
+        help="run the bases a REF and an ALT window share once, through the KV cache (use/shared_prefix.py)",
+    )
+    variants.add_argument(
         "--length-matched", action="store_true", help="indels: the alt window cut or filled to the ref window's length"
     )
     return p.parse_args(argv)
@@ -116,7 +121,9 @@ def main(argv=None) -> dict:
         )
         with Reference(args.reference) as reference:
             calls = read_calls(reference, args.vcf, args.window - 1, args.length_matched, stop_on)
-            scored = score_calls(model, tokenizer, tqdm(calls, unit=" alt"), args.batch_windows, args.both_strands)
+            scored = score_calls(
+                model, tokenizer, tqdm(calls, unit=" alt"), args.batch_windows, args.both_strands, args.share_prefix
+            )
             counts = write_calls(scored, args.vcf, out)
         seconds = time.perf_counter() - start
         windows = counts["scored"] * 2 * (2 if args.both_strands else 1)

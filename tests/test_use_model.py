@@ -181,15 +181,18 @@ def variant_cases():
             ("chr1", 1500, "del", del_ref, del_ref[0]), ("chr1", 10, "near_start", chrom[9], "T")]  # fmt: skip
 
 
-@pytest.mark.parametrize("both_strands", [False, True])
-def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands):
+@pytest.mark.parametrize(
+    ("both_strands", "share_prefix"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands, share_prefix):
     model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
     cases = variant_cases()
     extra = [("chr2", 100, "mismatch", "N", "A"), ("chr2", 200, "symbolic", GENOME[1][199], "<DEL>")]
     reference, vcf = write_reference_and_vcf(tmp_path, [*cases, *extra])
     out = tmp_path / "scored.tsv"
     argv = ["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf), "--window", "101",
-            "--out", str(out), *(["--both-strands"] if both_strands else [])]  # fmt: skip
+            "--out", str(out), *(["--both-strands"] if both_strands else []),
+            *(["--share-prefix"] if share_prefix else [])]  # fmt: skip
     summary = score.main(argv)
     assert (summary["scored"], summary["ref_mismatch"], summary["symbolic_alt"]) == (4, 1, 1)
     model, tokenizer = load_model(model_dir)
@@ -226,6 +229,20 @@ def test_each_distinct_window_is_scored_once(trained, tmp_path, monkeypatch):
         scores[name] = [float(line.split("\t")[8]) for line in out.read_text().splitlines()[1:]]
     assert len(scored_windows) == 2 * (1 + len(alts))  # one REF window per run, one window per distinct ALT
     assert scores["multi"] == [*scores["single"], scores["single"][0]]  # the repeated record: the same score
+
+
+def test_shared_prefix_rows_equal_full_windows(trained):
+    from use.shared_prefix import shared_prefix_log_likelihoods
+
+    model, tokenizer = load_model(trained / "fsdp2" / "ckpt" / "final_model")
+    starts = (0, 700, 1400)  # three rows of one call: 51-token prefixes, then 30 bases of REF or of ALT
+    prefixes = [encode(tokenizer, GENOME[0][a : a + 50]) for a in starts]
+    tails = [[GENOME[0][a + 50 : a + 80] for a in starts], ["T" + GENOME[1][a + 51 : a + 80] for a in starts]]
+    ids = [[np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in k] for k in tails]
+    got = shared_prefix_log_likelihoods(model, prefixes, ids)
+    for k, tail in enumerate(tails):
+        whole = token_log_probs(model, [encode(tokenizer, GENOME[0][a : a + 50] + t) for a, t in zip(starts, tail)])
+        np.testing.assert_allclose(got[k], [x.sum() for x in whole], rtol=1e-5)
 
 
 def test_ref_mismatch_can_stop_vcf_output_carries_llr_and_length_matched_scores(trained, tmp_path):

@@ -45,3 +45,22 @@ def test_fp8_block_scaled_scoring_is_close_to_bf16_and_independent_of_the_pack(t
     for a, b, c in zip(reference, alone, packed):
         np.testing.assert_allclose(b.sum(), a.sum(), rtol=2e-2)  # FP8 GEMMs: a little off BF16
         np.testing.assert_allclose(c, b, atol=2e-2)  # a window's scores do not depend on its pack neighbours
+
+
+def test_te_shared_prefix_variant_scores_equal_full_windows(trained, tmp_path):  # noqa: F811
+    from test_use_model import variant_cases, write_reference_and_vcf
+
+    import score
+
+    model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
+    reference, vcf = write_reference_and_vcf(tmp_path, variant_cases())  # an SNV, an insertion, a deletion, ...
+    rows = {}
+    for shared in (False, True):
+        out = tmp_path / f"shared_{shared}.tsv"
+        score.main(["variants", "--model", model_dir, "--reference", str(reference), "--vcf", str(vcf),
+                    "--window", "101", "--use-te", "true", "--out", str(out),
+                    *(["--share-prefix"] if shared else [])])  # fmt: skip
+        rows[shared] = np.array(
+            [[float(x) for x in line.split("\t")[6:8]] for line in out.read_text().splitlines()[1:]]
+        )
+    np.testing.assert_allclose(rows[True], rows[False], rtol=1e-2)  # LL(ref), LL(alt): bf16 kernels, other shapes

@@ -20,12 +20,17 @@ import csv
 import functools
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from data.dna import reverse_complement
 from use.inference import encode, token_log_probs
+from use.shared_prefix import shared_prefix_log_likelihoods
 
 logger = logging.getLogger(__name__)
 SKIP_REASONS = ("ref_mismatch", "unknown_chrom", "out_of_bounds", "symbolic_alt", "no_alt")
@@ -234,19 +239,26 @@ def _calls_of(index: int, record, reference: Reference, bases: int, length_match
     return calls
 
 
-def score_calls(model, tokenizer, calls: Iterable[Call], batch_windows: int, both_strands: bool = False):
+def score_calls(
+    model, tokenizer, calls: Iterable[Call], batch_windows: int, both_strands: bool = False, share_prefix: bool = False
+):
     """The calls in input order, the scorable ones with LL(ref), LL(alt) and their difference filled in.
 
-    `both_strands`: each LL is the mean over the windows and their reverse complements.
+    `both_strands`: each LL is the mean over the windows and their reverse complements. `share_prefix`: the
+    bases a REF and an ALT window share before the variant run once, through the KV cache (`use/shared_prefix.py`).
     """
     strands = (lambda s: s, reverse_complement) if both_strands else (lambda s: s,)
     pending = []
 
     def flush():
-        texts = [f(w) for c in pending if c.ref_window for f in strands for w in (c.ref_window, c.alt_window)]
-        distinct = list(dict.fromkeys(texts))  # the REF window of a multi-allelic site, a repeated record: once
-        scored = token_log_probs(model, [encode(tokenizer, t) for t in distinct])
-        ll_of = {t: float(x.sum()) for t, x in zip(distinct, scored)}
+        pairs = [(f(c.ref_window), f(c.alt_window)) for c in pending if c.ref_window for f in strands]
+        texts = [t for pair in pairs for t in pair]
+        if share_prefix and isinstance(model, torch.nn.Module):
+            ll_of = _shared_prefix_lls(model, tokenizer, list(dict.fromkeys(pairs)), batch_windows)
+        else:
+            distinct = list(dict.fromkeys(texts))  # the REF window of a multi-allelic site, a repeated record: once
+            scored = token_log_probs(model, [encode(tokenizer, t) for t in distinct])
+            ll_of = {t: float(x.sum()) for t, x in zip(distinct, scored)}
         lls = iter(ll_of[t] for t in texts)
         for call in pending:
             if call.ref_window:
@@ -261,6 +273,28 @@ def score_calls(model, tokenizer, calls: Iterable[Call], batch_windows: int, bot
         if sum(c.ref_window is not None for c in pending) * 2 * len(strands) >= batch_windows:
             yield from flush()
     yield from flush()
+
+
+def _shared_prefix_lls(model, tokenizer, pairs: list[tuple[str, str]], batch_windows: int) -> dict[str, float]:
+    """LL of each window of the (REF, ALT) `pairs`, the bases they share first run once per pair.
+
+    Pairs are grouped by (shared, REF-only, ALT-only) lengths, so that each group runs as equal-length rows.
+    """
+    groups = defaultdict(list)
+    for ref, alt in pairs:
+        shared = min(len(os.path.commonprefix([ref, alt])), len(ref) - 1, len(alt) - 1)  # each keeps >= 1 base
+        prefix = encode(tokenizer, ref[:shared])
+        tails = [np.asarray(tokenizer(w[shared:], add_special_tokens=False)["input_ids"]) for w in (ref, alt)]
+        groups[len(prefix), len(tails[0]), len(tails[1])].append((ref, alt, prefix, tails))
+    ll_of = {}
+    rows = max(1, batch_windows // 2)
+    for group in groups.values():
+        for i in range(0, len(group), rows):
+            part = group[i : i + rows]
+            lls = shared_prefix_log_likelihoods(model, [g[2] for g in part], [[g[3][k] for g in part] for k in (0, 1)])
+            for (ref, alt, *_), ll_ref, ll_alt in zip(part, lls[0], lls[1]):
+                ll_of[ref], ll_of[alt] = float(ll_ref), float(ll_alt)
+    return ll_of
 
 
 def write_calls(calls: Iterable[Call], vcf_path: str, out: Path) -> dict[str, int]:
