@@ -7,8 +7,9 @@ One run on one GPU, in this order: `--train-steps` steps of the config in BF16 o
 tokens/s, the mean over the steps after `--warmup`, and its exported model); the bundled records as a
 reference genome; `evaluate.py --context 0` over it (consecutive `--window`-token windows: the training
 window, so the same model and window as the training row); `score.py variants` on `--snvs` random SNVs
-in `--variant-window`-token windows. Both scoring commands run with this tree's code and, with `--before`,
-with an older copy's, on the same model and data; the variants' scores of the two are compared.
+in `--variant-window`-token windows, with and without `--share-prefix`. Both scoring commands run with this
+tree's code (BF16; with `--fp8` also FP8) and, with `--before`, with an older copy's, on the same model and
+data; the variants' scores are compared with this tree's full-window BF16 ones.
 Ratios: sequence scoring tokens/s / training tokens/s (the forward pass is about a third of a training
 step's work), variants/s now / before. Writes `scoring.{json,md}` to `--out`.
 """
@@ -107,41 +108,34 @@ def reference_and_snvs(args) -> tuple[Path, Path]:
     return reference, vcf
 
 
-def score_both(args, model, reference, vcf, window: int, code: Path, tag: str, extra: tuple = ()) -> dict:
-    """evaluate.py --context 0 and score.py variants with the recipe at `code` (and `extra` options)."""
+def sequence_scoring(args, model, reference, window: int, code: Path, tag: str, extra: tuple) -> dict:
+    """evaluate.py --context 0 with the recipe at `code` (and `extra` options): throughput, bits per base."""
     out = args.work / f"evaluate_{tag}.json"
     limit = ["--max-records", str(args.eval_records)] if args.eval_records else []
-    evaluate = [
-        "evaluate.py",
-        "--model",
-        model,
-        "--data",
-        reference,
-        "--window",
-        window,
-        "--context",
-        0,
-        *limit,
-        *extra,
-    ]
-    run([sys.executable, *map(str, evaluate), "--out", str(out)], args.work / f"evaluate_{tag}.log", cwd=code)
+    command = ["evaluate.py", "--model", model, "--data", reference, "--window", window, "--context", 0, *limit]
+    run([sys.executable, *map(str, command), *extra, "--out", str(out)], args.work / f"evaluate_{tag}.log", cwd=code)
     overall = json.loads(out.read_text())["overall"]
-    tokens = overall["bases"] + overall["excluded"] + overall["length"] / (window - 1)  # + one <BOS> per window
-    scored = args.work / f"variants_{tag}.tsv"
-    start = time.perf_counter()
-    variants = ["score.py", "variants", "--model", model, "--reference", reference, "--vcf", vcf]
-    variants += ["--window", args.variant_window, "--out", scored, *extra]
-    run([sys.executable, *map(str, variants)], args.work / f"variants_{tag}.log", cwd=code)
-    command_seconds = time.perf_counter() - start
-    summary = (args.work / f"variants_{tag}.log").read_text().strip().splitlines()[-1]
-    variants_per_s = float(summary.split("variants_per_s=")[1].split()[0].replace(",", ""))
-    rows = [line.split("\t") for line in scored.read_text().splitlines()[1:]]
+    tokens = overall["bases"] + overall["excluded"] + overall["length"] / (window - 1)  # + about one <BOS> a window
     return {
         "sequence_tokens_per_s": tokens / overall["seconds"],
         "sequence_bases_per_s": overall["bases"] / overall["seconds"],
         "bits_per_base": overall["bits_per_base"],
-        "variants_per_s": variants_per_s,
-        "variants_command_seconds": command_seconds,
+    }
+
+
+def variant_scoring(args, model, reference, vcf, code: Path, tag: str, extra: tuple) -> dict:
+    """score.py variants with the recipe at `code` (and `extra` options): variants/s and the scores."""
+    scored = args.work / f"variants_{tag}.tsv"
+    command = ["score.py", "variants", "--model", model, "--reference", reference, "--vcf", vcf]
+    command += ["--window", args.variant_window, "--out", scored, *extra]
+    start = time.perf_counter()
+    run([sys.executable, *map(str, command)], args.work / f"variants_{tag}.log", cwd=code)
+    seconds = time.perf_counter() - start
+    summary = (args.work / f"variants_{tag}.log").read_text().strip().splitlines()[-1]
+    rows = [line.split("\t") for line in scored.read_text().splitlines()[1:]]
+    return {
+        "variants_per_s": float(summary.split("variants_per_s=")[1].split()[0].replace(",", "")),
+        "variants_command_seconds": seconds,
         "scores": [float(r[8]) for r in rows if r[9] == "scored"],
     }
 
@@ -153,12 +147,18 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     model, train_tokens_per_s, window = train(args)
     reference, vcf = reference_and_snvs(args)
-    runs = {"now": (RECIPE_DIR, ())}
-    runs |= {"now_fp8": (RECIPE_DIR, ("--fp8",))} if args.fp8 else {}
-    runs |= {"before": (args.before.resolve(), ())} if args.before else {}
-    results = {
-        tag: score_both(args, model, reference, vcf, window, code, tag, extra) for tag, (code, extra) in runs.items()
-    }
+    # tag -> (code, evaluate.py options or None to skip, score.py variants options or None to skip)
+    runs = {"now": (RECIPE_DIR, (), ())}
+    runs |= {"now_shared": (RECIPE_DIR, None, ("--share-prefix",))}
+    runs |= {"now_fp8": (RECIPE_DIR, ("--fp8",), ("--fp8",))} if args.fp8 else {}
+    runs |= {"before": (args.before.resolve(), (), ())} if args.before else {}
+    results = {}
+    for tag, (code, sequence_options, variant_options) in runs.items():
+        results[tag] = {}
+        if sequence_options is not None:
+            results[tag] |= sequence_scoring(args, model, reference, window, code, tag, sequence_options)
+        if variant_options is not None:
+            results[tag] |= variant_scoring(args, model, reference, vcf, code, tag, variant_options)
     now = results["now"]
     summary = {
         "command": " ".join(sys.argv),
@@ -169,18 +169,24 @@ def main():
         "sequence_scoring_over_training": now["sequence_tokens_per_s"] / train_tokens_per_s,
         **{f"{tag}_{k}": v for tag, r in results.items() for k, v in r.items() if k != "scores"},
     }
+    shared, a = results["now_shared"], np.array(now["scores"])
+    summary |= {
+        "shared_prefix_over_full_windows_variants_per_s": shared["variants_per_s"] / now["variants_per_s"],
+        "shared_prefix_scores_max_abs_difference": float(np.abs(np.array(shared["scores"]) - a).max()),
+        "shared_prefix_scores_correlation": float(np.corrcoef(shared["scores"], a)[0, 1]),
+    }
     if "now_fp8" in results:
-        a, b = np.array(now["scores"]), np.array(results["now_fp8"]["scores"])
+        fp8 = results["now_fp8"]
         summary |= {
-            "fp8_over_bf16_sequence_tokens_per_s": results["now_fp8"]["sequence_tokens_per_s"]
-            / now["sequence_tokens_per_s"],
-            "fp8_over_bf16_variants_per_s": results["now_fp8"]["variants_per_s"] / now["variants_per_s"],
-            "fp8_variant_scores_correlation_with_bf16": float(np.corrcoef(a, b)[0, 1]),
+            "fp8_over_bf16_sequence_tokens_per_s": fp8["sequence_tokens_per_s"] / now["sequence_tokens_per_s"],
+            "fp8_over_bf16_variants_per_s": fp8["variants_per_s"] / now["variants_per_s"],
+            "fp8_variant_scores_correlation_with_bf16": float(np.corrcoef(fp8["scores"], a)[0, 1]),
         }
     if "before" in results:
         a, b = np.array(now["scores"]), np.array(results["before"]["scores"])
         summary |= {
             "variants_per_s_now_over_before": now["variants_per_s"] / results["before"]["variants_per_s"],
+            "variants_per_s_shared_prefix_over_before": shared["variants_per_s"] / results["before"]["variants_per_s"],
             "sequence_tokens_per_s_now_over_before": now["sequence_tokens_per_s"]
             / results["before"]["sequence_tokens_per_s"],
             "variant_scores_max_abs_difference": float(np.abs(a - b).max()),

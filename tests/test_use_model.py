@@ -88,6 +88,9 @@ def test_fp8_scoring_is_refused_where_the_hf_model_runs(trained, tmp_path):
     model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
     with pytest.raises(ValueError, match="--fp8 scores with the TE model on a GPU"):
         evaluate.main(["--model", model_dir, "--data", PARQUET, "--use-te", "false", "--fp8"])
+    with pytest.raises(ValueError, match="--fp8 with --share-prefix"):
+        score.main(["variants", "--model", model_dir, "--reference", "r.fa", "--vcf", "c.vcf", "--out", "x.tsv",
+                    "--fp8", "--share-prefix"])  # fmt: skip
 
 
 def test_sliding_windows_score_every_base_once_with_the_stated_context():
