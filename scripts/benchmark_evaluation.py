@@ -81,13 +81,13 @@ def link_folder(folder: Path, files: list[Path]) -> Path:
     return folder
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run `cmd` in the recipe folder, output to `log`; fail loudly; returns seconds."""
+def run(cmd: list[str], log: Path, cwd: Path = RECIPE_DIR) -> float:
+    """Run `cmd` in `cwd` (the recipe folder), output to `log`; fail loudly; returns seconds."""
     start = time.perf_counter()
     with log.open("w") as f:
-        result = subprocess.run(cmd, cwd=RECIPE_DIR, stdout=f, stderr=subprocess.STDOUT)
+        result = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed; see {log}:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed; see {log}:\n{log.read_text()[-3000:]}")
     return time.perf_counter() - start
 
 

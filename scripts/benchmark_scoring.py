@@ -16,7 +16,6 @@ step's work), variants/s now / before. Writes `scoring.{json,md}` to `--out`.
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
-
-RECIPE_DIR = Path(__file__).resolve().parents[1]
+from benchmark_evaluation import RECIPE_DIR, run  # scripts/ is on the path when run as a script
 
 
 def parse_args():
@@ -44,16 +42,6 @@ def parse_args():
     p.add_argument("--work", type=Path, default=Path("/tmp/benchmark_scoring"))
     p.add_argument("--out", type=Path, default=RECIPE_DIR / "benchmarks")
     return p.parse_args()
-
-
-def run(cmd: list[str], log: Path, cwd: Path = RECIPE_DIR) -> float:
-    """Run `cmd` in `cwd`, output to `log`; fail loudly; returns seconds."""
-    start = time.perf_counter()
-    with log.open("w") as f:
-        result = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed; see {log}:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - start
 
 
 def train(args) -> tuple[Path, float, int]:
