@@ -377,7 +377,10 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
             max_length_q = max_length_k = seq_len
             if inference is not None:
                 inference.pre_step(OrderedDict(enumerate(lengths.tolist())))
-                cu_seq_lens_q, cu_seq_lens_k = inference.cu_seqlens_q, inference.cu_seqlens_kv
+                # Attention takes both boundaries from the cache (`inference.step`); the layer's RoPE splits the
+                # new keys by `cu_seqlens_kv`, so it must be the new tokens' (with the cached totals, every
+                # sequence after the first got shifted positions once sequences add more than one token).
+                cu_seq_lens_q = cu_seq_lens_k = inference.cu_seqlens_q
                 max_length_k = inference.max_sequence_length
         else:
             hidden = hidden.squeeze(0)  # [1, T, H] -> [T, H]

@@ -53,7 +53,9 @@ def test_te_shared_prefix_variant_scores_equal_full_windows(trained, tmp_path): 
     import score
 
     model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
-    reference, vcf = write_reference_and_vcf(tmp_path, variant_cases())  # an SNV, an insertion, a deletion, ...
+    chrom = GENOME[0]  # three SNVs of one shape: rows of one cached batch, besides the indels' own batches
+    snvs = [("chr1", p, f"row{p}", chrom[p - 1], "A" if chrom[p - 1] != "A" else "C") for p in (700, 1300, 1900)]
+    reference, vcf = write_reference_and_vcf(tmp_path, variant_cases() + snvs)  # + an insertion, a deletion, ...
     rows = {}
     for shared in (False, True):
         out = tmp_path / f"shared_{shared}.tsv"
