@@ -158,16 +158,17 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
         "dataset.data_streams",
         "validation.num_batches",
     )
+    # null means: no interval saves (as upstream); Python's automatic GC; one data stream per rank; num_windows
+    optional = (
+        "checkpoint.save_every_n_steps",
+        "gc_collect_every_n_steps",
+        "dataset.data_streams",
+        "validation.num_batches",
+    )
     for key in positive:
         value = OmegaConf.select(cfg, key)
-        optional = (
-            "checkpoint.save_every_n_steps",
-            "gc_collect_every_n_steps",
-            "dataset.data_streams",
-            "validation.num_batches",
-        )
         if key in optional and value is None:
-            continue  # no interval saves, as upstream; Python's automatic garbage collection; one stream per rank
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer.")
     if cfg.dataset.num_workers < 0:

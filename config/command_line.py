@@ -171,7 +171,7 @@ def adopt_config_file(cfg: DictConfig) -> DictConfig:
     ours = OmegaConf.to_container(OmegaConf.load(DEFAULTS_YAML), resolve=False)
     ours.pop("defaults", None)
     ours.pop("hydra", None)
-    renamed = [(key, _renamed(key)) for key in _leaf_keys(container) if _renamed(key)]
+    renamed = [(key, new) for key in _leaf_keys(container) if (new := _renamed(key))]
     missing = [key for key in _leaf_keys(ours) if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT]
     if not renamed and not missing:
         return cfg

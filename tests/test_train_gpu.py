@@ -222,3 +222,5 @@ def test_two_data_streams_on_one_gpu_resume_exactly(tmp_path):
     a, b = train_straight_and_resumed(train_fsdp2.main, gpu_cfg, tmp_path, common, stop_at=4)
     assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
     assert a[8] < a[1] - 1.0
+    saved = torch.load(tmp_path / "resumed" / "ckpt" / "step_4" / "rank_0.pt", weights_only=False)["dataloader"]
+    assert saved["num_streams"] == 2 and sorted(saved["streams"]) == [0, 1]  # one rank, both streams' positions

@@ -187,7 +187,14 @@ def variant_cases():
 @pytest.mark.parametrize(
     ("both_strands", "share_prefix"), [(False, False), (True, False), (False, True), (True, True)]
 )
-def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands, share_prefix):
+def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands, share_prefix, monkeypatch):
+    import use.variants
+
+    shared_calls = []  # the scores are the same either way: check which path ran
+    original = use.variants.shared_prefix_log_likelihoods
+    monkeypatch.setattr(
+        use.variants, "shared_prefix_log_likelihoods", lambda *a: shared_calls.append(1) or original(*a)
+    )
     model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
     cases = variant_cases()
     extra = [("chr2", 100, "mismatch", "N", "A"), ("chr2", 200, "symbolic", GENOME[1][199], "<DEL>")]
@@ -198,6 +205,7 @@ def test_variant_scores_are_ll_alt_minus_ll_ref(trained, tmp_path, both_strands,
             *(["--share-prefix"] if share_prefix else [])]  # fmt: skip
     summary = score.main(argv)
     assert (summary["scored"], summary["ref_mismatch"], summary["symbolic_alt"]) == (4, 1, 1)
+    assert bool(shared_calls) == share_prefix
     model, tokenizer = load_model(model_dir)
     rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
     assert [row[9] for row in rows] == ["scored"] * 4 + ["ref_mismatch", "symbolic_alt"]  # every record, in order
