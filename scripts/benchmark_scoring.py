@@ -129,17 +129,18 @@ def variant_scoring(args, model, reference, vcf, code: Path, tag: str, extra: tu
 
 
 def main():
-    """Train, score with each code, write the ratios."""
+    """Train, score with each code, write the ratios (after each code: a cut run keeps what it measured)."""
     args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     model, train_tokens_per_s, window = train(args)
     reference, vcf = reference_and_snvs(args)
-    # tag -> (code, evaluate.py options or None to skip, score.py variants options or None to skip)
+    # tag -> (code, evaluate.py options or None to skip, score.py variants options or None to skip);
+    # "before" second: the reference of the variants/s target.
     runs = {"now": (RECIPE_DIR, (), ())}
-    runs |= {"now_shared": (RECIPE_DIR, None, ("--share-prefix",))}
-    runs |= {"now_fp8": (RECIPE_DIR, ("--fp8",), ("--fp8",))} if args.fp8 else {}
     runs |= {"before": (args.before.resolve(), (), ())} if args.before else {}
+    runs |= {"now_fp8": (RECIPE_DIR, ("--fp8",), ("--fp8",))} if args.fp8 else {}
+    runs |= {"now_shared": (RECIPE_DIR, None, ("--share-prefix",))}
     results = {}
     for tag, (code, sequence_options, variant_options) in runs.items():
         results[tag] = {}
@@ -147,6 +148,11 @@ def main():
             results[tag] |= sequence_scoring(args, model, reference, window, code, tag, sequence_options)
         if variant_options is not None:
             results[tag] |= variant_scoring(args, model, reference, vcf, code, tag, variant_options)
+        write_report(args, summarize(args, results, train_tokens_per_s, window), complete=len(results) == len(runs))
+
+
+def summarize(args, results: dict, train_tokens_per_s: float, window: int) -> dict:
+    """The figures and the ratios of the codes measured so far."""
     now = results["now"]
     summary = {
         "command": " ".join(sys.argv),
@@ -157,12 +163,15 @@ def main():
         "sequence_scoring_over_training": now["sequence_tokens_per_s"] / train_tokens_per_s,
         **{f"{tag}_{k}": v for tag, r in results.items() for k, v in r.items() if k != "scores"},
     }
-    shared, a = results["now_shared"], np.array(now["scores"])
-    summary |= {
-        "shared_prefix_over_full_windows_variants_per_s": shared["variants_per_s"] / now["variants_per_s"],
-        "shared_prefix_scores_max_abs_difference": float(np.abs(np.array(shared["scores"]) - a).max()),
-        "shared_prefix_scores_correlation": float(np.corrcoef(shared["scores"], a)[0, 1]),
-    }
+    a = np.array(now["scores"])
+    if "before" in results:
+        before = results["before"]
+        summary |= {
+            "variants_per_s_now_over_before": now["variants_per_s"] / before["variants_per_s"],
+            "sequence_tokens_per_s_now_over_before": now["sequence_tokens_per_s"] / before["sequence_tokens_per_s"],
+            "variant_scores_max_abs_difference": float(np.abs(a - np.array(before["scores"])).max()),
+            "variant_scores_correlation": float(np.corrcoef(a, before["scores"])[0, 1]),
+        }
     if "now_fp8" in results:
         fp8 = results["now_fp8"]
         summary |= {
@@ -170,22 +179,31 @@ def main():
             "fp8_over_bf16_variants_per_s": fp8["variants_per_s"] / now["variants_per_s"],
             "fp8_variant_scores_correlation_with_bf16": float(np.corrcoef(fp8["scores"], a)[0, 1]),
         }
-    if "before" in results:
-        a, b = np.array(now["scores"]), np.array(results["before"]["scores"])
+        if "before" in results:
+            summary["variants_per_s_fp8_over_before"] = fp8["variants_per_s"] / results["before"]["variants_per_s"]
+    if "now_shared" in results:
+        shared = results["now_shared"]
         summary |= {
-            "variants_per_s_now_over_before": now["variants_per_s"] / results["before"]["variants_per_s"],
-            "variants_per_s_shared_prefix_over_before": shared["variants_per_s"] / results["before"]["variants_per_s"],
-            "sequence_tokens_per_s_now_over_before": now["sequence_tokens_per_s"]
-            / results["before"]["sequence_tokens_per_s"],
-            "variant_scores_max_abs_difference": float(np.abs(a - b).max()),
-            "variant_scores_correlation": float(np.corrcoef(a, b)[0, 1]),
+            "shared_prefix_over_full_windows_variants_per_s": shared["variants_per_s"] / now["variants_per_s"],
+            "shared_prefix_scores_max_abs_difference": float(np.abs(np.array(shared["scores"]) - a).max()),
+            "shared_prefix_scores_correlation": float(np.corrcoef(shared["scores"], a)[0, 1]),
         }
+        if "before" in results:
+            summary["variants_per_s_shared_prefix_over_before"] = (
+                shared["variants_per_s"] / results["before"]["variants_per_s"]
+            )
+    return summary
+
+
+def write_report(args, summary: dict, complete: bool) -> None:
+    """scoring.json and scoring.md in --out (marked partial until every code has run)."""
+    summary = {**summary, "complete": complete}
     (args.out / "scoring.json").write_text(json.dumps(summary, indent=1))
     lines = [f"`{summary['command']}`", "", "| figure | value |", "|---|---|"]
     figures = {k: v for k, v in summary.items() if k != "command"}
     lines += [f"| {k} | {v:,.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()]
     (args.out / "scoring.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_te_shared_prefix_variant_scores_equal_full_windows(trained, tmp_path): 
     import score
 
     model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
-    chrom = GENOME[0]  # three SNVs of one shape: rows of one cached batch, besides the indels' own batches
+    chrom = GENOME[0]  # one cached batch of 7 rows of 4 lengths: SNVs, one near the start, an insertion, a deletion
     snvs = [("chr1", p, f"row{p}", chrom[p - 1], "A" if chrom[p - 1] != "A" else "C") for p in (700, 1300, 1900)]
     reference, vcf = write_reference_and_vcf(tmp_path, variant_cases() + snvs)  # + an insertion, a deletion, ...
     rows = {}

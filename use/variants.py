@@ -20,7 +20,6 @@ import csv
 import functools
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,22 +277,21 @@ def score_calls(
 def _shared_prefix_lls(model, tokenizer, pairs: list[tuple[str, str]], batch_windows: int) -> dict[str, float]:
     """LL of each window of the (REF, ALT) `pairs`, the bases they share first run once per pair.
 
-    Pairs are grouped by (shared, REF-only, ALT-only) lengths, so that each group runs as equal-length rows.
+    `batch_windows // 2` pairs per call, whatever their lengths (`shared_prefix_log_likelihoods` pads them).
     """
-    groups = defaultdict(list)
-    for ref, alt in pairs:
-        shared = min(len(os.path.commonprefix([ref, alt])), len(ref) - 1, len(alt) - 1)  # each keeps >= 1 base
-        prefix = encode(tokenizer, ref[:shared])
-        tails = [np.asarray(tokenizer(w[shared:], add_special_tokens=False)["input_ids"]) for w in (ref, alt)]
-        groups[len(prefix), len(tails[0]), len(tails[1])].append((ref, alt, prefix, tails))
-    ll_of = {}
     rows = max(1, batch_windows // 2)
-    for group in groups.values():
-        for i in range(0, len(group), rows):
-            part = group[i : i + rows]
-            lls = shared_prefix_log_likelihoods(model, [g[2] for g in part], [[g[3][k] for g in part] for k in (0, 1)])
-            for (ref, alt, *_), ll_ref, ll_alt in zip(part, lls[0], lls[1]):
-                ll_of[ref], ll_of[alt] = float(ll_ref), float(ll_alt)
+    ll_of = {}
+    for i in range(0, len(pairs), rows):
+        part = pairs[i : i + rows]
+        prefixes, tails = [], ([], [])
+        for ref, alt in part:
+            shared = min(len(os.path.commonprefix([ref, alt])), len(ref) - 1, len(alt) - 1)  # each keeps >= 1 base
+            prefixes.append(encode(tokenizer, ref[:shared]))
+            for k, window in enumerate((ref, alt)):
+                tails[k].append(np.asarray(tokenizer(window[shared:], add_special_tokens=False)["input_ids"]))
+        lls = shared_prefix_log_likelihoods(model, prefixes, list(tails), rows)
+        for (ref, alt), ll_ref, ll_alt in zip(part, lls[0], lls[1]):
+            ll_of[ref], ll_of[alt] = float(ll_ref), float(ll_alt)
     return ll_of
 
 
