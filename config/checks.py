@@ -223,6 +223,7 @@ def validate_config(cfg: DictConfig, use_te: bool, entrypoint: str = "fsdp2") ->
             f"use_gradient_checkpointing=true (now {cfg.use_gradient_checkpointing}) and runs those layers "
             f"eagerly, so use_torch_compile=false (now {cfg.use_torch_compile})."
         )
+    _check_cuda_graphs(cfg, use_te, entrypoint)
     _check_optimizer_numbers(cfg)
     _check_validation(cfg, entrypoint)
     _check_strategy_keys(cfg, entrypoint)
@@ -261,6 +262,27 @@ def _check_validation(cfg: DictConfig, entrypoint: str) -> None:
         raise ValueError(f"validation.num_bases={num_bases!r} must be a positive integer (e.g. 1000000), or null.")
     if cfg.validation.stride is not None and cfg.validation.stride < 0:
         raise ValueError(f"validation.stride={cfg.validation.stride} must be >= 0, or null for dataset.stride.")
+
+
+def _check_cuda_graphs(cfg: DictConfig, use_te: bool, entrypoint: str) -> None:
+    """`use_cuda_graphs` where graphs can replay the layers (`model/cuda_graphs.py`), or an error saying why not."""
+    if not cfg.use_cuda_graphs:
+        return
+    why_not = {
+        "the TE model (use_te is false or TE is missing)": not use_te,
+        "train_ddp.py: FSDP2 gathers each layer's weights into fresh memory every step, and a graph replays "
+        "fixed addresses": entrypoint != "ddp",
+        "BSHD micro-batches of whole windows, use_sequence_packing=false: THD packs change their number of "
+        "sequences from one micro-batch to the next": cfg.use_sequence_packing,
+        "use_gradient_checkpointing=false: recomputing a layer inside its captured backward is not graphed":
+            cfg.use_gradient_checkpointing,
+        "activation_cpu_offload=false (it copies to and from the host between the layers)": cfg.activation_cpu_offload,
+        "use_torch_compile=false (one way of cutting launch time per run)": cfg.use_torch_compile,
+        "a CUDA GPU (this machine has none)": not torch.cuda.is_available(),
+    }  # fmt: skip
+    for needs, missing in why_not.items():
+        if missing:
+            raise ValueError(f"use_cuda_graphs=true needs {needs}; set use_cuda_graphs=false.")
 
 
 def _check_optimizer_numbers(cfg: DictConfig) -> None:

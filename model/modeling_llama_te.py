@@ -257,6 +257,7 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         self.norm = te.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(config)
         self.cp_size = 1
+        self.layer_graphs = None  # set by the recipe's model/cuda_graphs.py (`use_cuda_graphs`); not saved
         self.post_init()
 
     @staticmethod
@@ -329,11 +330,15 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
             layer_kwargs, rope_length = self._bshd_inputs(hidden, attention_mask, inference)
         rope = self.rotary_emb(rope_length, hidden.device)
         all_hidden = []  # as HF: the embedding output and each layer's output, the last one after the final norm
-        for i, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            with te.autocast(enabled=False) if self.config.keeps_bf16(i) else nullcontext():  # layer_precision
-                hidden = layer(hidden, rotary_pos_emb=rope, inference_params=inference, **layer_kwargs)
+        graphs = self.layer_graphs  # CUDA graphs of the layers for one shape, if the trainer captured them
+        if graphs is not None and self.training and not output_hidden_states and graphs.fits(hidden, layer_kwargs):
+            hidden = graphs(hidden, rope)
+        else:
+            for i, layer in enumerate(self.layers):
+                if output_hidden_states:
+                    all_hidden.append(hidden)
+                with te.autocast(enabled=False) if self.config.keeps_bf16(i) else nullcontext():  # layer_precision
+                    hidden = layer(hidden, rotary_pos_emb=rope, inference_params=inference, **layer_kwargs)
         all_hidden.append(self.norm(hidden))
 
         packed = self.config.attn_input_format == "thd" and kwargs.get("cu_seq_lens_q") is not None

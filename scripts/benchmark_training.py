@@ -145,6 +145,27 @@ def padding_rows():
     ]
 
 
+def graph_rows():
+    """use_cuda_graphs (train_ddp.py): BSHD packed rows eager and graphed, with THD beside them.
+
+    On the mixed records (their short windows run eagerly) and on full windows (every micro-batch replayed);
+    FP8, where steps are host-bound.
+    """
+    rows = []
+    for precision, flags in (("FP8 delayed", fp8("DelayedScaling")), ("FP8 current", fp8("Float8CurrentScaling"))):
+        for data, name in ((MIXED_DNA, "mixed"), (LONG_DNA, "full windows")):
+            common = f"{data} {flags}"
+            rows.append(
+                row("graphs", f"TE {precision} THD {name} DDP", precision, "THD", f"{common} {THD}", script="ddp")
+            )
+            rows.append(
+                row("graphs", f"TE {precision} BSHD {name} DDP", precision, "BSHD", f"{common} {BSHD}", script="ddp")
+            )
+            rows.append(row("graphs", f"TE {precision} BSHD {name} DDP graphs", precision, "BSHD",
+                            f"{common} {BSHD} use_cuda_graphs=true", script="ddp"))  # fmt: skip
+    return rows
+
+
 # The longest window one GPU trains at: BF16 THD, activation checkpointing, one window per step.
 LONG_CONTEXT = f"{WHOLE_WINDOWS} {THD} {BF16} use_gradient_checkpointing=true dataset.micro_batch_size=1"
 LONG_STEPS = {8: 3, 32: 3, 128: 3, 256: 2, 512: 2, 1024: 1}  # window (thousand tokens) -> steps the row runs
@@ -196,6 +217,7 @@ ROWS = [
     row("compile", "TE BF16 BSHD compiled", "BF16", "BSHD", f"{BSHD} {BF16} {COMPILE}"),
     *bare_rows(),
     *padding_rows(),
+    *graph_rows(),
     *scaling_rows(),
     *balance_rows(),
     *cp_rows(),
@@ -207,7 +229,7 @@ ORDER = {r["name"]: i for i, r in enumerate(ROWS)}
 def parse_args():
     """Command-line options (see --help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", default="model,bare,padding,lingua,compile,scaling,cp,long")
+    p.add_argument("--groups", default="model,bare,padding,graphs,lingua,compile,scaling,cp,long")
     p.add_argument("--only", default=None, help="comma-separated row names to run (within --groups)")
     p.add_argument("--config-name", default="L1_genomic_1b")
     p.add_argument("--overrides", default="", help="extra key=value overrides for every row")

@@ -117,6 +117,40 @@ def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_
 
 
 @pytest.mark.parametrize(
+    ("entrypoint", "overrides", "needs"),
+    [
+        ("fsdp2", [], r"train_ddp.py: FSDP2 gathers"),
+        ("fsdp2_cp", [], "train_ddp.py"),
+        ("ddp", ["use_sequence_packing=true"], "THD packs change their number of sequences"),
+        ("ddp", ["use_gradient_checkpointing=true"], "use_gradient_checkpointing=false"),
+        ("ddp", ["use_torch_compile=true"], "use_torch_compile=false"),
+        ("ddp", [], "a CUDA GPU"),  # what is left on this CPU machine
+    ],
+)
+def test_use_cuda_graphs_is_refused_where_graphs_cannot_replay(tmp_path, entrypoint, overrides, needs):
+    cfg = make_cfg(tmp_path, "use_cuda_graphs=true", *overrides)
+    with pytest.raises(ValueError, match=f"use_cuda_graphs=true needs .*{needs}"):
+        validate_config(cfg, use_te=True, entrypoint=entrypoint)
+    with pytest.raises(ValueError, match="the TE model"):
+        validate_config(make_cfg(tmp_path, "use_cuda_graphs=true"), use_te=False, entrypoint="ddp")
+    validate_config(make_cfg(tmp_path, *overrides), use_te=True, entrypoint=entrypoint)  # fine without graphs
+
+
+def test_layer_graphs_take_full_window_rows_only_and_count_them():
+    from model.cuda_graphs import LayerGraphs
+
+    calls = []
+    graphs = LayerGraphs([lambda h, **k: calls.append(k) or h + 1] * 3, shape=(2, 8, 4))
+    rows, causal = torch.zeros(2, 8, 4), {"self_attn_mask_type": "causal"}
+    assert graphs.fits(rows, causal) and torch.equal(graphs(rows, rope=torch.ones(1)), rows + 3)
+    assert len(calls) == 3 and all(k.keys() == {"rotary_pos_emb"} for k in calls)  # the graphs take tensors only
+    assert not graphs.fits(torch.zeros(1, 8, 4), causal)  # another batch size
+    assert not graphs.fits(torch.zeros(16, 4), {"self_attn_mask_type": "padding_causal", "cu_seqlens_q": None})  # THD
+    assert not graphs.fits(rows, {"attention_mask": None, "self_attn_mask_type": "padding_causal"})  # padded rows
+    assert (graphs.replayed, graphs.eager) == (1, 3)
+
+
+@pytest.mark.parametrize(
     ("world_size", "checkpointing", "reshard"), [(1, False, False), (1, True, True), (2, False, True)]
 )
 def test_fsdp2_reshards_after_forward_unless_one_rank_has_memory_to_spare(tmp_path, monkeypatch, world_size,
