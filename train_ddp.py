@@ -27,7 +27,7 @@ from config.checks import check_config
 from config.command_line import exit_on_user_error, normalize_command_line
 from data.batches import count_label_tokens, create_dataloader, iter_batches
 from model.build import create_model
-from model.cuda_graphs import capture_layer_graphs
+from model.cuda_graphs import LayerShape, capture_layer_graphs
 from model.fp8 import fp8_autocast_factory, recipe_from_config
 from perf_logger import PerfLogger
 from runtime.distributed import DistributedConfig, all_reduce_sum, process_group
@@ -92,7 +92,8 @@ def main(cfg: DictConfig) -> float:
         step = checkpointer.resume(device)  # the newest complete checkpoint (a damaged one falls back), else 0
         if cfg.use_cuda_graphs:  # after the resume: graphs replay the addresses of the FP8 state it loads
             recipe = recipe_from_config(cfg.fp8_config) if cfg.fp8_config.enabled else None
-            capture_layer_graphs(model.module, cfg.dataset.micro_batch_size, cfg.dataset.max_seq_length, recipe)
+            shape = LayerShape.of(cfg.dataset, cfg.use_sequence_packing, 16 if options.batches.pad_for_fp8 else 1)
+            capture_layer_graphs(model.module, shape, recipe)
         validator = None
         if cfg.validation.enabled:  # held-out windows; a new best is exported if asked for
             validator = Validator(

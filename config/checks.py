@@ -272,8 +272,9 @@ def _check_cuda_graphs(cfg: DictConfig, use_te: bool, entrypoint: str) -> None:
         "the TE model (use_te is false or TE is missing)": not use_te,
         "train_ddp.py: FSDP2 gathers each layer's weights into fresh memory every step, and a graph replays "
         "fixed addresses": entrypoint != "ddp",
-        "BSHD micro-batches of whole windows, use_sequence_packing=false: THD packs change their number of "
-        "sequences from one micro-batch to the next": cfg.use_sequence_packing,
+        "packs of one token count, dataset.split_samples=true, with use_sequence_packing=true": (
+            cfg.use_sequence_packing and not cfg.dataset.split_samples
+        ),
         "use_gradient_checkpointing=false: recomputing a layer inside its captured backward is not graphed":
             cfg.use_gradient_checkpointing,
         "activation_cpu_offload=false (it copies to and from the host between the layers)": cfg.activation_cpu_offload,

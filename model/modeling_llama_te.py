@@ -332,7 +332,7 @@ class NVLlamaModel(NVLlamaPreTrainedModel):
         all_hidden = []  # as HF: the embedding output and each layer's output, the last one after the final norm
         graphs = self.layer_graphs  # CUDA graphs of the layers for one shape, if the trainer captured them
         if graphs is not None and self.training and not output_hidden_states and graphs.fits(hidden, layer_kwargs):
-            hidden = graphs(hidden, rope)
+            hidden = graphs(hidden, layer_kwargs)
         else:
             for i, layer in enumerate(self.layers):
                 if output_hidden_states:

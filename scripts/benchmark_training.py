@@ -146,23 +146,18 @@ def padding_rows():
 
 
 def graph_rows():
-    """use_cuda_graphs (train_ddp.py): BSHD packed rows eager and graphed, with THD beside them.
+    """use_cuda_graphs (train_ddp.py): BSHD packed rows and THD packs, each eager and graphed.
 
-    On the mixed records (their short windows run eagerly) and on full windows (every micro-batch replayed);
-    FP8, where steps are host-bound.
+    On the mixed records (packed rows hold an 8k and a 2k window: a packed row each, eager) and on full windows
+    (every micro-batch replayed); FP8, where steps are host-bound.
     """
     rows = []
     for precision, flags in (("FP8 delayed", fp8("DelayedScaling")), ("FP8 current", fp8("Float8CurrentScaling"))):
         for data, name in ((MIXED_DNA, "mixed"), (LONG_DNA, "full windows")):
-            common = f"{data} {flags}"
-            rows.append(
-                row("graphs", f"TE {precision} THD {name} DDP", precision, "THD", f"{common} {THD}", script="ddp")
-            )
-            rows.append(
-                row("graphs", f"TE {precision} BSHD {name} DDP", precision, "BSHD", f"{common} {BSHD}", script="ddp")
-            )
-            rows.append(row("graphs", f"TE {precision} BSHD {name} DDP graphs", precision, "BSHD",
-                            f"{common} {BSHD} use_cuda_graphs=true", script="ddp"))  # fmt: skip
+            for fmt, layout in (("THD", THD), ("BSHD", BSHD)):
+                for graphs in ("", " use_cuda_graphs=true"):
+                    rows.append(row("graphs", f"TE {precision} {fmt} {name} DDP{' graphs' if graphs else ''}",
+                                    precision, fmt, f"{data} {flags} {layout}{graphs}", script="ddp"))  # fmt: skip
     return rows
 
 

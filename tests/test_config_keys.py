@@ -121,7 +121,7 @@ def test_activation_cpu_offload_sends_each_layers_input_through_save_on_cpu(tmp_
     [
         ("fsdp2", [], r"train_ddp.py: FSDP2 gathers"),
         ("fsdp2_cp", [], "train_ddp.py"),
-        ("ddp", ["use_sequence_packing=true"], "THD packs change their number of sequences"),
+        ("ddp", ["use_sequence_packing=true", "dataset.split_samples=false"], "packs of one token count"),
         ("ddp", ["use_gradient_checkpointing=true"], "use_gradient_checkpointing=false"),
         ("ddp", ["use_torch_compile=true"], "use_torch_compile=false"),
         ("ddp", [], "a CUDA GPU"),  # what is left on this CPU machine
@@ -136,18 +136,32 @@ def test_use_cuda_graphs_is_refused_where_graphs_cannot_replay(tmp_path, entrypo
     validate_config(make_cfg(tmp_path, *overrides), use_te=True, entrypoint=entrypoint)  # fine without graphs
 
 
-def test_layer_graphs_take_full_window_rows_only_and_count_them():
-    from model.cuda_graphs import LayerGraphs
+def test_layer_graphs_take_their_shape_only_and_count_them(tmp_path):
+    from model.cuda_graphs import LayerGraphs, LayerShape
 
     calls = []
-    graphs = LayerGraphs([lambda h, **k: calls.append(k) or h + 1] * 3, shape=(2, 8, 4))
-    rows, causal = torch.zeros(2, 8, 4), {"self_attn_mask_type": "causal"}
-    assert graphs.fits(rows, causal) and torch.equal(graphs(rows, rope=torch.ones(1)), rows + 3)
-    assert len(calls) == 3 and all(k.keys() == {"rotary_pos_emb"} for k in calls)  # the graphs take tensors only
-    assert not graphs.fits(torch.zeros(1, 8, 4), causal)  # another batch size
-    assert not graphs.fits(torch.zeros(16, 4), {"self_attn_mask_type": "padding_causal", "cu_seqlens_q": None})  # THD
-    assert not graphs.fits(rows, {"attention_mask": None, "self_attn_mask_type": "padding_causal"})  # padded rows
-    assert (graphs.replayed, graphs.eager) == (1, 3)
+    fake = [lambda h, rope, *cu: calls.append(cu) or h + 1] * 3  # three "layers"
+    rows = LayerGraphs(fake, LayerShape.rows(2, 8), rope=torch.ones(1))
+    hidden, causal = torch.zeros(2, 8, 4), {"self_attn_mask_type": "causal"}
+    assert rows.fits(hidden, causal) and torch.equal(rows(hidden, causal), hidden + 3) and calls == [()] * 3
+    assert not rows.fits(torch.zeros(1, 8, 4), causal)  # another batch size
+    assert not rows.fits(hidden, {"attention_mask": None, "self_attn_mask_type": "padding_causal"})  # padded rows
+    assert (rows.replayed, rows.eager) == (1, 2)
+
+    shape = LayerShape.of(make_cfg(tmp_path, "dataset.token_micro_batch_size=1000").dataset, packed=True, multiple=16)
+    assert (shape.tokens, shape.window, shape.max_sequences) == (1008, 256, 5)  # the budget padded for FP8
+    packs, calls[:] = LayerGraphs(fake, shape, rope=torch.ones(1)), []
+    cu = torch.tensor([0, 256, 512, 768, 1008], dtype=torch.int32)
+    thd = {"cu_seqlens_q": cu, "cu_seqlens_kv": cu, "max_seqlen_q": 256, "max_seqlen_kv": 256}
+    thd["self_attn_mask_type"] = "padding_causal"
+    assert packs.fits(torch.zeros(1008, 4), thd)
+    packs(torch.zeros(1008, 4), thd)  # the boundaries padded with empty sequences to a fixed length
+    padded = torch.tensor([0, 256, 512, 768, 1008, 1008], dtype=torch.int32)
+    assert len(calls) == 3 and all(torch.equal(c, padded) for cu in calls for c in cu)
+    assert not packs.fits(torch.zeros(992, 4), thd)  # a finite stream's short last pack
+    assert not packs.fits(torch.zeros(1008, 4), {**thd, "cu_seqlens_q": torch.arange(7, dtype=torch.int32)})  # 6 seqs
+    assert not packs.fits(torch.zeros(1008, 4), {**thd, "max_seqlen_q": 2000})  # longer than the window
+    assert not packs.fits(torch.zeros(1008, 4), {**thd, "cu_seqlens_q_padded": cu})  # context parallelism
 
 
 @pytest.mark.parametrize(

@@ -103,36 +103,39 @@ def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, monkeypatc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", [None, "DelayedScaling", "Float8CurrentScaling"])
-def test_cuda_graphs_train_like_eager(tmp_path, recipe):
-    """use_cuda_graphs=true (train_ddp.py): 20 steps with 2 micro-batches per step, losses as without graphs.
+@pytest.mark.parametrize(
+    ("layout", "recipe"),
+    [("rows", None), ("rows", "DelayedScaling"), ("rows", "Float8CurrentScaling"), ("packs", None),
+     ("packs", "DelayedScaling")],
+)  # fmt: skip
+def test_cuda_graphs_train_like_eager(tmp_path, layout, recipe):
+    """use_cuda_graphs=true (train_ddp.py): 20 steps of 2 micro-batches, the losses of the run without graphs.
 
-    The L0 loader's micro-batches are mostly full windows (replayed) with a few packs of short records (eager).
+    Rows: the L0 loader's micro-batches are mostly two full windows (replayed), some hold a record's short
+    last window (a packed row, eager). Packs: every pack holds the 2,048-token budget (replayed).
     """
     from model.modeling_llama_te import NVLlamaModel
 
-    graphs = []
+    seen = []
     original = NVLlamaModel.forward
-    NVLlamaModel.forward = lambda m, *a, **k: graphs.append(m.layer_graphs) or original(m, *a, **k)
+    NVLlamaModel.forward = lambda m, *a, **k: seen.append(m.layer_graphs) or original(m, *a, **k)
     try:
-        fp8 = [f"fp8_config.enabled={recipe is not None}".lower()] + (
-            [f"fp8_config.fp8_recipe={recipe}"] if recipe else []
-        )
-        common = [
-            "num_train_steps=20",
-            "grad_acc_steps=2",
-            "logger.frequency=1",
-            "checkpoint.save_every_n_steps=null",
-            *fp8,
+        fp8 = [
+            f"fp8_config.enabled={recipe is not None}".lower(),
+            *([f"fp8_config.fp8_recipe={recipe}"] if recipe else []),
         ]
+        common = ["num_train_steps=20", "grad_acc_steps=2", "logger.frequency=1", "checkpoint.save_every_n_steps=null",
+                  f"use_sequence_packing={layout == 'packs'}".lower(), *fp8]  # fmt: skip
         train_ddp.main(gpu_cfg(tmp_path / "eager", *common))
+        assert set(seen) == {None}
         train_ddp.main(gpu_cfg(tmp_path / "graphs", *common, "use_cuda_graphs=true"))
     finally:
         NVLlamaModel.forward = original
-    captured = graphs[-1]
-    assert captured is not None and captured.replayed >= 20, (captured.replayed, captured.eager)  # of 40 micro-steps
+    graphs = seen[-1]
+    assert graphs.shape.layout == layout
+    assert graphs.replayed >= (38 if layout == "packs" else 20), (graphs.replayed, graphs.eager)  # of 40
     eager, graphed = losses(tmp_path / "eager"), losses(tmp_path / "graphs")
-    tolerance = 0.02 if recipe else 2e-3  # the same kernels; FP8 amax histories see the warm-up order
+    tolerance = 0.02 if recipe else 2e-3  # the same kernels but THD's max_seqlen; FP8 scales see the warm-up
     for step in (1, 5, 10, 20):
         assert graphed[step] == pytest.approx(eager[step], rel=tolerance), step
     assert graphed[1] != graphed[20]  # it trained
