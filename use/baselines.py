@@ -45,8 +45,7 @@ class MarkovModel:
         """Count (context, next base) pairs of every order in `sequences` (strings)."""
         for sequence in sequences:
             idx = BASE_INDEX[np.frombuffer(sequence.encode("latin-1", "replace"), dtype=np.uint8)]
-            for k in range(self.order + 1):
-                contexts, valid = _context_codes(idx, k)
+            for k, (contexts, valid) in enumerate(_all_context_codes(idx, self.order)):
                 ok = valid & (idx >= 0)
                 pairs = contexts[ok] * 4 + idx[ok]  # bincount, not np.add.at: the same counts, far faster
                 self.counts[k] += np.bincount(pairs, minlength=4 ** (k + 1)).reshape(-1, 4)
@@ -69,6 +68,19 @@ class MarkovModel:
             out[use] = np.log(probs)
             done |= use
         return out
+
+
+def _all_context_codes(idx: np.ndarray, order: int):
+    """`_context_codes(idx, k)` for k = 0..order, each built on the last (one pass over `idx` per order)."""
+    n = len(idx)
+    codes, valid = np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
+    yield codes, valid
+    for j in range(1, order + 1):
+        shifted = np.full(n, -1, dtype=np.int64)
+        shifted[j:] = idx[:-j]
+        codes = codes + np.where(shifted >= 0, shifted, 0) * 4 ** (j - 1)
+        valid = valid & (shifted >= 0)
+        yield codes, valid
 
 
 def _context_codes(idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
