@@ -352,3 +352,46 @@ def test_te_loss_with_lowercase_weights_matches_the_weighted_reference(hf_model,
     logits = torch.cat([hf_model(input_ids=s[None].cuda()).logits[0] for s in seqs])[None]
     reference = causal_lm_loss(logits, batch["labels"], 256, loss_weights=batch["loss_weights"]).item()
     assert te_loss == pytest.approx(reference, rel=0.01)
+
+
+@pytest.mark.parametrize("layout", ["rows", "packs"])
+def test_layer_graphs_give_the_eager_loss_and_gradients(hf_model, layout):
+    """use_cuda_graphs at the model: replayed layers == eager layers, loss and every gradient, twice in a row.
+
+    Packs: 5 ragged sequences filling a 384-token pack, whose boundary tensor the graphs pad with 3 empty
+    sequences (max_sequences = 8); rows: [2, 96] without padding. A second replay with other tokens checks that
+    the graphs read their inputs anew.
+    """
+    from data.collate import ThdCollator
+    from model.cuda_graphs import LayerShape, capture_layer_graphs
+
+    def batches(seed):
+        if layout == "rows":
+            rows = torch.stack([s[:96] for s in sequences(seed) if len(s) >= 96] * 2).cuda()
+            return {"input_ids": rows, "labels": rows}
+        seqs = sequences(seed)
+        seqs.append(torch.randint(4, 256, (384 - sum(len(s) for s in seqs),)))  # fill the budget exactly
+        batch = ThdCollator(pad_token_id=1)([{"input_ids": s.numpy()} for s in seqs])
+        return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def loss_and_grads(model, batch):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+    eager = te_from_hf(hf_model, attn_input_format="thd").train()
+    graphed = te_from_hf(hf_model, attn_input_format="thd").train()
+    shape = LayerShape.rows(2, 96) if layout == "rows" else LayerShape("packs", 384, 128, max_sequences=8)
+    graphs = capture_layer_graphs(graphed, shape)
+    for seed in (3, 4):
+        batch = batches(seed)
+        (loss_e, grads_e), (loss_g, grads_g) = loss_and_grads(eager, batch), loss_and_grads(graphed, batch)
+        assert loss_g.item() == pytest.approx(loss_e.item(), rel=1e-3)
+        for g, e in zip(grads_g, grads_e):
+            assert F.cosine_similarity(g.flatten().float(), e.flatten().float(), dim=0) > 0.999
+    assert (graphs.replayed, graphs.eager) == (2, 0)
+    graphed.eval()  # validation: eager layers, the same numbers as the eager model
+    with torch.no_grad():
+        assert torch.allclose(graphed(**batch).loss, eager.eval()(**batch).loss, rtol=1e-3)
+    assert graphs.replayed == 2
