@@ -45,7 +45,7 @@ class MarkovModel:
         """Count (context, next base) pairs of every order in `sequences` (strings)."""
         for sequence in sequences:
             idx = BASE_INDEX[np.frombuffer(sequence.encode("latin-1", "replace"), dtype=np.uint8)]
-            for k, (contexts, valid) in enumerate(_all_context_codes(idx, self.order)):
+            for k, (contexts, valid) in enumerate(_context_codes(idx, self.order)):
                 ok = valid & (idx >= 0)
                 pairs = contexts[ok] * 4 + idx[ok]  # bincount, not np.add.at: the same counts, far faster
                 self.counts[k] += np.bincount(pairs, minlength=4 ** (k + 1)).reshape(-1, 4)
@@ -60,8 +60,9 @@ class MarkovModel:
         out = np.full(len(ids) - 1, np.log(1 / 256))
         targets = idx[1:]
         done = np.zeros(len(targets), dtype=bool)
+        codes = list(_context_codes(idx, self.order))
         for k in range(self.order, -1, -1):  # the longest clean context first
-            contexts, valid = _context_codes(idx, k)
+            contexts, valid = codes[k]
             use = valid[1:] & (targets >= 0) & ~done
             table = self.counts[k][contexts[1:][use]]
             probs = (table[np.arange(use.sum()), targets[use]] + self.alpha) / (table.sum(1) + 4 * self.alpha)
@@ -70,8 +71,11 @@ class MarkovModel:
         return out
 
 
-def _all_context_codes(idx: np.ndarray, order: int):
-    """`_context_codes(idx, k)` for k = 0..order, each built on the last (one pass over `idx` per order)."""
+def _context_codes(idx: np.ndarray, order: int):
+    """For k = 0..order: each position t's code of bases t-k..t-1 (base 4) and whether all k are A/C/G/T.
+
+    Each order is built on the one before (one pass over `idx` per order).
+    """
     n = len(idx)
     codes, valid = np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
     yield codes, valid
@@ -81,16 +85,3 @@ def _all_context_codes(idx: np.ndarray, order: int):
         codes = codes + np.where(shifted >= 0, shifted, 0) * 4 ** (j - 1)
         valid = valid & (shifted >= 0)
         yield codes, valid
-
-
-def _context_codes(idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each position t, the code of bases t-k..t-1 (base 4) and whether all k are A/C/G/T."""
-    n = len(idx)
-    codes = np.zeros(n, dtype=np.int64)
-    valid = np.ones(n, dtype=bool)
-    for j in range(1, k + 1):
-        shifted = np.full(n, -1, dtype=np.int64)
-        shifted[j:] = idx[:-j]
-        codes += np.where(shifted >= 0, shifted, 0) * 4 ** (j - 1)
-        valid &= shifted >= 0
-    return codes, valid
