@@ -91,9 +91,8 @@ def main(cfg: DictConfig) -> float:
         )
         step = checkpointer.resume(device)  # the newest complete checkpoint (a damaged one falls back), else 0
         if cfg.use_cuda_graphs:  # after the resume: graphs replay the addresses of the FP8 state it loads
-            recipe = recipe_from_config(cfg.fp8_config) if cfg.fp8_config.enabled else None
-            shape = LayerShape.of(cfg.dataset, cfg.use_sequence_packing, 16 if options.batches.pad_for_fp8 else 1)
-            capture_layer_graphs(model.module, shape, recipe)
+            shape = LayerShape.of(cfg.dataset, cfg.use_sequence_packing, options.batches.token_multiple)
+            capture_layer_graphs(model.module, shape, recipe_from_config(cfg.fp8_config))
         validator = None
         if cfg.validation.enabled:  # held-out windows; a new best is exported if asked for
             validator = Validator(

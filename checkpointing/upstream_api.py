@@ -132,18 +132,8 @@ def save_checkpoint_fsdp2(
     async_save=False,
 ):
     """Write `<ckpt_path>/step_<step>` with DCP; `async_save`: in the background (returns DCP's future)."""
-    return _save(
-        save_fsdp2,
-        model,
-        optimizer,
-        scheduler,
-        ckpt_path,
-        step,
-        epoch,
-        dataloader,
-        max_checkpoints,
-        async_save=async_save,
-    )
+    args = (model, optimizer, scheduler, ckpt_path, step, epoch, dataloader, max_checkpoints)
+    return _save(save_fsdp2, *args, async_save=async_save)
 
 
 def save_final_model_ddp(model, save_directory, dist_config):

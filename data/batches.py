@@ -32,6 +32,11 @@ class BatchOptions:
     pad_for_fp8: bool = False  # FP8 GEMMs need token counts that are multiples of 16
     holdout_fraction: float = 0.0  # records kept out of training for validation (`validation.fraction`)
 
+    @property
+    def token_multiple(self) -> int:
+        """What a micro-batch's token count is padded to a multiple of (FP8: 16)."""
+        return 16 if self.pad_for_fp8 else 1
+
 
 def create_dataloader(
     dist_config: DistributedConfig, dataset, batches: BatchOptions, cp_size: int = 1, cp_rank: int | None = None
@@ -44,7 +49,7 @@ def create_dataloader(
     kwargs = OmegaConf.to_container(dataset, resolve=True) if OmegaConf.is_config(dataset) else dict(dataset)
     kwargs.update(cp_rank=cp_rank, cp_size=cp_size, holdout_fraction=batches.holdout_fraction)
     if batches.pad_for_fp8:
-        kwargs["pad_to_multiple_of"] = 16
+        kwargs["pad_to_multiple_of"] = batches.token_multiple
     if not batches.use_sequence_packing and kwargs.get("pad_sequences_to_be_divisible_by"):
         # BSHD: each micro-batch's length is padded to a multiple instead (upstream's collator does so too)
         multiple = kwargs.pop("pad_sequences_to_be_divisible_by")

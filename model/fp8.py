@@ -19,7 +19,9 @@ _REQUIREMENTS = {
 
 
 def recipe_from_config(fp8_config):
-    """The recipe of the `fp8_config` group (`fp8_recipe`, `fp8_format`, `fp8_recipe_kwargs`)."""
+    """The recipe of the `fp8_config` group (`fp8_recipe`, `fp8_format`, `fp8_recipe_kwargs`); None with FP8 off."""
+    if not fp8_config or not fp8_config["enabled"]:
+        return None
     return build_fp8_recipe(fp8_config["fp8_recipe"], fp8_config["fp8_format"], dict(fp8_config["fp8_recipe_kwargs"]))
 
 
@@ -29,7 +31,7 @@ def fp8_autocast_factory(fp8_config, use_te: bool):
         return nullcontext
     import transformer_engine.pytorch as te
 
-    recipe = recipe_from_config(fp8_config) if fp8_config["enabled"] else None
+    recipe = recipe_from_config(fp8_config)
     return lambda: te.autocast(enabled=recipe is not None, recipe=recipe)
 
 

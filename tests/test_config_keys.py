@@ -136,6 +136,26 @@ def test_use_cuda_graphs_is_refused_where_graphs_cannot_replay(tmp_path, entrypo
     validate_config(make_cfg(tmp_path, *overrides), use_te=True, entrypoint=entrypoint)  # fine without graphs
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_use_cuda_graphs_has_train_ddp_capture_the_layers_for_its_micro_batches(tmp_path, monkeypatch, packed):
+    """The key's wiring on the CPU (the capture itself needs TE on a GPU: tests/test_*_gpu.py)."""
+    import config.checks
+    from model.cuda_graphs import LayerShape
+
+    monkeypatch.setattr(config.checks, "_check_cuda_graphs", lambda *a: None)  # the HF model, a CPU
+    captured = []
+    monkeypatch.setattr(train_ddp, "capture_layer_graphs", lambda model, shape, recipe: captured.append(shape))
+    common = [
+        "num_train_steps=1",
+        f"use_sequence_packing={packed}".lower(),
+        f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}",
+    ]
+    train_ddp.main(make_cfg(tmp_path / "off", *common))
+    assert captured == []
+    train_ddp.main(make_cfg(tmp_path / "on", *common, "use_cuda_graphs=true"))
+    assert captured == [LayerShape.packs(2 * 256, 256) if packed else LayerShape.rows(2, 256)]  # L0: 2 x 256
+
+
 def test_layer_graphs_take_their_shape_only_and_count_them(tmp_path):
     from model.cuda_graphs import LayerGraphs, LayerShape
 

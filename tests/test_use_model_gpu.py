@@ -48,10 +48,16 @@ def test_fp8_block_scaled_scoring_is_close_to_bf16_and_independent_of_the_pack(t
     assert any(not np.array_equal(a, b) for a, b in zip(reference, alone))  # FP8 GEMMs ran: not BF16's numbers
 
 
-def test_te_shared_prefix_variant_scores_equal_full_windows(trained, tmp_path):  # noqa: F811
+def test_te_shared_prefix_variant_scores_equal_full_windows(trained, tmp_path, monkeypatch):  # noqa: F811
     from test_use_model import variant_cases, write_reference_and_vcf
 
     import score
+    import use.variants
+
+    cached = []  # the scores are alike either way: check that the shared path ran, on the TE model
+    original = use.variants.shared_prefix_log_likelihoods
+    monkeypatch.setattr(use.variants, "shared_prefix_log_likelihoods",
+                        lambda model, *a: cached.append(model.config.model_type) or original(model, *a))  # fmt: skip
 
     model_dir = str(trained / "fsdp2" / "ckpt" / "final_model")
     chrom = GENOME[0]  # one cached batch of 7 rows of 4 lengths: SNVs, one near the start, an insertion, a deletion
@@ -67,3 +73,4 @@ def test_te_shared_prefix_variant_scores_equal_full_windows(trained, tmp_path): 
             [[float(x) for x in line.split("\t")[6:8]] for line in out.read_text().splitlines()[1:]]
         )
     np.testing.assert_allclose(rows[True], rows[False], rtol=1e-2)  # LL(ref), LL(alt): bf16 kernels, other shapes
+    assert cached == ["nvllama"]  # one cached batch, on the TE model

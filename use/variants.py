@@ -24,7 +24,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.dna import reverse_complement
@@ -288,7 +287,7 @@ def _shared_prefix_lls(model, tokenizer, pairs: list[tuple[str, str]], batch_win
             shared = min(len(os.path.commonprefix([ref, alt])), len(ref) - 1, len(alt) - 1)  # each keeps >= 1 base
             prefixes.append(encode(tokenizer, ref[:shared]))
             for k, window in enumerate((ref, alt)):
-                tails[k].append(np.asarray(tokenizer(window[shared:], add_special_tokens=False)["input_ids"]))
+                tails[k].append(encode(tokenizer, window[shared:])[1:])  # no <BOS>: the prefix goes on
         lls = shared_prefix_log_likelihoods(model, prefixes, list(tails), rows)
         for (ref, alt), ll_ref, ll_alt in zip(part, lls[0], lls[1]):
             ll_of[ref], ll_of[alt] = float(ll_ref), float(ll_alt)
