@@ -15,6 +15,7 @@ Writes `evaluation.{md,json}` and `evaluation_*.png` to `--out`.
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -244,6 +245,18 @@ def scoring_throughput(args, model: Path, data: Path) -> dict:
     return throughput
 
 
+def parameter_count(model: Path) -> int:
+    """Parameters of an exported model, from its safetensors header (no weights read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 (safe_open has keys(), no iteration)
+                total += math.prod(weights.get_slice(key).get_shape())
+    return total
+
+
 def validation_curve(run_dir: Path, key: str) -> list:
     """(step, value) of a validation metric from the run's metrics.jsonl."""
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -282,14 +295,17 @@ def main():
         partial.write_text(json.dumps(progress, indent=1))
         effects = variant_effects(args, model, held_files[0], train, name, baselines=full)
         arm = {
-            "overrides": " ".join([args.overrides, overrides]).strip(),
+            "overrides": overrides.strip(),  # this arm's own; --overrides (every arm's) under setup
+            "parameters": parameter_count(model),
             "held_out_bits_per_base": table["held-out species (H. pylori)", "trained model"],
             "val_rc_gap": (validation_curve(run_dir, "val_rc_gap") or [(None, None)])[-1][1],
             "codon": codon,
             "variant_effects": effects,
             "train_seconds": seconds,
             "command": " ".join(sys.argv),
-            "setup": {k: getattr(args, k) for k in ("config_name", "steps", "window", "context", "eval_bases")},
+            "setup": {
+                k: getattr(args, k) for k in ("config_name", "overrides", "steps", "window", "context", "eval_bases")
+            },
         }
         (args.out / "evaluation_arms" / f"{name}.json").write_text(json.dumps(arm, indent=1))
         partial.unlink()
@@ -306,6 +322,7 @@ def main():
                 "train_seconds": seconds,
                 "command": " ".join(sys.argv),
                 "arm": name,
+                "parameters": arm["parameters"],
                 **arm["setup"],
             }
             (args.out / "evaluation.json").write_text(json.dumps(saved, indent=1))
@@ -320,8 +337,9 @@ def report(out: Path) -> None:
     sets = sorted({s for s, _ in table})
     models = list(dict.fromkeys(m for _, m in table))
     lines = [
-        f"`{saved['command']}`: {saved['steps']} steps of {saved['config_name']} in {saved['train_seconds'] / 60:.1f} "
-        "min.",
+        f"`{saved['command']}`: {saved['steps']} steps of {saved['config_name']}"
+        + (f" ({saved['parameters'] / 1e6:.1f}M parameters)" if "parameters" in saved else "")
+        + f" in {saved['train_seconds'] / 60:.1f} min.",
         "",
         f"evaluate.py --window {saved['window']} --context {saved['context']}: every base after a genome's first "
         f"window predicted from at least {saved['context']} bases.",
@@ -375,11 +393,13 @@ def report(out: Path) -> None:
         ]
     arms = {p.stem: json.loads(p.read_text()) for p in sorted((out / "evaluation_arms").glob("*.json"))}
     if len(arms) > 1:
+        common = {a["setup"].get("overrides", "") for a in arms.values()}
         lines += [
             "",
             "Training variants at the same budget (each arm its own run; the command that trained it below the "
             "table). Held-out H. pylori bits per base with --context as above; val_rc_gap: the last validation's mean "
-            "|bits per base of a window - of its reverse complement|; codon ratio and AUROC as above.",
+            "|bits per base of a window - of its reverse complement|; codon ratio and AUROC as above."
+            + (f" Every arm also: `{common.pop()}`." if len(common) == 1 and "" not in common else ""),
             "",
             "| arm | overrides | held-out bits per base | val_rc_gap | codon pos 1,2 / 3 | synonymous vs stop-gained "
             "AUROC | training |",
@@ -402,7 +422,10 @@ def report(out: Path) -> None:
                 f"{aurocs(vep, PAIRS[:1]) if vep else '-'} | {a['setup']['steps']} steps, "
                 f"{a['train_seconds'] / 60:.1f} min |"
             )
-        lines += ["", *(f"- {name}: `{a['command']}`" for name, a in arms.items())]
+        by_command = {}  # arms trained side by side by one command share its line
+        for name, a in arms.items():
+            by_command.setdefault(a["command"], []).append(name)
+        lines += ["", *(f"- {', '.join(names)}: `{command}`" for command, names in by_command.items())]
     (out / "evaluation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, table, saved["validation_curve"])

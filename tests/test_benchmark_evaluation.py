@@ -8,7 +8,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import benchmark_evaluation  # noqa: E402
 
-SETUP = {"config_name": "L1_genomic_1b", "steps": 500, "window": 8192, "context": 4096, "eval_bases": 300000}
+BODY = "config_kwargs.num_hidden_layers=8"
+SETUP = {
+    "config_name": "L1_genomic_1b",
+    "overrides": BODY,
+    "steps": 500,
+    "window": 8192,
+    "context": 4096,
+    "eval_bases": 300000,
+}
 CODON = {
     "genome": "ELS37",
     "orfs": 200,
@@ -45,6 +53,7 @@ def test_report_has_the_baseline_table_and_one_row_per_arm(tmp_path):
         "throughput": {"TE packed (THD)": {"bases_per_s": 1.5e5, "windows_per_s": 18.3, "bits_per_base": 1.92}},
         "command": "benchmark_evaluation.py --arm default=",
         "arm": "default",
+        "parameters": 25_300_000,
         **SETUP,
     }
     (tmp_path / "evaluation.json").write_text(json.dumps(saved))
@@ -57,13 +66,15 @@ def test_report_has_the_baseline_table_and_one_row_per_arm(tmp_path):
             "codon": CODON,
             "train_seconds": 180,
             "variant_effects": vep(f"/w/{name}/ckpt/final_model", auroc),
-            "command": f"run {name}",
+            "parameters": 25_300_000,
+            "command": "run default and rc side by side",
             "setup": SETUP,
         }
         (tmp_path / "evaluation_arms" / f"{name}.json").write_text(json.dumps(arm))
 
     benchmark_evaluation.report(tmp_path)
     md = (tmp_path / "evaluation.md").read_text()
+    assert "500 steps of L1_genomic_1b (25.3M parameters) in 3.0 min." in md
     assert "model minus best baseline (Markov order 5) = -0.0500 bits per base" in md
     assert "1.9200 bits per base vs 1.9000 with --context 4096" in md  # the no-context figure next to the context one
     assert "| trained model | 0.710 [0.690, 0.730] |" in md and "| markov:5 | 0.710" in md
@@ -73,4 +84,5 @@ def test_report_has_the_baseline_table_and_one_row_per_arm(tmp_path):
         "| rc | `dataset.reverse_complement_prob=0.5` | 1.8900 | 0.0100 | 1.044 [1.022, 1.065] | 0.740 [0.720, 0.760] "
         "| 500 steps, 3.0 min |",
     ]
-    assert "- rc: `run rc`" in md
+    assert f"Every arm also: `{BODY}`." in md  # said once, not in every row
+    assert "- default, rc: `run default and rc side by side`" in md  # one line per command

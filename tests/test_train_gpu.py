@@ -104,15 +104,16 @@ def test_bshd_batches_as_packed_rows_train_like_padded_bshd(tmp_path, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("layout", "recipe"),
-    [("rows", None), ("rows", "DelayedScaling"), ("rows", "Float8CurrentScaling"), ("packs", None),
-     ("packs", "DelayedScaling")],
+    ("layout", "recipe", "extra"),
+    [("rows", None, []), ("rows", "DelayedScaling", []), ("rows", "Float8CurrentScaling", []), ("packs", None, []),
+     ("packs", "DelayedScaling", []), ("packs", "Float8CurrentScaling", ["+config_kwargs.fp8_first_last_bf16=true"])],
 )  # fmt: skip
-def test_cuda_graphs_train_like_eager(tmp_path, layout, recipe):
+def test_cuda_graphs_train_like_eager(tmp_path, layout, recipe, extra):
     """use_cuda_graphs=true (train_ddp.py): 20 steps of 2 micro-batches, the losses of the run without graphs.
 
     Rows: the L0 loader's micro-batches are mostly two full windows (replayed), some hold a record's short
-    last window (a packed row, eager). Packs: every pack holds the 2,048-token budget (replayed).
+    last window (a packed row, eager). Packs: every pack holds the 2,048-token budget (replayed). The last case
+    keeps the first and last layer in BF16 (layer_precision): those two are captured without FP8.
     """
     from model.modeling_llama_te import NVLlamaModel
 
@@ -125,7 +126,7 @@ def test_cuda_graphs_train_like_eager(tmp_path, layout, recipe):
             *([f"fp8_config.fp8_recipe={recipe}"] if recipe else []),
         ]
         common = ["num_train_steps=20", "grad_acc_steps=2", "logger.frequency=1", "checkpoint.save_every_n_steps=null",
-                  f"use_sequence_packing={layout == 'packs'}".lower(), *fp8]  # fmt: skip
+                  f"use_sequence_packing={layout == 'packs'}".lower(), *fp8, *extra]  # fmt: skip
         train_ddp.main(gpu_cfg(tmp_path / "eager", *common))
         assert set(seen) == {None}
         train_ddp.main(gpu_cfg(tmp_path / "graphs", *common, "use_cuda_graphs=true"))
