@@ -8,6 +8,7 @@ import gzip
 import pysam
 import pytest
 
+from use import variants
 from use.variants import SKIP_REASONS, Reference, is_plain_gzip, read_calls, variant_windows, write_calls
 
 CHR1 = "ACGTTGCAAC" * 30 + "acgtacgtac" * 5 + "GGCCTTAAGC" * 15  # 500 bases, a soft-masked stretch
@@ -123,6 +124,33 @@ def test_output_has_every_record_in_order_with_scores_and_statuses(files, tmp_pa
     assert by_id["sv"].info["SVTYPE"] == "DEL" and by_id["sv"].info["LLR_STATUS"] == ("symbolic_alt",)
     assert "LLR" not in by_id["noalt"].info
     assert by_id["unknown"].info["LLR_STATUS"] == ("unknown_chrom",)
+
+
+def test_symbolic_alt_without_end_passes_through_to_vcf(files, tmp_path):
+    # htslib writes END on a symbolic ALT's record: the writer failed ("INFO tag id=2 is too large") when no
+    # record of the input had END, until the output header declared it.
+    reference, _ = files
+    vcf, out = tmp_path / "sv.vcf", tmp_path / "scored.vcf"
+    vcf.write_text(
+        "##fileformat=VCFv4.2\n##contig=<ID=chr1,length=500>\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+        f"chr1\t100\tsnv\t{CHR1[99]}\tT\t.\t.\t.\nchr1\t250\tdel\t{CHR1[249]}\t<DEL>\t.\tPASS\tSVLEN=-5\n"
+    )
+    with Reference(str(reference)) as ref:
+        counts = write_calls(stand_in_scores(read_calls(ref, str(vcf), 201)), str(vcf), out)
+    assert (counts["scored"], counts["symbolic_alt"]) == (1, 1)
+    with pysam.VariantFile(str(out)) as scored:
+        snv, sv = list(scored)
+    assert snv.info["LLR_STATUS"] == ("scored",) and sv.info["LLR_STATUS"] == ("symbolic_alt",)
+    assert sv.info["SVLEN"] == "-5" and sv.stop == 250  # END = POS: the spec's reading of a record without END
+
+
+def test_a_record_htslib_cannot_write_names_itself_and_the_tsv_fix(files, tmp_path, monkeypatch):
+    reference, vcf = files
+    vcf.write_text("\n".join(vcf.read_text().splitlines()[:5] + ["chr1\t250\tdel\tA\t<DEL>\t.\t.\tSVLEN=-5"]))
+    monkeypatch.setattr(variants, "_END", '##INFO=<ID=X,Number=1,Type=Integer,Description="x">')  # END undeclared
+    with Reference(str(reference)) as ref, pytest.raises(ValueError, match=r"chr1:250 of .* could not be written"):
+        write_calls(read_calls(ref, str(vcf), 201), str(vcf), tmp_path / "scored.vcf")
+    assert (tmp_path / "scored.vcf.partial").exists() and not (tmp_path / "scored.vcf").exists()
 
 
 def test_a_crash_leaves_the_finished_part_and_no_output(files, tmp_path):

@@ -14,6 +14,8 @@ and indels rank together). A call that cannot be scored keeps its record in the 
 `symbolic_alt` (`<DEL>`, `*`, breakends), `no_alt` (ALT `.`). A scored call whose chromosome is shorter
 than the window is `scored` with the note `window_truncated`. The output goes to `<out>.partial` as records
 are finished and is renamed to `<out>` at the end: a crash leaves the finished part, never a truncated `<out>`.
+A VCF output keeps every record as htslib reads it (a symbolic ALT's record without END gets END = its
+last REF base, the spec's reading of it).
 """
 
 import csv
@@ -32,6 +34,7 @@ from use.shared_prefix import shared_prefix_log_likelihoods
 
 logger = logging.getLogger(__name__)
 SKIP_REASONS = ("ref_mismatch", "unknown_chrom", "out_of_bounds", "symbolic_alt", "no_alt")
+_END = '##INFO=<ID=END,Number=1,Type=Integer,Description="End position of the variant">'
 
 
 def is_plain_gzip(path: str) -> bool:
@@ -339,10 +342,10 @@ def _write_vcf(calls: Iterable[Call], vcf_path: str, path: Path) -> None:
         # Declared before reading, records and output share one complete header (no translation, valid BCF).
         present = set(str(vcf.header).splitlines())
         for line in declared:
-            if line.startswith("##INFO=<ID=END,"):  # htslib's stand-in is a String; END is the spec's Integer
-                line = '##INFO=<ID=END,Number=1,Type=Integer,Description="End position of the variant">'
-            if line.startswith("##") and line not in present:
+            if line.startswith("##") and not line.startswith("##INFO=<ID=END,") and line not in present:
                 vcf.header.add_line(line)
+        if "END" not in vcf.header.info:  # htslib writes END on a symbolic ALT's record and fails without it
+            vcf.header.add_line(_END)  # (the spec's Integer; htslib's stand-in for an undeclared END is a String)
         vcf.header.info.add("LLR", "A", "Float", "log-likelihood ratio LL(alt window) - LL(ref window) (score.py)")
         vcf.header.info.add("LLR_STATUS", "A", "String", "scored, or why not: " + ", ".join(SKIP_REASONS))
         mode = "wb" if path.name.endswith(".bcf.partial") else "wz" if path.name.endswith(".gz.partial") else "w"
@@ -355,4 +358,11 @@ def _write_vcf(calls: Iterable[Call], vcf_path: str, path: Path) -> None:
                 if record.alts:  # (a record without ALT gets its status only in the count)
                     record.info["LLR"] = tuple(c.score for c in mine)
                     record.info["LLR_STATUS"] = tuple(c.status for c in mine)
-                writer.write(record)
+                try:
+                    writer.write(record)
+                except OSError as e:  # htslib's reason went to stderr just before
+                    raise ValueError(
+                        f"{record.chrom}:{record.pos} of {vcf_path} could not be written to {path} ({e.strerror}; "
+                        f"htslib's message above); the records before it are there. A .tsv output (--out "
+                        f"{path.name.removesuffix('.partial').split('.')[0]}.tsv) takes every record."
+                    ) from e
