@@ -15,6 +15,7 @@ future). The `COMPLETE` marker, written last with `run_info.yaml` once every ran
 import logging
 import os
 import random
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -235,5 +236,7 @@ def read_model_weights(path: Path, template: dict[str, torch.Tensor]) -> dict[st
     if (path / MODEL_OPTIMIZER_FILE).exists():  # DDP: one file
         return torch.load(path / MODEL_OPTIMIZER_FILE, map_location="cpu", weights_only=False)["model"]
     state = {"model": template}
-    dcp.load(state, checkpoint_id=str(path / DCP_FOLDER))
+    with warnings.catch_warnings():  # DCP's "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(path / DCP_FOLDER))
     return state["model"]

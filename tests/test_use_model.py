@@ -4,6 +4,7 @@ Loading from each place training leaves a model, evaluate.py, score.py (sequence
 """
 
 import math
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -359,3 +360,17 @@ def test_a_checkpoint_folder_as_model_names_what_it_holds(tmp_path):
     (tmp_path / "final_model" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"it holds final_model: pass one of those \(e.g. .*final_model\)"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("run", ["fsdp2", "ddp"])  # DCP shards, one torch file
+def test_a_damaged_checkpoint_as_model_is_one_error_naming_the_others(trained, tmp_path, run):
+    damaged = tmp_path / "ckpt" / "step_4"
+    shutil.copytree(trained / run / "ckpt" / "step_4", damaged)
+    shutil.copytree(trained / run / "ckpt" / "final_model", tmp_path / "ckpt" / "final_model")
+    for f in damaged.rglob("*"):
+        if f.suffix in (".distcp", ".pt") and f.name != "rank_0.pt":  # the weights' files, cut short
+            f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(
+        ValueError, match=r"step_4 could not be read \(.*\): the checkpoint is damaged. .*\(final_model\)"
+    ):
+        load_model(damaged)

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
+from checkpointing.folders import last_line
 from checkpointing.format import MARKER, is_complete, read_model_weights
 from checkpointing.run_record import read_run_info
 from data.sources import load_tokenizer
@@ -116,7 +118,16 @@ def _from_checkpoint(path: Path):
     template = LlamaForCausalLM(hf_config).state_dict()  # the tensors' names and shapes, for DCP's shards
     if hf_config.tie_word_embeddings:
         template.pop("lm_head.weight")
-    weights = read_model_weights(path, hf_to_te_state_dict(template, hf_config) if te_weights else template)
+    try:
+        weights = read_model_weights(path, hf_to_te_state_dict(template, hf_config) if te_weights else template)
+    except (Exception, CheckpointException) as e:  # a damaged or truncated file (DCP's error is a BaseException)
+        others = sorted(
+            p.name for p in path.parent.glob("*") if p != path and (is_complete(p) or (p / "config.json").exists())
+        )
+        raise ValueError(
+            f"The weights of {path} could not be read ({last_line(e)}): the checkpoint is damaged. "
+            f"Point --model at another checkpoint{' (' + ', '.join(others) + ')' if others else ''} or an export."
+        ) from e
     if not te_weights:
         weights = hf_to_te_state_dict(weights, hf_config)
     return hf_config, weights, load_tokenizer(cfg["dataset"]["tokenizer_name_or_path"])
