@@ -267,12 +267,10 @@ def user_message(error: Exception) -> str:
     ...", the original message on the last line.)
     """
     text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
-    if "codec can't decode" in text:  # the reader's log line above names the file; its error does not
-        text += ": a data file is not UTF-8 text (the line above names it); re-encode it (iconv -t utf-8)"
-    return text
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
 
 
 def out_of_memory_message(cfg, error: Exception) -> str:

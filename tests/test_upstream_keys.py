@@ -14,7 +14,7 @@ from conftest import ENV, FAST, PARQUET, RECIPE_DIR, build_model, build_model_co
 
 from checkpointing.run_record import read_run_info
 from config.checks import validate_config
-from config.command_line import normalize_command_line, user_message
+from config.command_line import normalize_command_line
 from runtime.distributed import DistributedConfig
 
 
@@ -198,22 +198,6 @@ def test_user_errors_are_one_line_before_the_model_is_built(tmp_path, args, mess
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "Model:" not in result.stderr + result.stdout  # nothing heavy was built first
-
-
-def test_a_data_file_that_is_not_utf8_ends_in_a_line_that_says_the_fix():
-    try:
-        b"AC\xffGT".decode()
-    except UnicodeDecodeError as e:
-        error = e
-    assert user_message(error).startswith("'utf-8' codec can't decode byte 0xff in position 2")
-    assert user_message(error).endswith(
-        "a data file is not UTF-8 text (the line above names it); re-encode it (iconv -t utf-8)"
-    )
-    worker = RuntimeError(  # a loader worker's error as PyTorch re-raises it
-        "Caught UnicodeDecodeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        f'  File "x.py", line 1\nUnicodeDecodeError: {error}'
-    )
-    assert "Traceback" not in user_message(worker) and "re-encode it" in user_message(worker)
 
 
 def test_the_run_and_the_tests_install_the_same_library_versions():
