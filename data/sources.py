@@ -91,18 +91,27 @@ def _is_utf8(data: bytes) -> bool:
 
 
 def describe_decode_error(load_dataset_kwargs: dict, text_column: str, error: UnicodeDecodeError) -> str:
-    """One line naming the file and row whose text is not UTF-8, and the fix (called only after a failure)."""
-    files = normalize_load_kwargs(load_dataset_kwargs).get("data_files") or []
+    """One line naming the file and row (parquet) or line (CSV, JSON) whose text is not UTF-8, and the fix.
+
+    Called only after a failure: it reads the files again to find the first bad value.
+    """
+    kwargs = normalize_load_kwargs(load_dataset_kwargs)
+    files = kwargs.get("data_files") or []
     for f in [files] if isinstance(files, str) else files:
-        try:
-            values = pq.read_table(f, columns=[text_column]).column(0).cast(pa.binary()).to_pylist()
-        except (OSError, pa.ArrowException):
-            continue
-        rows = [i for i, v in enumerate(values) if v is not None and not _is_utf8(v)]
-        if rows:
+        if kwargs["path"] == "parquet":
+            try:
+                values = pq.read_table(f, columns=[text_column]).column(0).cast(pa.binary()).to_pylist()
+            except (OSError, pa.ArrowException):
+                continue
+            where, unit = f"column {text_column!r}", "row"
+        else:  # CSV/TSV/JSON lines: the reader decodes whole lines
+            values, where, unit = Path(f).read_bytes().splitlines(), "the text", "line"
+        bad = [i for i, v in enumerate(values) if v is not None and not _is_utf8(v)]
+        if bad:
+            at = bad[0] if unit == "row" else bad[0] + 1  # rows count from 0 as in pandas, lines from 1 as editors do
             return (
-                f"{f}, row {rows[0]} ({len(rows)} row(s) in all): column {text_column!r} is not valid UTF-8 "
-                f"({error.reason}); re-encode the file as UTF-8 or drop those records."
+                f"{f}, {unit} {at} ({len(bad)} {unit}(s) in all): {where} is not valid UTF-8 "
+                f"({error.reason}); re-encode the file as UTF-8 (iconv -t utf-8) or drop those records."
             )
     return (
         f"A record of dataset.load_dataset_kwargs={load_dataset_kwargs} is not valid UTF-8 ({error}); re-encode "
@@ -185,6 +194,19 @@ def load_raw_dataset(load_dataset_kwargs: dict, text_column: str) -> datasets.Da
     if fasta:
         describe_files(str(load_dataset_kwargs["path"]), fasta)
         return load_fasta_dataset(fasta, text_column, streaming=load_dataset_kwargs.get("streaming", False))
+    try:
+        return _load_with_datasets(load_dataset_kwargs, text_column)
+    except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:  # CSV/JSON: decoded as read
+        cause = e if isinstance(e, UnicodeDecodeError) else e.__cause__  # (datasets wraps it when not streaming)
+        if isinstance(cause, UnicodeDecodeError):
+            raise ValueError(describe_decode_error(load_dataset_kwargs, text_column, cause)) from None
+        raise ValueError(
+            f"dataset.load_dataset_kwargs={load_dataset_kwargs} could not be read ({cause or e}); check the files' "
+            "format."
+        ) from e
+
+
+def _load_with_datasets(load_dataset_kwargs: dict, text_column: str):
     kwargs = normalize_load_kwargs(load_dataset_kwargs)
     checked = kwargs["path"] == "parquet" and isinstance(kwargs.get("data_files"), list)
     if checked:

@@ -29,6 +29,7 @@ import train_ddp
 from checkpointing.folders import complete_checkpoints
 from checkpointing.format import MARKER
 from config.checks import check_config, validate_config, validate_cp_config
+from data.sources import load_raw_dataset
 from training.optimizer import NonFiniteGuard
 
 SCRIPTS = {
@@ -284,6 +285,18 @@ def test_text_that_is_not_utf8_is_named_with_file_and_row(tmp_path, num_workers)
     assert f"{bad}, row 1 (1 row(s) in all): column 'sequence' is not valid UTF-8" in result.stderr
     assert "killed by signal" not in result.stderr  # loader workers end quietly after the error
     assert result.returncode == 2 and "Traceback" not in result.stderr  # one line, not the worker's traceback
+
+
+@pytest.mark.parametrize("streaming", [True, False])  # a stream decodes at its first record; datasets wraps it else
+def test_csv_text_that_is_not_utf8_is_named_with_file_and_line(tmp_path, streaming):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes(b"sequence\nACGTACGT\nACG\xff\xfeTACGT\n")
+    with pytest.raises(ValueError, match=rf"{bad}, line 3 \(1 line\(s\) in all\): the text is not valid UTF-8"):
+        load_raw_dataset({"path": str(bad), "streaming": streaming}, "sequence")
+    malformed = tmp_path / "malformed.csv"
+    malformed.write_text('sequence,b\n"ACGT,1\n')
+    with pytest.raises(ValueError, match=r"malformed.csv.* could not be read \(.*\); check the files' format"):
+        load_raw_dataset({"path": str(malformed), "streaming": False}, "sequence")
 
 
 @pytest.mark.slow
