@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from config.command_line import ToolHelp, run_tool
-from data.dna import BASES
+from data.dna import BASES, IUPAC_CODES
 from data.sources import read_records
 from model.shape import head_dim_of
 from use.inference import encode, load_model
@@ -93,6 +93,12 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, samp
 def main(argv=None) -> list[tuple[str, str]]:
     """Generate for every prompt, write FASTA (or print it); returns [(name, continuation)]."""
     args = parse_args(argv)
+    odd = sorted(set(args.prompt or "") - set(IUPAC_CODES + IUPAC_CODES.lower()))
+    if odd:  # e.g. a file name given to --prompt
+        raise ValueError(
+            f"--prompt {args.prompt[:40]!r} holds characters that are not bases ({''.join(odd)[:20]}); pass "
+            "bases (IUPAC codes, either case), or a FASTA/parquet file of prompts with --prompts."
+        )
     model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
     if args.prompt is not None:
         prompts = [("prompt", args.prompt)]

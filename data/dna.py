@@ -14,8 +14,8 @@ BASE_IDS = np.frombuffer(BASES.encode(), dtype=np.uint8)  # uppercase only
 BASE_IDS_ANY_CASE = np.frombuffer((BASES + BASES.lower()).encode(), dtype=np.uint8)
 # IUPAC codes and their complements (R = A/G pairs with Y = C/T, B = not A with V = not T, ...); S, W, N are
 # their own. Lowercase (soft-masked) letters complement to lowercase; every other character stays as it is.
-_CODES, _COMPLEMENTS = "ACGTRYKMBVDHSWN", "TGCAYRMKVBHDSWN"
-_COMPLEMENT = str.maketrans(_CODES + _CODES.lower(), _COMPLEMENTS + _COMPLEMENTS.lower())
+IUPAC_CODES, _COMPLEMENTS = "ACGTRYKMBVDHSWN", "TGCAYRMKVBHDSWN"
+_COMPLEMENT = str.maketrans(IUPAC_CODES + IUPAC_CODES.lower(), _COMPLEMENTS + _COMPLEMENTS.lower())
 COMPLEMENT_IDS = np.array([ord(chr(i).translate(_COMPLEMENT)) for i in range(256)], dtype=np.int64)
 
 

@@ -326,7 +326,10 @@ def main():
                 **arm["setup"],
             }
             (args.out / "evaluation.json").write_text(json.dumps(saved, indent=1))
-    report(args.out)
+    if (args.out / "evaluation.json").exists():
+        report(args.out)
+    else:  # --arms-only into a new folder: the report needs a full run's results
+        print(f"Arms written to {args.out / 'evaluation_arms'}: copy them into a full run's --out and --report-only.")
 
 
 def report(out: Path) -> None:

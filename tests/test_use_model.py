@@ -336,6 +336,10 @@ TOOL_ERRORS = [  # (command, the error's line); files made by the test: empty.fa
         "is neither an exported model",
     ),
     (["generate.py", "--model", "no_weights", "--prompt", "ACGT"], "no_weights is neither an exported model"),
+    (
+        ["generate.py", "--model", "no_weights", "--prompt", "prompts.fa"],
+        "--prompt 'prompts.fa' holds characters that",
+    ),
 ]
 
 
