@@ -3,7 +3,8 @@
     apt-get download ragout-examples && dpkg -x ragout-examples_*_all.deb /tmp/ragout     # 16 real genomes
     python scripts/benchmark_evaluation.py --ragout /tmp/ragout --config-name L1_genomic_1b --steps 600
 
-Training data: the E. coli, S. aureus and V. cholerae reference genomes; held out: every H. pylori genome
+Each arm trains `--steps` steps, its LR schedule fitted to them (a tenth warm-up, cosine decay to the last
+step). Training data: the E. coli, S. aureus and V. cholerae reference genomes; held out: every H. pylori genome
 (a species the model never sees), also the validation set during training. Then, through `evaluate.py`
 on the same windows (each genome cut to `--eval-bases` bases): bits per base of the model and of order-0
 and order-k Markov models fitted on the training genomes, on the held-out species and on the trained ones
@@ -125,6 +126,10 @@ def train_arm(args, name: str, overrides: str, train: Path, held_out: Path, laun
             "checkpoint.resume_from_checkpoint=false",
             f"checkpoint.save_every_n_steps={args.steps}",
             f"run_dir={work / 'run'}",
+            # The schedule spans the budget (a tier's own, e.g. L1's 100 + 400 steps, would idle at its floor LR
+            # after step 500 of a longer arm): a tenth warm-up, then the cosine decay to the last step.
+            f"lr_scheduler_kwargs.num_warmup_steps={max(args.steps // 10, 1)}",
+            f"lr_scheduler_kwargs.num_decay_steps={max(args.steps - args.steps // 10, 1)}",
             *args.overrides.split(),
             *overrides.split(),
         ],

@@ -3,6 +3,7 @@
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -86,3 +87,15 @@ def test_report_has_the_baseline_table_and_one_row_per_arm(tmp_path):
     ]
     assert f"Every arm also: `{BODY}`." in md  # said once, not in every row
     assert "- default, rc: `run default and rc side by side`" in md  # one line per command
+
+
+def test_each_arm_trains_a_schedule_that_spans_its_steps(tmp_path, monkeypatch):
+    """A tier's own schedule (L1: 100 + 400 steps) would idle at its floor LR after step 500 of a longer arm."""
+    commands = []
+    monkeypatch.setattr(benchmark_evaluation, "run", lambda command, log: commands.append(command) or 1.0)
+    args = SimpleNamespace(work=tmp_path, config_name="L1_genomic_1b", steps=1000, overrides=BODY)
+    benchmark_evaluation.train_arm(args, "rc", "dataset.reverse_complement_prob=0.5", tmp_path, tmp_path, ["python"])
+    command = commands[0]
+    warmup = command.index("lr_scheduler_kwargs.num_warmup_steps=100")
+    assert command[warmup + 1] == "lr_scheduler_kwargs.num_decay_steps=900"
+    assert command.index(BODY) > warmup and command[-1] == "dataset.reverse_complement_prob=0.5"  # theirs win

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The first device call of a session: the GPU test suite side by side with the evaluation's default arm (the
+# 25M body leaves the GPU room for the tests). Results under $OUT/tests and $OUT/evaluation.
+#   run: source .gpu-kit/activate.sh && bash scripts/gpu_jobs/first_call.sh    carry: .gpu-kit .ragout
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=$OUT/evaluation LIMIT=${LIMIT:-560} bash scripts/gpu_jobs/evaluation_arms.sh default > "$OUT/evaluation.txt" 2>&1 &
+OUT=$OUT/tests SUITE=${SUITE:-480} bash scripts/gpu_jobs/gpu_tests.sh
+wait
+cat "$OUT/evaluation.txt"
