@@ -6,6 +6,7 @@ is spelled outside the module that owns the format. The rules are the README's f
 """
 
 import ast
+import re
 import subprocess
 from pathlib import Path
 
@@ -152,3 +153,11 @@ def test_the_readme_file_map_states_the_loop_and_the_diffs_as_they_are():
         diff = subprocess.run(["diff", "train_fsdp2.py", other], cwd=RECIPE_DIR, capture_output=True, text=True)
         changed = sum(line[:1] in "<>" for line in diff.stdout.splitlines())
         assert phrase.format(changed) in readme, (other, changed)
+
+
+def test_the_gpu_job_runs_every_file_that_holds_gpu_tests():
+    """scripts/gpu_jobs/gpu_tests.sh names its files (three processes side by side): a new one must join."""
+    job = (RECIPE_DIR / "scripts" / "gpu_jobs" / "gpu_tests.sh").read_text()
+    gpu = re.compile(r"^(@pytest\.mark\.gpu|pytestmark = .*\bgpu\b)", re.MULTILINE)
+    marked = {p.name for p in (RECIPE_DIR / "tests").glob("test_*.py") if gpu.search(p.read_text())}
+    assert marked and {name for name in marked if f"tests/{name}" not in job} == set()
