@@ -161,3 +161,11 @@ def test_the_gpu_job_runs_every_file_that_holds_gpu_tests():
     gpu = re.compile(r"^(@pytest\.mark\.gpu|pytestmark = .*\bgpu\b)", re.MULTILINE)
     marked = {p.name for p in (RECIPE_DIR / "tests").glob("test_*.py") if gpu.search(p.read_text())}
     assert marked and {name for name in marked if f"tests/{name}" not in job} == set()
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (RECIPE_DIR / "scripts" / "gpu_jobs").glob("*.sh")))
+def test_gpu_job_scripts_parse(script):
+    """The device-call wrappers run only on a lent GPU: at least their syntax is checked here."""
+    path = RECIPE_DIR / "scripts" / "gpu_jobs" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True).returncode == 0
+    assert path.stat().st_mode & 0o111, f"{script} is not executable"
