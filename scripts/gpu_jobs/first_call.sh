@@ -4,7 +4,9 @@
 #   run: source .gpu-kit/activate.sh && bash scripts/gpu_jobs/first_call.sh    carry: .gpu-kit .ragout
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=$OUT/evaluation LIMIT=${LIMIT:-560} bash scripts/gpu_jobs/evaluation_arms.sh default > "$OUT/evaluation.txt" 2>&1 &
+# Three Markov baselines, not five: the last such call was cut inside the variant-effect step.
+OUT=$OUT/evaluation LIMIT=${LIMIT:-560} EXTRA=${EXTRA:---markov-orders 0,5,8} \
+  bash scripts/gpu_jobs/evaluation_arms.sh default > "$OUT/evaluation.txt" 2>&1 &
 OUT=$OUT/tests SUITE=${SUITE:-480} bash scripts/gpu_jobs/gpu_tests.sh
 wait
 cat "$OUT/evaluation.txt"
