@@ -153,6 +153,18 @@ def test_a_record_htslib_cannot_write_names_itself_and_the_tsv_fix(files, tmp_pa
     assert (tmp_path / "scored.vcf.partial").exists() and not (tmp_path / "scored.vcf").exists()
 
 
+def test_a_malformed_record_stops_the_run_before_any_output(files, tmp_path):
+    reference, vcf = files
+    lines = vcf.read_text().splitlines()  # 4 header lines, then the first record (chr1:100)
+    vcf.write_text("\n".join([*lines[:5], "chr1\tX7\tbad\tA\tC\t.\t.\t.", *lines[5:]]) + "\n")
+    with (
+        Reference(str(reference)) as ref,
+        pytest.raises(ValueError, match=r"calls.vcf could not be read after chr1:100 \("),
+    ):
+        write_calls(read_calls(ref, str(vcf), 201), str(vcf), tmp_path / "scored.vcf")
+    assert not list(tmp_path.glob("scored.vcf*"))  # not even a .partial: nothing was scored
+
+
 def test_a_crash_leaves_the_finished_part_and_no_output(files, tmp_path):
     reference, vcf = files
     out = tmp_path / "scored.tsv"

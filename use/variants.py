@@ -147,11 +147,16 @@ def read_calls(
     """Every ALT of every record of the VCF as a `Call`, in input order; unscorable ones carry their reason.
 
     `stop_on`: reasons (`SKIP_REASONS`) that raise a `ValueError` naming the call instead of passing it on.
+    Every record is read once here, before the calls are handed out: a malformed line stops the run before
+    any output is opened.
     """
-    stop_on = set(stop_on)
+    _warn_about_the_vcf(reference, vcf_path)
+    return _read_calls(reference, vcf_path, bases, length_matched, set(stop_on))
+
+
+def _read_calls(reference: Reference, vcf_path: str, bases: int, length_matched: bool, stop_on: set) -> Iterator[Call]:
     import pysam
 
-    _warn_about_the_vcf(reference, vcf_path)
     quiet = pysam.set_verbosity(0)  # htslib's warning per record with an undeclared key: said once above
     try:
         with pysam.VariantFile(vcf_path) as vcf:
@@ -179,11 +184,19 @@ def _scan_vcf(vcf_path: str, mtime_ns: int, size: int) -> tuple[list[str], set[s
     import pysam
 
     quiet = pysam.set_verbosity(0)
+    chroms, last = set(), None
     try:
         with pysam.VariantFile(vcf_path) as vcf:
             declared = set(str(vcf.header).splitlines())
-            chroms = {record.chrom for record in vcf}
+            for last in vcf:  # every record read before any is scored: a bad line stops the run before work
+                chroms.add(last.chrom)
             added = [line for line in str(vcf.header).splitlines() if line not in declared]
+    except OSError as e:  # htslib's "truncated file" for any line it cannot parse
+        after = f"after {last.chrom}:{last.pos}" if last is not None else "before the first record"
+        raise ValueError(
+            f"{vcf_path} could not be read {after} ({e}): a malformed record or a cut file; check it with "
+            "`bcftools view` and fix or drop that line."
+        ) from None
     finally:
         pysam.set_verbosity(quiet)
     return added, chroms
