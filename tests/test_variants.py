@@ -98,6 +98,9 @@ def test_plain_gzip_and_bgzip_references_read_the_same(files, tmp_path, capfd):
     assert "[E::" not in capfd.readouterr().err  # plain gzip goes to memory without htslib trying to index it
     with pytest.raises(FileNotFoundError, match="could not be read as FASTA"):
         Reference(str(tmp_path / "absent.fa"))
+    (tmp_path / "ragged.fa").write_text(">c\nACGTACGT\nACG\nACGTACGT\n")  # faidx needs equal line lengths
+    with pytest.raises(FileNotFoundError, match=r"ragged.fa could not be read as FASTA .* lines of one length"):
+        Reference(str(tmp_path / "ragged.fa"))
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".vcf", ".vcf.gz", ".bcf"])

@@ -67,7 +67,15 @@ class Reference:
             self._fasta = pysam.FastaFile(self.path)
         except (OSError, ValueError) as error:
             if not self.path.endswith((".gz", ".bgz")):
-                raise FileNotFoundError(f"--reference {self.path} could not be read as FASTA ({error}).") from error
+                hint = (
+                    ": indexing it (.fai) needs a '>' header first and, within each record, lines of one length "
+                    "(rewrap with `seqkit seq -w 60`)"
+                    if os.path.exists(self.path)
+                    else ""
+                )
+                raise FileNotFoundError(
+                    f"--reference {self.path} could not be read as FASTA ({error}){hint}."
+                ) from error
             self._fasta, self._memory = None, self._read_into_memory()
         names = self._fasta.references if self._fasta else list(self._memory)
         self.lengths = {name: self.length_of(name) for name in names}
