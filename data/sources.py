@@ -225,8 +225,8 @@ def _load_with_datasets(load_dataset_kwargs: dict, text_column: str):
     feature = (ds.features or {}).get(text_column)
     if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
         raise ValueError(
-            f"Column {text_column!r} holds {feature.dtype} values, not text; set dataset.text_column to the column "
-            "holding the sequences as strings."
+            f"Column {text_column!r} holds {feature.dtype} values, not text; set dataset.text_column (the tools' "
+            "--text-column) to the column holding the sequences as strings."
         )
     if isinstance(ds, datasets.Dataset):
         empty = len(ds) == 0
@@ -255,8 +255,8 @@ def _select_text_column(ds, text_column: str):
         found = "text" if "text" in columns else texts[0] if len(texts) == 1 else None
         if found is None:
             raise ValueError(
-                f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column to the "
-                "one holding the sequences."
+                f"The data set has no column {text_column!r} (columns: {columns}); set dataset.text_column (the "
+                "tools' --text-column) to the one holding the sequences."
             )
         logger.warning(
             "dataset.text_column=%r is not a column of the data set; using its text column %r.", text_column, found
