@@ -11,10 +11,13 @@ and order-k Markov models fitted on the training genomes, on the held-out specie
 (in-sample for all models); the codon-position check (`scripts/codon_position_check.py`) and the zero-shot
 variant-effect AUROCs (`scripts/variant_effect_benchmark.py`, the model and the Markov baselines) on one
 held-out genome; and scoring throughput, TE packed vs HF one window at a time, on the same 8k windows.
-Writes `evaluation.{md,json}` and `evaluation_*.png` to `--out`.
+Writes `evaluation.{md,json}` and `evaluation_*.png` to `--out`; the JSON after each stage, the cheap ones first
+(bits per base, no-context scoring, codon check, variant effects), so a run cut by a time limit still reports
+what it finished and names what it did not reach.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -291,50 +294,52 @@ def main():
         models = {"trained model": str(model)}
         if full:
             models |= {f"Markov order {k}": f"markov:{k}" for k in args.markov_orders.split(",")}
-        # Each stage's results as they come (partial_<arm>.json): a run cut short by a time limit keeps them.
-        progress, partial = {"train_seconds": seconds}, args.out / f"partial_{name}.json"
-        table = evaluate_jobs(args, sets if full else dict(list(sets.items())[:1]), models, train, name)
-        progress["bits_per_base"] = {f"{s} | {m}": v for (s, m), v in table.items()}
-        partial.write_text(json.dumps(progress, indent=1))
-        codon = progress["codon"] = codon_check(args, model, held_files[0], name, plot=full)
-        partial.write_text(json.dumps(progress, indent=1))
-        effects = variant_effects(args, model, held_files[0], train, name, baselines=full)
-        arm = {
+        setup = {k: getattr(args, k) for k in ("config_name", "overrides", "steps", "window", "context", "eval_bases")}
+        # Written after each stage, the cheap ones first, with what is not reached yet as None: a run cut short
+        # by a time limit keeps what finished (an arm's partial_<arm>.json; the full arm's report says what is
+        # missing).
+        result = {
             "overrides": overrides.strip(),  # this arm's own; --overrides (every arm's) under setup
             "parameters": parameter_count(model),
-            "held_out_bits_per_base": table["held-out species (H. pylori)", "trained model"],
-            "val_rc_gap": (validation_curve(run_dir, "val_rc_gap") or [(None, None)])[-1][1],
-            "codon": codon,
-            "variant_effects": effects,
             "train_seconds": seconds,
             "command": " ".join(sys.argv),
-            "setup": {
-                k: getattr(args, k) for k in ("config_name", "overrides", "steps", "window", "context", "eval_bases")
-            },
+            "setup": setup,
+            "codon": None,
+            "variant_effects": None,
+            "throughput": None,
         }
-        (args.out / "evaluation_arms" / f"{name}.json").write_text(json.dumps(arm, indent=1))
-        partial.unlink()
+        progress = args.out / ("evaluation.json" if full else f"partial_{name}.json")
+        save = functools.partial(save_stage, progress, result, {**setup, "arm": name} if full else None)
+        table = evaluate_jobs(args, sets if full else dict(list(sets.items())[:1]), models, train, name)
+        save(
+            bits_per_base={f"{s} | {m}": v for (s, m), v in table.items()},
+            held_out_bits_per_base=table["held-out species (H. pylori)", "trained model"],
+            validation_curve=validation_curve(run_dir, "val_bits_per_base"),
+            val_rc_gap=(validation_curve(run_dir, "val_rc_gap") or [(None, None)])[-1][1],
+        )
         if full:
-            throughput = (
-                {} if args.no_throughput else scoring_throughput(args, model, sets["held-out species (H. pylori)"])
-            )
-            saved = {
-                "bits_per_base": {f"{s} | {m}": v for (s, m), v in table.items()},
-                "validation_curve": validation_curve(run_dir, "val_bits_per_base"),
-                "codon": codon,
-                "variant_effects": effects,
-                "throughput": throughput,
-                "train_seconds": seconds,
-                "command": " ".join(sys.argv),
-                "arm": name,
-                "parameters": arm["parameters"],
-                **arm["setup"],
-            }
-            (args.out / "evaluation.json").write_text(json.dumps(saved, indent=1))
+            held = sets["held-out species (H. pylori)"]
+            save(throughput={} if args.no_throughput else scoring_throughput(args, model, held))
+        save(codon=codon_check(args, model, held_files[0], name, plot=full))
+        save(variant_effects=variant_effects(args, model, held_files[0], train, name, baselines=full))
+        arm = {k: result[k] for k in ARM_KEYS}
+        (args.out / "evaluation_arms" / f"{name}.json").write_text(json.dumps(arm, indent=1))
+        if not full:
+            progress.unlink()
     if (args.out / "evaluation.json").exists():
         report(args.out)
     else:  # --arms-only into a new folder: the report needs a full run's results
         print(f"Arms written to {args.out / 'evaluation_arms'}: copy them into a full run's --out and --report-only.")
+
+
+def save_stage(path: Path, result: dict, flat: dict | None, **stage) -> None:
+    """Add a stage's results to `result` and write it; the full arm's flattened with `flat` (as the report reads)."""
+    result.update(stage)
+    path.write_text(json.dumps(result if flat is None else {**result, **flat}, indent=1))
+
+
+ARM_KEYS = ("overrides", "parameters", "held_out_bits_per_base", "val_rc_gap", "codon", "variant_effects",
+            "train_seconds", "command", "setup")  # fmt: skip
 
 
 def report(out: Path) -> None:
@@ -356,9 +361,10 @@ def report(out: Path) -> None:
         "|---|" + "---|" * len(sets),
     ]
     lines += [f"| {m} | " + " | ".join(f"{table[s, m]:.4f}" for s in sets) + " |" for m in models]
+    missing = [stage for stage in ("throughput", "codon", "variant_effects") if saved.get(stage) is None]
+    if missing:  # the run was cut by a time limit after these stages' predecessors
+        lines[0] += f" **Cut before: {', '.join(missing)}** (not reached in the time the run had)."
     best_markov = min((table[held, m], m) for m in models if m.startswith("Markov"))
-    codon = saved["codon"]
-    ratio, ci = codon["ratio_pos12_over_pos3"], codon["ratio_95ci"]
     lines += [
         "",
         f"Held-out species: model minus best baseline ({best_markov[1]}) = "
@@ -366,12 +372,18 @@ def report(out: Path) -> None:
         + "".join(
             f" Without context (--context 0, consecutive windows, {label}): {v['bits_per_base']:.4f} bits per base "
             f"vs {table[held, 'trained model']:.4f} with --context {saved['context']}."
-            for label, v in list(saved["throughput"].items())[:1]
+            for label, v in list((saved["throughput"] or {}).items())[:1]
         ),
-        "",
-        f"Codon positions (held-out {codon['genome']}, {codon['orfs']} ORFs, {codon['substitutions']} substitutions): "
-        f"mean |score| at positions 1, 2 / position 3 = {ratio:.3f}, 95% CI [{ci[0]:.3f}, {ci[1]:.3f}].",
     ]
+    codon = saved["codon"]
+    if codon:
+        ratio, ci = codon["ratio_pos12_over_pos3"], codon["ratio_95ci"]
+        lines += [
+            "",
+            f"Codon positions (held-out {codon['genome']}, {codon['orfs']} ORFs, {codon['substitutions']} "
+            f"substitutions): mean |score| at positions 1, 2 / position 3 = {ratio:.3f}, 95% CI [{ci[0]:.3f}, "
+            f"{ci[1]:.3f}].",
+        ]
     if saved["throughput"]:
         lines += [
             "",

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import benchmark_evaluation  # noqa: E402
@@ -99,3 +101,34 @@ def test_each_arm_trains_a_schedule_that_spans_its_steps(tmp_path, monkeypatch):
     warmup = command.index("lr_scheduler_kwargs.num_warmup_steps=100")
     assert command[warmup + 1] == "lr_scheduler_kwargs.num_decay_steps=900"
     assert command.index(BODY) > warmup and command[-1] == "dataset.reverse_complement_prob=0.5"  # theirs win
+
+
+def test_a_run_cut_by_its_time_limit_reports_the_stages_it_finished(tmp_path, monkeypatch):
+    # The full arm writes evaluation.json after each stage: cut inside the variant effects, the report has the
+    # bits per base, the no-context line and the codon check, and says what it did not reach.
+    b = benchmark_evaluation
+    monkeypatch.setattr(sys, "argv", ["benchmark_evaluation.py", "--ragout", str(tmp_path), "--out", str(tmp_path)])
+    monkeypatch.setattr(b, "genomes", lambda ragout, species: [tmp_path / f"{species[0]}.fa"])
+    monkeypatch.setattr(b, "link_folder", lambda folder, files: folder)
+    monkeypatch.setattr(b, "truncated", lambda folder, files, bases: folder)
+    monkeypatch.setattr(b, "train_arm", lambda *a: (tmp_path / "final_model", tmp_path, 180.0))
+    monkeypatch.setattr(b, "parameter_count", lambda model: 25_300_000)
+    monkeypatch.setattr(b, "validation_curve", lambda run_dir, key: [(50, 2.0)])
+    bits = {"trained model": 1.90, "Markov order 5": 1.95}
+    monkeypatch.setattr(
+        b, "evaluate_jobs", lambda args, sets, models, *a: {(s, m): bits.get(m, 2.0) for s in sets for m in models}
+    )
+    throughput = {"TE packed (THD)": {"bases_per_s": 1.5e5, "windows_per_s": 18.3, "bits_per_base": 1.92}}
+    monkeypatch.setattr(b, "scoring_throughput", lambda *a: throughput)
+    monkeypatch.setattr(b, "codon_check", lambda *a, **k: CODON)
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt  # as `timeout` would end the run here
+
+    monkeypatch.setattr(b, "variant_effects", cut)
+    with pytest.raises(KeyboardInterrupt):
+        b.main()
+    b.report(tmp_path)
+    md = (tmp_path / "evaluation.md").read_text()
+    assert "**Cut before: variant_effects**" in md and "Zero-shot" not in md
+    assert "1.9200 bits per base vs 1.9000 with --context 4096" in md and "= 1.044, 95% CI" in md

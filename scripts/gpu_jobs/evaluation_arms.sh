@@ -61,5 +61,5 @@ for name in "$@"; do echo "== $name"; tail -3 "$work/$name.log"; done
 if [ -n "${ARMS_ONLY:-}" ]; then
   cat "$work"/out_*/evaluation_arms/*.json
 else
-  cat "$out/evaluation.md" 2>/dev/null || echo "no report: the first arm ($first) did not finish; partial_*.json in the tarball"
+  cat "$out/evaluation.md" 2>/dev/null || echo "no report: the first arm ($first) was cut before its bits per base; logs in the tarball"
 fi
