@@ -104,6 +104,11 @@ def main(argv=None) -> dict:
         raise ValueError(
             "--fp8 with --share-prefix: the KV-cache steps are not padded to FP8's token multiple yet; drop one."
         )
+    if args.command == "sequences":  # inputs checked before the model is loaded (minutes for a large one)
+        records = read_records(args.input, args.text_column, option="--input")
+    for option, path in (("--vcf", args.vcf), ("--reference", args.reference)) if args.command == "variants" else ():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{option} {path} does not exist; point it at the file.")
     if args.model.startswith("markov:"):
         model, tokenizer = load_baseline(args.model, args.train_data)
     else:
@@ -111,7 +116,6 @@ def main(argv=None) -> dict:
         model, tokenizer = load_model(args.model, use_te=use_te, fp8=args.fp8)
     start, out = time.perf_counter(), Path(args.out)
     if args.command == "sequences":
-        records = read_records(args.input, args.text_column, option="--input")
         scored = list(score_sequences(model, tokenizer, tqdm(records, unit=" seq"), args.window, args.batch_windows))
         with out.open("w", newline="") as f:
             writer = csv.writer(f, delimiter="," if out.suffix == ".csv" else "\t")

@@ -332,8 +332,23 @@ TOOL_ERRORS = [  # (command, the error's line); files made by the test: empty.fa
         "--data nope.fa does not exist",
     ),
     (
-        ["score.py", "sequences", "--model", "no_weights", "--input", "nope.fa", "--out", "x.tsv"],
+        ["score.py", "sequences", "--model", "no_weights", "--input", "headers.fa", "--out", "x.tsv"],
         "is neither an exported model",
+    ),
+    (  # inputs are checked before the model is loaded
+        [
+            "score.py",
+            "variants",
+            "--model",
+            "no_weights",
+            "--reference",
+            "headers.fa",
+            "--vcf",
+            "nope.vcf",
+            "--out",
+            "x.vcf",
+        ],
+        "--vcf nope.vcf does not exist",
     ),
     (["generate.py", "--model", "no_weights", "--prompt", "ACGT"], "no_weights is neither an exported model"),
     (

@@ -352,6 +352,22 @@ def _write_tsv(calls: Iterable[Call], path: Path) -> None:
             f.flush()
 
 
+def _complete_header(header, declared: list[str]) -> None:
+    """Add the output's header lines to the input's, before its records are read.
+
+    What htslib adds as it reads (records and output then share one complete header: no translation, valid
+    BCF), END as the spec's Integer, and the two INFO keys of the scores.
+    """
+    present = set(str(header).splitlines())
+    for line in declared:
+        if line.startswith("##") and not line.startswith("##INFO=<ID=END,") and line not in present:
+            header.add_line(line)
+    if "END" not in header.info:  # htslib writes END on a symbolic ALT's record and fails without it
+        header.add_line(_END)  # (the spec's Integer; htslib's stand-in for an undeclared END is a String)
+    header.info.add("LLR", "A", "Float", "log-likelihood ratio LL(alt window) - LL(ref window) (score.py)")
+    header.info.add("LLR_STATUS", "A", "String", "scored, or why not: " + ", ".join(SKIP_REASONS))
+
+
 def _write_vcf(calls: Iterable[Call], vcf_path: str, path: Path) -> None:
     """The input's records, untouched but for INFO/LLR and INFO/LLR_STATUS (one value per ALT)."""
     import pysam
@@ -360,17 +376,14 @@ def _write_vcf(calls: Iterable[Call], vcf_path: str, path: Path) -> None:
     calls = iter(calls)
     pending = next(calls, None)
     with pysam.VariantFile(vcf_path) as vcf:
-        # Declared before reading, records and output share one complete header (no translation, valid BCF).
-        present = set(str(vcf.header).splitlines())
-        for line in declared:
-            if line.startswith("##") and not line.startswith("##INFO=<ID=END,") and line not in present:
-                vcf.header.add_line(line)
-        if "END" not in vcf.header.info:  # htslib writes END on a symbolic ALT's record and fails without it
-            vcf.header.add_line(_END)  # (the spec's Integer; htslib's stand-in for an undeclared END is a String)
-        vcf.header.info.add("LLR", "A", "Float", "log-likelihood ratio LL(alt window) - LL(ref window) (score.py)")
-        vcf.header.info.add("LLR_STATUS", "A", "String", "scored, or why not: " + ", ".join(SKIP_REASONS))
         mode = "wb" if path.name.endswith(".bcf.partial") else "wz" if path.name.endswith(".gz.partial") else "w"
-        with pysam.VariantFile(str(path), mode, header=vcf.header) as writer:
+        quiet = pysam.set_verbosity(0)  # htslib's "AD should be declared as Number=R": said once, when read
+        try:
+            _complete_header(vcf.header, declared)
+            writer = pysam.VariantFile(str(path), mode, header=vcf.header)
+        finally:
+            pysam.set_verbosity(quiet)  # a record htslib cannot write: its message before ours
+        with writer:
             for index, record in enumerate(vcf):
                 mine = []
                 while pending is not None and pending.record == index:
