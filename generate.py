@@ -99,11 +99,11 @@ def main(argv=None) -> list[tuple[str, str]]:
             f"--prompt {args.prompt[:40]!r} holds characters that are not bases ({''.join(odd)[:20]}); pass "
             "bases (IUPAC codes, either case), or a FASTA/parquet file of prompts with --prompts."
         )
-    model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
     if args.prompt is not None:
         prompts = [("prompt", args.prompt)]
-    else:
+    else:  # read before the model is loaded: a bad file is said at once
         prompts = list(read_records(args.prompts, option="--prompts"))
+    model, tokenizer = load_model(args.model, use_te=None if args.use_te == "auto" else args.use_te == "true")
     greedy = args.greedy or args.temperature == 0
     sampling = (
         {"do_sample": False}

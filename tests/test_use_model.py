@@ -351,6 +351,7 @@ TOOL_ERRORS = [  # (command, the error's line); files made by the test: empty.fa
         "--vcf nope.vcf does not exist",
     ),
     (["generate.py", "--model", "no_weights", "--prompt", "ACGT"], "no_weights is neither an exported model"),
+    (["generate.py", "--model", "no_weights", "--prompts", "nope.fa"], "--prompts nope.fa does not exist"),
     (
         ["generate.py", "--model", "no_weights", "--prompt", "prompts.fa"],
         "--prompt 'prompts.fa' holds characters that",
