@@ -394,3 +394,26 @@ def test_a_damaged_checkpoint_as_model_is_one_error_naming_the_others(trained, t
         ValueError, match=r"step_4 could not be read \(.*\): the checkpoint is damaged. .*\(final_model\)"
     ):
         load_model(damaged)
+
+
+def test_convert_writes_a_plain_llama_that_scores_like_the_export(trained, tmp_path):
+    """`python convert.py final_model out/`: LlamaForCausalLM without remote code (vLLM, SGLang), same weights."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import convert
+
+    export = trained / "fsdp2" / "ckpt" / "final_model"
+    out = convert.main([str(export), str(tmp_path / "llama")])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # no trust_remote_code
+    model, tokenizer = load_model(export, use_te=False)  # (FP32 weights here: a CPU run trains in FP32)
+    ids = encode(tokenizer, GENOME[0][:300])
+    for parameter in model.parameters():  # the same weights rounded to BF16 (not RoPE's buffer)
+        parameter.data = parameter.data.to(torch.bfloat16).float()
+    expected = token_log_probs(model, [ids])[0]
+    np.testing.assert_allclose(token_log_probs(plain, [ids])[0], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="already holds a model"):
+        convert.main([str(export), str(out)])
