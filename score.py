@@ -23,6 +23,7 @@ score, status, note. The output is written to `<out>.partial` as it goes and ren
 import argparse
 import csv
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
@@ -97,6 +98,13 @@ def score_sequences(model, tokenizer, records, window: int, batch_windows: int):
     yield from flush()
 
 
+def stop_reasons(args) -> tuple[str, ...]:
+    """The reasons an unscorable record stops `variants` (`--on-error`, `--on-ref-mismatch`)."""
+    if args.on_error == "stop":
+        return SKIP_REASONS
+    return ("ref_mismatch",) if args.on_ref_mismatch == "stop" else ()
+
+
 def main(argv=None) -> dict:
     """Score, write `--out`, print a one-line summary with throughput; returns the summary."""
     args = parse_args(argv)
@@ -104,38 +112,38 @@ def main(argv=None) -> dict:
         raise ValueError(
             "--fp8 with --share-prefix: the KV-cache steps are not padded to FP8's token multiple yet; drop one."
         )
-    if args.command == "sequences":  # inputs checked before the model is loaded (minutes for a large one)
-        records = read_records(args.input, args.text_column, option="--input")
-    for option, path in (("--vcf", args.vcf), ("--reference", args.reference)) if args.command == "variants" else ():
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{option} {path} does not exist; point it at the file.")
-    if args.model.startswith("markov:"):
-        model, tokenizer = load_baseline(args.model, args.train_data)
-    else:
-        use_te = None if args.use_te == "auto" else args.use_te == "true"
-        model, tokenizer = load_model(args.model, use_te=use_te, fp8=args.fp8)
-    start, out = time.perf_counter(), Path(args.out)
-    if args.command == "sequences":
-        scored = list(score_sequences(model, tokenizer, tqdm(records, unit=" seq"), args.window, args.batch_windows))
-        with out.open("w", newline="") as f:
-            writer = csv.writer(f, delimiter="," if out.suffix == ".csv" else "\t")
-            writer.writerow(["name", "bases", "log_likelihood", "log_likelihood_per_base"])
-            writer.writerows([name, n, ll, ll / max(n, 1)] for name, n, ll in scored)
-        seconds = time.perf_counter() - start
-        summary = {"sequences": len(scored), "sequences_per_s": len(scored) / seconds}
-    else:
-        stop_on = (
-            SKIP_REASONS if args.on_error == "stop" else ("ref_mismatch",) if args.on_ref_mismatch == "stop" else ()
-        )
-        with Reference(args.reference) as reference:
-            calls = read_calls(reference, args.vcf, args.window - 1, args.length_matched, stop_on)
+    with ExitStack() as stack:
+        # The inputs first: a missing or malformed file is said before the model loads (minutes for a large one).
+        if args.command == "sequences":
+            records = read_records(args.input, args.text_column, option="--input")
+        else:
+            reference = stack.enter_context(Reference(args.reference))
+            # reads every record once: a malformed VCF stops here
+            calls = read_calls(reference, args.vcf, args.window - 1, args.length_matched, stop_reasons(args))
+        if args.model.startswith("markov:"):
+            model, tokenizer = load_baseline(args.model, args.train_data)
+        else:
+            use_te = None if args.use_te == "auto" else args.use_te == "true"
+            model, tokenizer = load_model(args.model, use_te=use_te, fp8=args.fp8)
+        start, out = time.perf_counter(), Path(args.out)
+        if args.command == "sequences":
+            scored = list(
+                score_sequences(model, tokenizer, tqdm(records, unit=" seq"), args.window, args.batch_windows)
+            )
+            with out.open("w", newline="") as f:
+                writer = csv.writer(f, delimiter="," if out.suffix == ".csv" else "\t")
+                writer.writerow(["name", "bases", "log_likelihood", "log_likelihood_per_base"])
+                writer.writerows([name, n, ll, ll / max(n, 1)] for name, n, ll in scored)
+            seconds = time.perf_counter() - start
+            summary = {"sequences": len(scored), "sequences_per_s": len(scored) / seconds}
+        else:
             scored = score_calls(
                 model, tokenizer, tqdm(calls, unit=" alt"), args.batch_windows, args.both_strands, args.share_prefix
             )
             counts = write_calls(scored, args.vcf, out)
-        seconds = time.perf_counter() - start
-        windows = counts["scored"] * 2 * (2 if args.both_strands else 1)
-        summary = {**counts, "windows_per_s": windows / seconds, "variants_per_s": counts["scored"] / seconds}
+            seconds = time.perf_counter() - start
+            windows = counts["scored"] * 2 * (2 if args.both_strands else 1)
+            summary = {**counts, "windows_per_s": windows / seconds, "variants_per_s": counts["scored"] / seconds}
     print(" ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()), f"-> {out}")
     return summary
 

@@ -320,7 +320,7 @@ def test_markov_baseline_probabilities_and_evaluate_path(tmp_path):
     assert 1.8 < summary["bits_per_base"] < 2.0  # base composition: under 2 bits (these records are GC-rich)
 
 
-TOOL_ERRORS = [  # (command, the error's line); files made by the test: empty.fa, headers.fa, an empty folder
+TOOL_ERRORS = [  # (command, the error's line); files made by the test: empty.fa, headers.fa, ref.fa, an empty folder
     (
         ["evaluate.py", "--model", "markov:1", "--train-data", "headers.fa", "--data", "empty.fa"],
         "No FASTA/FASTQ records",
@@ -342,13 +342,28 @@ TOOL_ERRORS = [  # (command, the error's line); files made by the test: empty.fa
             "--model",
             "no_weights",
             "--reference",
-            "headers.fa",
+            "ref.fa",
             "--vcf",
             "nope.vcf",
             "--out",
             "x.vcf",
         ],
         "--vcf nope.vcf does not exist",
+    ),
+    (
+        [
+            "score.py",
+            "variants",
+            "--model",
+            "no_weights",
+            "--reference",
+            "headers.fa",
+            "--vcf",
+            "x.vcf",
+            "--out",
+            "x.vcf",
+        ],
+        "--reference headers.fa could not be read as FASTA",
     ),
     (["generate.py", "--model", "no_weights", "--prompt", "ACGT"], "no_weights is neither an exported model"),
     (["generate.py", "--model", "no_weights", "--prompts", "nope.fa"], "--prompts nope.fa does not exist"),
@@ -366,6 +381,7 @@ def test_tool_user_errors_are_one_line_exit_2(tmp_path, argv, message):
 
     (tmp_path / "empty.fa").write_text("")
     (tmp_path / "headers.fa").write_text(">a\n>b\n")
+    (tmp_path / "ref.fa").write_text(">c\nACGTACGT\n")
     (tmp_path / "no_weights").mkdir()
     recipe = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(recipe / argv[0]), *argv[1:]]

@@ -63,6 +63,7 @@ class Reference:
             self._fasta, self._memory = None, self._read_into_memory()
             self.lengths = {name: len(sequence) for name, sequence in self._memory.items()}
             return
+        quiet = pysam.set_verbosity(0)  # htslib's "[E::fai_build_core] ..." line: ours below says it
         try:
             self._fasta = pysam.FastaFile(self.path)
         except (OSError, ValueError) as error:
@@ -77,6 +78,8 @@ class Reference:
                     f"--reference {self.path} could not be read as FASTA ({error}){hint}."
                 ) from error
             self._fasta, self._memory = None, self._read_into_memory()
+        finally:
+            pysam.set_verbosity(quiet)
         names = self._fasta.references if self._fasta else list(self._memory)
         self.lengths = {name: self.length_of(name) for name in names}
 
@@ -183,6 +186,8 @@ def _read_calls(reference: Reference, vcf_path: str, bases: int, length_matched:
 
 def undeclared_header_lines(vcf_path: str) -> tuple[list[str], set[str]]:
     """The header lines htslib adds as it reads the records (INFO keys, contigs not declared), and the chromosomes."""
+    if not os.path.isfile(vcf_path):
+        raise FileNotFoundError(f"--vcf {vcf_path} does not exist; point it at a VCF or BCF file.")
     stat = os.stat(vcf_path)
     return _scan_vcf(vcf_path, stat.st_mtime_ns, stat.st_size)  # read_calls and the VCF writer share one pass
 
