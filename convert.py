@@ -13,6 +13,8 @@ takes what `evaluate.py --model` takes: `final_model`, `best_model`, an HF direc
 import argparse
 from pathlib import Path
 
+import torch
+
 from model.convert import (
     convert_llama_hf_to_te,
     convert_llama_te_to_hf,
@@ -40,8 +42,6 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
     if (args.out / "config.json").exists():
         raise ValueError(f"{args.out} already holds a model; pass a new directory.")
-    import torch
-
     from use.inference import load_model
 
     model, tokenizer = load_model(args.model, use_te=False, device="cpu")  # the HF model: plain Llama

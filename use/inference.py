@@ -45,7 +45,7 @@ def load_model(path, use_te: bool | None = None, device=None, dtype=torch.bfloat
             state = hf_to_te_state_dict(state, hf_config)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # our export: its config has auto_map
     else:
-        inside = sorted(p.name for p in path.glob("*") if (p / "config.json").exists() or is_complete(p))
+        inside = saved_models_in(path)
         raise FileNotFoundError(
             f"{path} is neither an exported model (config.json) nor a complete step_N checkpoint ({MARKER}); "
             + (
@@ -97,6 +97,11 @@ def training_window(path) -> int | None:
     return ((info or {}).get("config") or {}).get("dataset", {}).get("max_seq_length")
 
 
+def saved_models_in(folder: Path) -> list[str]:
+    """The names of what `load_model` takes inside `folder`: exports (config.json) and complete checkpoints."""
+    return sorted(p.name for p in folder.glob("*") if (p / "config.json").exists() or is_complete(p))
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -121,9 +126,7 @@ def _from_checkpoint(path: Path):
     try:
         weights = read_model_weights(path, hf_to_te_state_dict(template, hf_config) if te_weights else template)
     except (Exception, CheckpointException) as e:  # a damaged or truncated file (DCP's error is a BaseException)
-        others = sorted(
-            p.name for p in path.parent.glob("*") if p != path and (is_complete(p) or (p / "config.json").exists())
-        )
+        others = [name for name in saved_models_in(path.parent) if name != path.name]
         raise ValueError(
             f"The weights of {path} could not be read ({last_line(e)}): the checkpoint is damaged. "
             f"Point --model at another checkpoint{' (' + ', '.join(others) + ')' if others else ''} or an export."
