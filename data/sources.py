@@ -105,7 +105,10 @@ def describe_decode_error(load_dataset_kwargs: dict, text_column: str, error: Un
                 continue
             where, unit = f"column {text_column!r}", "row"
         else:  # CSV/TSV/JSON lines: the reader decodes whole lines
-            values, where, unit = Path(f).read_bytes().splitlines(), "the text", "line"
+            try:
+                values, where, unit = Path(f).read_bytes().splitlines(), "the text", "line"
+            except OSError:  # not a local file (a hub data set's URL): the general message below
+                continue
         bad = [i for i, v in enumerate(values) if v is not None and not _is_utf8(v)]
         if bad:
             at = bad[0] if unit == "row" else bad[0] + 1  # rows count from 0 as in pandas, lines from 1 as editors do
